@@ -1,0 +1,203 @@
+"""Every exception olmstead raises, in one tree.
+
+Catch ``OlmsteadError`` for all of them. Each message says what happened, why
+it most likely happened, and what to do next; the structured facts are also
+attributes, so tools need not parse messages.
+
+::
+
+    OlmsteadError
+    ├── LocalProtocolError        the caller used the API wrongly (a bug in the caller)
+    ├── RemoteProtocolError       the server sent something the protocol does not allow
+    ├── StoreError                the crypto store cannot be used as it is
+    │   ├── WrongPickleKey        opened with another pickle key than it was written with
+    │   ├── StoreCorrupt          damaged or not an olmstead store; nothing was written
+    │   ├── StoreLocked           another process holds the store's writer lease
+    │   ├── StoreLockLost         this process lost its lease; it must stop writing
+    │   ├── StoreMigrationError   the schema cannot be brought to this version
+    │   └── StoreMismatch         the store belongs to another user or device
+    └── KeyStateError             device keys here and on the homeserver disagree
+        ├── DeviceIdInUse         the device ID holds someone else's identity keys
+        ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
+        └── OneTimeKeyConflict    the server already holds a different key under one of our IDs
+
+Local and remote misuse are told apart as in h11: a ``LocalProtocolError`` is
+fixed in the calling code, a ``RemoteProtocolError`` is the server's doing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+__all__ = [
+    "DeviceIdInUse",
+    "DeviceIdentityConflict",
+    "KeyStateError",
+    "LocalProtocolError",
+    "OlmsteadError",
+    "OneTimeKeyConflict",
+    "RemoteProtocolError",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreLockLost",
+    "StoreLocked",
+    "StoreMigrationError",
+    "StoreMismatch",
+    "WrongPickleKey",
+]
+
+
+class OlmsteadError(Exception):
+    """Base of every olmstead error."""
+
+
+class LocalProtocolError(OlmsteadError):
+    """The caller used olmstead's API in a way it does not allow."""
+
+
+class RemoteProtocolError(OlmsteadError):
+    """The homeserver (or a peer) sent something the Matrix protocol does not allow."""
+
+
+# --- store ---------------------------------------------------------------------------
+
+
+class StoreError(OlmsteadError):
+    """The crypto store cannot be used as it is. Nothing in it was changed."""
+
+
+class WrongPickleKey(StoreError):
+    """The store was written with another pickle key than the one given.
+
+    ``expected`` is the fingerprint the store recorded, ``given`` the fingerprint of
+    the key passed in. Fingerprints are short digests that reveal nothing usable
+    about the key; compare them with ``olmstead`` fingerprints of the keys you hold.
+    """
+
+    def __init__(self, store: str, expected: str, given: str) -> None:
+        self.store = store
+        self.expected = expected
+        self.given = given
+        super().__init__(
+            f"{store} was written with pickle key {expected}, but was opened with key "
+            f"{given}. Nothing was read or written. This happens when a bridge or bot "
+            "config changed its pickle key (a migration, a default that changed between "
+            "releases, or a generated key that was never saved). Find the key whose "
+            f"fingerprint is {expected} and open the store with it. Do not delete the "
+            "store: it holds this device's identity, and a new one cannot reuse its device ID."
+        )
+
+
+class StoreCorrupt(StoreError):
+    """The store is damaged, truncated, or not an olmstead store at all."""
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(
+            f"{store} is damaged or is not an olmstead crypto store ({detail}). Nothing "
+            "was written to it. The pickle key is not the problem. Restore the file from "
+            "a backup, or keep a copy for diagnosis before creating a new device."
+        )
+
+
+class StoreLocked(StoreError):
+    """Another process holds the store's writer lease and did not let go in time."""
+
+    def __init__(self, store: str, holder: str, since: float, expires: float) -> None:
+        self.store = store
+        self.holder = holder
+        self.since = since
+        self.expires = expires
+        super().__init__(
+            f"{store} is in use by {holder} since {_when(since)} (lease renewed until "
+            f"{_when(expires)}). One device has one writer: two processes driving the "
+            "same device would upload conflicting keys. Stop the other process, or wait "
+            "for it to exit; a process that died releases the lock when its lease expires."
+        )
+
+
+class StoreLockLost(StoreError):
+    """This process's writer lease expired and another holder may have written."""
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(
+            f"the writer lease on {store} was lost ({detail}). This process was paused or "
+            "blocked for longer than the lease; the write was refused so the two writers "
+            "do not overwrite each other. Nothing was written. Retry the operation: the "
+            "machine reloads its state from the store first."
+        )
+
+
+class StoreMigrationError(StoreError):
+    """The store's schema cannot be brought to the version this olmstead needs."""
+
+
+class StoreMismatch(StoreError):
+    """The store holds the account of another user or device than the one asked for."""
+
+    def __init__(self, store: str, stored: tuple[str, str], asked: tuple[str, str]) -> None:
+        self.store = store
+        self.stored = stored
+        self.asked = asked
+        super().__init__(
+            f"{store} holds the keys of {stored[0]} device {stored[1]}, not of {asked[0]} "
+            f"device {asked[1]}. Using it would upload one device's keys for another. Open "
+            "the store that belongs to this device, or use a new store for a new device."
+        )
+
+
+# --- keys here against keys on the server ----------------------------------------------
+
+
+class KeyStateError(OlmsteadError):
+    """The keys on this device and on the homeserver disagree."""
+
+
+class DeviceIdInUse(KeyStateError):
+    """The homeserver holds identity keys for this device ID that are not ours."""
+
+    def __init__(self, user_id: str, device_id: str, server_ed25519: str) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.server_ed25519 = server_ed25519
+        super().__init__(
+            f"device {device_id} of {user_id} already has identity keys on the server "
+            f"(ed25519 {server_ed25519}) that are not this store's. Another client lives "
+            "on this device, or the device ID was reused after its store was lost. Nothing "
+            "was uploaded. Log in without a device ID to get a new device, or delete the "
+            "old device first; replacing its keys breaks it for everyone who verified it."
+        )
+
+
+class OneTimeKeyConflict(KeyStateError):
+    """The server already holds a different one-time key under one of our key IDs."""
+
+    def __init__(self, key_id: str, detail: str = "") -> None:
+        self.key_id = key_id
+        super().__init__(
+            f"the server already holds another one-time key under {key_id}"
+            + (f" ({detail})" if detail else "")
+            + ". The store was rolled back, or lost keys it had already uploaded."
+        )
+
+
+class DeviceIdentityConflict(KeyStateError):
+    """One-time keys signed by another identity sit on our device ID."""
+
+    def __init__(self, user_id: str, device_id: str, signer: str) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.signer = signer
+        super().__init__(
+            f"device {device_id} of {user_id} holds one-time keys signed by ed25519 "
+            f"{signer}, which is not this store's identity. Another client shares this "
+            "device (the same access token with its own store), or the store was lost and "
+            "replaced. Uploads stopped. Run `olmstead doctor`, then log in as a new device."
+        )
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

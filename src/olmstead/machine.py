@@ -1,0 +1,197 @@
+"""``OlmMachine``: the end-to-end-encryption state machine. It never touches the network.
+
+The caller pushes in what the server said (``receive_sync_changes``), pulls out
+what must be sent (``outgoing_requests``) and reports each answer
+(``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``);
+the machine alone talks to the store.
+
+Every change follows one pattern: copy the state, change the copy, commit it with
+``store.save_changes``, and only then adopt it and let anything leave. A crash at
+any point leaves the store with either the old state or the new one, and nothing
+the server saw is missing from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreMismatch
+from olmstead.keys_upload import KeySettings, KeysUpload
+from olmstead.olm import account as own
+from olmstead.requests import KeysUploadRequest, OutgoingRequest
+from olmstead.store.base import AccountRecord, Changes, CryptoStore
+
+__all__ = ["OlmMachine"]
+
+log = logging.getLogger(__name__)
+
+
+class OlmMachine:
+    """One device's end-to-end-encryption state, over one store."""
+
+    def __init__(
+        self,
+        store: CryptoStore,
+        record: AccountRecord,
+        generation: int,
+        settings: KeySettings,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.keys_upload = KeysUpload(settings)
+        self._record = record
+        self._generation = generation
+        self._clock = clock
+        self._in_flight: dict[str, OutgoingRequest] = {}
+        self._mutex = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        store: CryptoStore,
+        user_id: str,
+        device_id: str,
+        *,
+        key_settings: KeySettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> OlmMachine:
+        """Load the device's account from ``store``, or create and commit a new one.
+
+        A new account is committed before anything about it can leave the machine.
+        Raises ``StoreMismatch`` if the store holds another user's or device's account.
+        """
+        generation = await store.ensure_lease()
+        record = await store.load_account()
+        if record is None:
+            record = AccountRecord(user_id, device_id, vodozemac.Account())
+            await store.save_changes(Changes(account=record))
+            log.info("created a new Olm account for %s %s", user_id, device_id)
+        elif (record.user_id, record.device_id) != (user_id, device_id):
+            raise StoreMismatch(
+                store.name, (record.user_id, record.device_id), (user_id, device_id)
+            )
+        return cls(store, record, generation, key_settings or KeySettings(), clock)
+
+    # --- who we are ----------------------------------------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        return self._record.user_id
+
+    @property
+    def device_id(self) -> str:
+        return self._record.device_id
+
+    @property
+    def identity_keys(self) -> dict[str, str]:
+        """Our Curve25519 and Ed25519 public keys, base64."""
+        return own.identity_keys(self._record.account)
+
+    @property
+    def device_keys_shared(self) -> bool:
+        """Whether the server has confirmed our device keys."""
+        return self._record.shared
+
+    @property
+    def server_key_count(self) -> int | None:
+        """The server's last reported count of our one-time keys (``None``: not yet known)."""
+        return self._record.server_key_count
+
+    def device_keys(self) -> dict[str, Any]:
+        """Our signed device keys, as ``/keys/upload`` and ``/keys/query`` carry them."""
+        return own.device_keys(self._record.account, self.user_id, self.device_id)
+
+    # --- what the server said ------------------------------------------------------------------
+
+    async def receive_sync_changes(
+        self,
+        *,
+        one_time_key_counts: Mapping[str, int] | None = None,
+        unused_fallback_key_types: Sequence[str] | None = None,
+    ) -> None:
+        """Take the key counts from a ``/sync`` response (or an appservice transaction).
+
+        Pass the ``device_one_time_keys_count`` object as it came (a missing
+        algorithm counts as 0) and ``device_unused_fallback_key_types`` as it came;
+        ``None`` means the response did not carry that field at all.
+        """
+        async with self._mutex:
+            await self._refresh()
+            record = self._record.copy(self.store.pickle_key)
+            if self.keys_upload.on_sync_counts(
+                record, one_time_key_counts, unused_fallback_key_types
+            ):
+                await self.store.save_changes(Changes(account=record))
+            self._record = record
+
+    # --- what to send, and what came back --------------------------------------------------------
+
+    async def outgoing_requests(self) -> list[OutgoingRequest]:
+        """The requests to send now. Everything they carry is already committed."""
+        async with self._mutex:
+            await self._refresh()
+            now = self._clock()
+            if self.keys_upload.wanted(self._record, now) != (0, False):
+                record = self._record.copy(self.store.pickle_key)
+                self.keys_upload.top_up(record, now)
+                await self.store.save_changes(Changes(account=record))
+                self._record = record
+            upload = self.keys_upload.pending_request(self._record)
+            requests: list[OutgoingRequest] = [] if upload is None else [upload]
+            self._in_flight.update((r.request_id, r) for r in requests)
+            return requests
+
+    async def mark_request_as_sent(self, request_id: str, response: Mapping[str, Any]) -> None:
+        """Record the server's success response to the request ``request_id``.
+
+        Send only success responses here; after an error the request stays
+        pending and ``outgoing_requests`` hands it out again unchanged.
+        """
+        async with self._mutex:
+            await self._refresh()
+            request = self._in_flight.pop(request_id, None)
+            current = self.keys_upload.pending_request(self._record)
+            if current is not None and current.request_id == request_id:
+                await self._mark_keys_uploaded(response)
+            elif isinstance(request, KeysUploadRequest):
+                # Another holder of the store published these keys meanwhile.
+                log.warning("ignoring a response to %s: its keys are no longer pending", request_id)
+            else:
+                raise LocalProtocolError(
+                    f"no request {request_id!r} is waiting for a response; pass the "
+                    "request_id of a request from outgoing_requests()"
+                )
+
+    async def _mark_keys_uploaded(self, response: Mapping[str, Any]) -> None:
+        record = self._record.copy(self.store.pickle_key)
+        self.keys_upload.on_upload_response(record, response)
+        await self.store.save_changes(Changes(account=record))
+        self._record = record
+
+    # --- the store may have moved on ------------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        """Reload cached state if the store's lease passed through other hands."""
+        generation = await self.store.ensure_lease()
+        if generation == self._generation:
+            return
+        record = await self.store.load_account()
+        if record is None:
+            raise StoreCorrupt(
+                self.store.name, "the account vanished while another process held it"
+            )
+        log.warning(
+            "%s changed hands (lease generation %d -> %d); reloaded the account",
+            self.store.name,
+            self._generation,
+            generation,
+        )
+        self._record = record
+        self._generation = generation
+        self._in_flight.clear()

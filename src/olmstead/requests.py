@@ -1,0 +1,40 @@
+"""What the machine asks the caller to send: frozen request types, no HTTP.
+
+The HTTP layer maps each type to its method and path; the machine neither knows
+nor cares how a request travels. ``request_id`` ties the response passed to
+``OlmMachine.mark_request_as_sent`` back to the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["KeysUploadRequest", "OutgoingRequest"]
+
+
+@dataclass(frozen=True)
+class KeysUploadRequest:
+    """``POST /keys/upload``.
+
+    Its ``request_id`` is a digest of the body: a retry of the same pending keys
+    has the same ID, even across a restart.
+    """
+
+    request_id: str
+    device_keys: dict[str, Any] | None
+    one_time_keys: dict[str, Any]
+    fallback_keys: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.device_keys is not None:
+            body["device_keys"] = self.device_keys
+        if self.one_time_keys:
+            body["one_time_keys"] = self.one_time_keys
+        if self.fallback_keys:
+            body["fallback_keys"] = self.fallback_keys
+        return body
+
+
+OutgoingRequest = KeysUploadRequest

@@ -1,0 +1,332 @@
+"""The store interface every backend implements, and what all of them share.
+
+A backend provides narrow reads by key and one write, ``save_changes``, that is
+a single transaction. Secrets are pickled here, with the key the store proved at
+open; backends only ever see pickles. The writer lease (one device, one writer)
+is driven here too; backends provide its atomic primitives.
+
+Backends: ``MemoryStore`` (tests, ephemeral bots) and ``SqliteStore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
+from olmstead.store.pickle_key import DerivedKey
+
+__all__ = [
+    "AccountRecord",
+    "Changes",
+    "CryptoStore",
+    "LeaseSettings",
+    "LockRow",
+    "SerializedChanges",
+    "new_holder_name",
+    "next_lock_row",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AccountRecord:
+    """The device's Olm account with what olmstead knows about its keys on the server."""
+
+    user_id: str
+    device_id: str
+    account: vodozemac.Account
+    #: the server confirmed our device keys (a /keys/upload with them succeeded)
+    shared: bool = False
+    #: the server's last reported count of our signed_curve25519 one-time keys
+    server_key_count: int | None = None
+    #: the server has shown it knows fallback keys (it reported unused fallback key types)
+    fallback_supported: bool = False
+    #: when the newest fallback key was generated (seconds since the epoch)
+    fallback_created_at: float | None = None
+
+    def state_json(self) -> str:
+        return json.dumps(
+            {
+                "shared": self.shared,
+                "server_key_count": self.server_key_count,
+                "fallback_supported": self.fallback_supported,
+                "fallback_created_at": self.fallback_created_at,
+            },
+            sort_keys=True,
+        )
+
+    def copy(self, pickle_key: bytes) -> AccountRecord:
+        """A deep copy, to change and commit before adopting it (commit, then adopt)."""
+        clone = vodozemac.Account.from_pickle(self.account.pickle(pickle_key), pickle_key)
+        return AccountRecord(
+            self.user_id,
+            self.device_id,
+            clone,
+            self.shared,
+            self.server_key_count,
+            self.fallback_supported,
+            self.fallback_created_at,
+        )
+
+
+@dataclass
+class Changes:
+    """Everything one ``save_changes`` call commits, all or nothing."""
+
+    account: AccountRecord | None = None
+    #: small named values (the sync token, …); ``None`` deletes the value
+    values: dict[str, str | None] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return self.account is None and not self.values
+
+
+@dataclass(frozen=True)
+class SerializedChanges:
+    """``Changes`` as a backend writes them: pickles and plain values only."""
+
+    account: tuple[str, str, str, str] | None  # user_id, device_id, pickle, state JSON
+    values: dict[str, str | None]
+
+
+@dataclass(frozen=True)
+class LockRow:
+    """The lease row as the store holds it."""
+
+    holder: str
+    acquired_at: float
+    expires_at: float
+    generation: int
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """How long a lease lasts, how often it is renewed, how long ``open`` waits."""
+
+    duration: float = 3.0
+    renew_every: float = 1.0
+    wait: float = 10.0
+    poll: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_every < self.duration:
+            raise LocalProtocolError("the lease must be renewed more often than it lasts")
+
+
+def new_holder_name() -> str:
+    """Who holds a lease: host, process and a random tag, readable in error messages."""
+    return f"{socket.gethostname()}:pid {os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class CryptoStore(ABC):
+    """A crypto store opened with a proven pickle key and holding the writer lease."""
+
+    def __init__(self, name: str, key: DerivedKey, lease: LeaseSettings, holder: str) -> None:
+        self.name = name
+        self._key = key
+        self._lease_settings = lease
+        self.holder = holder
+        self._lock: LockRow | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- what backends provide ---------------------------------------------------------
+
+    @abstractmethod
+    async def _load_account_row(self) -> tuple[str, str, str, str] | None:
+        """user_id, device_id, pickle and state JSON of the account, if there is one."""
+
+    @abstractmethod
+    async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
+        """Commit ``changes`` in one transaction, only if (holder, generation) holds the lease.
+
+        Raises ``StoreLockLost`` (naming the new holder) and writes nothing otherwise.
+        """
+
+    @abstractmethod
+    async def get_value(self, key: str) -> str | None:
+        """A small named value (``Changes.values``), or ``None``."""
+
+    @abstractmethod
+    async def _try_lock(self, holder: str, duration: float) -> LockRow:
+        """Take or extend the lease for ``holder`` if it is free, expired or its own.
+
+        Atomically; returns the row as it stands afterwards. The generation grows
+        whenever the lease passes to another holder.
+        """
+
+    @abstractmethod
+    async def _unlock(self, holder: str) -> None:
+        """Expire the lease if ``holder`` has it; the holder and generation stay."""
+
+    @abstractmethod
+    async def _close_backend(self) -> None: ...
+
+    # --- shared behaviour ----------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the pickle key this store is written with."""
+        return self._key.fingerprint
+
+    @property
+    def pickle_key(self) -> bytes:
+        return self._key.key
+
+    @property
+    def generation(self) -> int:
+        """The lease generation this handle holds; it moves when another holder had it."""
+        if self._lock is None:
+            raise LocalProtocolError(f"{self.name} is not locked by this handle")
+        return self._lock.generation
+
+    async def load_account(self) -> AccountRecord | None:
+        row = await self._load_account_row()
+        if row is None:
+            return None
+        user_id, device_id, pickle, state_json = row
+        try:
+            account = vodozemac.Account.from_pickle(pickle, self._key.key)
+            state: dict[str, Any] = json.loads(state_json)
+        except (ValueError, TypeError) as exc:
+            raise StoreCorrupt(
+                self.name,
+                f"the account does not unpickle although the pickle key matches ({exc})",
+            ) from None
+        return AccountRecord(
+            user_id,
+            device_id,
+            account,
+            shared=bool(state.get("shared", False)),
+            server_key_count=state.get("server_key_count"),
+            fallback_supported=bool(state.get("fallback_supported", False)),
+            fallback_created_at=state.get("fallback_created_at"),
+        )
+
+    async def save_changes(self, changes: Changes) -> None:
+        """Commit ``changes`` in one transaction, fenced by this handle's lease."""
+        if self._closed:
+            raise LocalProtocolError(f"{self.name} is closed")
+        if changes.is_empty():
+            return
+        account = None
+        if changes.account is not None:
+            record = changes.account
+            account = (
+                record.user_id,
+                record.device_id,
+                record.account.pickle(self._key.key),
+                record.state_json(),
+            )
+        # Fence with the generation the caller's state was read under: if the lease
+        # passed through other hands meanwhile, refuse rather than overwrite theirs.
+        if self._lock is None:
+            raise StoreLockLost(self.name, "it expired before this write")
+        known = self._lock.generation
+        now = await self.ensure_lease()
+        if now != known:
+            raise StoreLockLost(self.name, f"generation moved from {known} to {now}")
+        await self._write(SerializedChanges(account, dict(changes.values)), self.holder, known)
+
+    async def ensure_lease(self) -> int:
+        """The current lease generation, renewing or re-taking the lease first if needed.
+
+        Costs no I/O while the lease is comfortably within its time. A caller that
+        sees the generation change must reload whatever it cached from the store.
+        """
+        lock = self._lock
+        remaining = (lock.expires_at - time.time()) if lock else 0.0
+        if lock is None or remaining < self._lease_settings.duration - (
+            self._lease_settings.renew_every * 1.5
+        ):
+            await self._acquire()
+        assert self._lock is not None
+        return self._lock.generation
+
+    async def _acquire(self) -> None:
+        settings = self._lease_settings
+        deadline = time.monotonic() + settings.wait
+        while True:
+            row = await self._try_lock(self.holder, settings.duration)
+            if row.holder == self.holder:
+                if self._lock is not None and row.generation != self._lock.generation:
+                    log.warning(
+                        "%s: lease generation moved from %d to %d; cached state is reloaded",
+                        self.name,
+                        self._lock.generation,
+                        row.generation,
+                    )
+                self._lock = row
+                return
+            if time.monotonic() >= deadline:
+                raise StoreLocked(self.name, row.holder, row.acquired_at, row.expires_at)
+            await asyncio.sleep(settings.poll)
+
+    async def _start(self) -> None:
+        """Take the lease (waiting as the settings allow) and start renewing it."""
+        await self._acquire()
+        self._renewer = asyncio.create_task(self._renew_forever(), name=f"lease {self.name}")
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_settings.renew_every)
+            try:
+                row = await self._try_lock(self.holder, self._lease_settings.duration)
+            except Exception:  # a failed renewal is retried; the fence guards writes
+                log.exception("%s: renewing the lease failed", self.name)
+                continue
+            if row.holder == self.holder:
+                self._lock = row
+            else:
+                log.error("%s: lease lost to %s", self.name, row.holder)
+                self._lock = None
+
+    async def close(self) -> None:
+        """Stop renewing, release the lease and close the backend. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self._lock is not None:
+            with contextlib.suppress(Exception):
+                await self._unlock(self.holder)
+            self._lock = None
+        await self._close_backend()
+
+    async def __aenter__(self) -> CryptoStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def next_lock_row(row: LockRow | None, holder: str, duration: float, now: float) -> LockRow:
+    """The lease row after ``holder`` asks for it at ``now``: the one rule all backends follow.
+
+    Free or expired: ``holder`` takes it, and the generation grows if the previous
+    holder was another. Its own: extended. Held by another, unexpired: unchanged.
+    """
+    if row is None:
+        return LockRow(holder, now, now + duration, 1)
+    if row.holder == holder:
+        since = row.acquired_at if row.expires_at > now else now
+        return LockRow(holder, since, now + duration, row.generation)
+    if row.expires_at <= now:
+        return LockRow(holder, now, now + duration, row.generation + 1)
+    return row

@@ -1,0 +1,91 @@
+"""The in-memory store: for tests and for bots that may lose their device on exit.
+
+It keeps pickles, not live objects, so it behaves like the durable backends: what
+a caller changes after ``save_changes`` does not leak into the store. Several
+``MemoryStore`` handles may share one ``MemoryDatabase`` to exercise the lease.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from olmstead.errors import StoreLockLost
+from olmstead.store.base import (
+    CryptoStore,
+    LeaseSettings,
+    LockRow,
+    SerializedChanges,
+    new_holder_name,
+    next_lock_row,
+)
+from olmstead.store.pickle_key import DerivedKey, PickleKey
+
+__all__ = ["MemoryDatabase", "MemoryStore"]
+
+
+@dataclass
+class MemoryDatabase:
+    """What a memory store holds; share it between handles to share the store."""
+
+    name: str = "memory store"
+    key_check: str | None = None
+    account: tuple[str, str, str, str] | None = None
+    values: dict[str, str] = field(default_factory=dict)
+    lock: LockRow | None = None
+
+
+class MemoryStore(CryptoStore):
+    def __init__(
+        self, db: MemoryDatabase, key: DerivedKey, lease: LeaseSettings, holder: str
+    ) -> None:
+        super().__init__(db.name, key, lease, holder)
+        self._db = db
+
+    @classmethod
+    async def open(
+        cls,
+        pickle_key: PickleKey,
+        database: MemoryDatabase | None = None,
+        *,
+        lease: LeaseSettings | None = None,
+        holder: str | None = None,
+    ) -> MemoryStore:
+        db = database if database is not None else MemoryDatabase()
+        if db.key_check is None:
+            db.key_check, derived = pickle_key.new_key_check()
+        else:
+            derived = pickle_key.check(db.key_check, db.name)
+        store = cls(db, derived, lease or LeaseSettings(), holder or new_holder_name())
+        await store._start()
+        return store
+
+    async def _load_account_row(self) -> tuple[str, str, str, str] | None:
+        return self._db.account
+
+    async def get_value(self, key: str) -> str | None:
+        return self._db.values.get(key)
+
+    async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
+        lock = self._db.lock
+        if lock is None or lock.holder != holder or lock.generation != generation:
+            raise StoreLockLost(self.name, f"now held by {lock.holder if lock else 'nobody'}")
+        if changes.account is not None:
+            self._db.account = changes.account
+        for key, value in changes.values.items():
+            if value is None:
+                self._db.values.pop(key, None)
+            else:
+                self._db.values[key] = value
+
+    async def _try_lock(self, holder: str, duration: float) -> LockRow:
+        self._db.lock = next_lock_row(self._db.lock, holder, duration, time.time())
+        return self._db.lock
+
+    async def _unlock(self, holder: str) -> None:
+        lock = self._db.lock
+        if lock is not None and lock.holder == holder:
+            self._db.lock = LockRow(lock.holder, lock.acquired_at, 0.0, lock.generation)
+
+    async def _close_backend(self) -> None:
+        return None

@@ -1,0 +1,42 @@
+"""The SQLite schema, as numbered steps. ``PRAGMA user_version`` records the last applied."""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "key check, account, writer lease",
+        """
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        CREATE TABLE account (
+            id        INTEGER PRIMARY KEY CHECK (id = 1),
+            user_id   TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            pickle    TEXT NOT NULL,
+            state     TEXT NOT NULL
+        );
+        CREATE TABLE lease_lock (
+            name        TEXT PRIMARY KEY,
+            holder      TEXT NOT NULL,
+            acquired_at REAL NOT NULL,
+            expires_at  REAL NOT NULL,
+            generation  INTEGER NOT NULL
+        );
+        """,
+    ),
+    (
+        2,
+        "named values (sync token and other small state)",
+        """
+        CREATE TABLE kv (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
+]

@@ -1,0 +1,148 @@
+"""How the operator's pickle key becomes vodozemac's 32-byte key, and the key check.
+
+The operator holds either a string (as bridge configs hold it) or 32 raw bytes.
+
+- 32 raw bytes are used as the vodozemac key as they are: they are assumed to be
+  random already (``olmstead.store.load_or_create_key_file`` makes such keys).
+- A string is stretched with scrypt (N=2**15, r=8, p=1) and a 16-byte random salt
+  kept in the store, to 32 bytes. Config strings are often short or well known
+  (``mautrix.bridge.e2ee``), so the stretch and the per-store salt make a stolen
+  store as costly to brute-force as the scrypt parameters allow.
+
+Every store records a key check: the key's *fingerprint* (the first 8 bytes of
+SHA-256 over a fixed label and the derived key, shown as ``1a2b-3c4d-5e6f-7a8b``)
+and the KDF parameters, with a checksum over that record. On open, the given key
+is derived with the stored parameters; a different fingerprint means the wrong
+key (``WrongPickleKey``), a bad checksum means a damaged store (``StoreCorrupt``),
+both decided before anything is written. A fingerprint reveals nothing usable:
+it is a digest of a 32-byte secret, or of a scrypt output for strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from olmstead.errors import LocalProtocolError, StoreCorrupt, WrongPickleKey
+
+__all__ = ["DerivedKey", "PickleKey", "load_or_create_key_file"]
+
+_FINGERPRINT_LABEL = b"olmstead pickle key fingerprint v1\x00"
+_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+
+
+@dataclass(frozen=True, repr=False)
+class DerivedKey:
+    """The 32-byte vodozemac pickle key and its public fingerprint."""
+
+    key: bytes
+    fingerprint: str
+
+    def __repr__(self) -> str:  # never print the key itself
+        return f"DerivedKey(fingerprint={self.fingerprint!r})"
+
+
+class PickleKey:
+    """The secret an operator configures: a string or exactly 32 raw bytes."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: str | bytes) -> None:
+        if isinstance(secret, bytes) and len(secret) != 32:
+            raise LocalProtocolError(
+                f"a raw pickle key must be exactly 32 bytes, got {len(secret)}; "
+                "pass a string to have it stretched instead"
+            )
+        if isinstance(secret, str) and not secret:
+            raise LocalProtocolError("the pickle key is empty; configure a non-empty key")
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return f"PickleKey({'raw' if isinstance(self._secret, bytes) else 'passphrase'})"
+
+    @property
+    def is_raw(self) -> bool:
+        return isinstance(self._secret, bytes)
+
+    def derive(self, params: dict[str, Any]) -> DerivedKey:
+        """Derive the vodozemac key with a store's recorded KDF parameters."""
+        if isinstance(self._secret, bytes):
+            key = self._secret
+        else:
+            salt = base64.b64decode(params["salt"])
+            key = Scrypt(
+                salt=salt, length=32, n=int(params["n"]), r=int(params["r"]), p=int(params["p"])
+            ).derive(self._secret.encode("utf-8"))
+        return DerivedKey(key, fingerprint(key))
+
+    def new_key_check(self) -> tuple[str, DerivedKey]:
+        """A fresh key check record (JSON) for a new store, with the derived key."""
+        params: dict[str, Any] = {"kdf": "scrypt", **_SCRYPT}
+        params["salt"] = base64.b64encode(secrets.token_bytes(16)).decode()
+        derived = self.derive(params)
+        record = {**params, "fingerprint": derived.fingerprint}
+        record["checksum"] = _checksum(record)
+        return json.dumps(record, sort_keys=True), derived
+
+    def check(self, record_json: str, store: str) -> DerivedKey:
+        """Derive the key for a store and prove it is the one the store was written with."""
+        try:
+            record = json.loads(record_json)
+            if not isinstance(record, dict) or record.get("checksum") != _checksum(record):
+                raise ValueError("checksum mismatch")
+            expected = str(record["fingerprint"])
+            derived = self.derive(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreCorrupt(store, f"the pickle key check record is damaged: {exc}") from None
+        if derived.fingerprint != expected:
+            raise WrongPickleKey(store, expected=expected, given=derived.fingerprint)
+        return derived
+
+
+def fingerprint(key: bytes) -> str:
+    digest = hashlib.sha256(_FINGERPRINT_LABEL + key).hexdigest()[:16]
+    return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def _checksum(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def load_or_create_key_file(path: str | os.PathLike[str]) -> PickleKey:
+    """Read a raw pickle key from ``path``, creating it first if it does not exist.
+
+    A new key is written with mode 0600, fsynced together with its directory, and
+    read back before it is returned: a key is never used before it is durably
+    stored, so a store can never end up written with a key nobody kept.
+    """
+    target = Path(path)
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)  # fails if another process created it meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    raw = base64.b64decode(target.read_bytes().strip(), validate=True)
+    return PickleKey(raw)

@@ -1,0 +1,295 @@
+"""The SQLite store: olmstead's embedded default, one file per device, in WAL mode.
+
+All SQL runs on one worker thread per store, so the event loop never waits on the
+disk and the connection is never shared between threads. ``synchronous=FULL``:
+a commit that returned survives a power cut, not only a killed process, because
+keys leave the machine right after their commit.
+
+Opening is read-only until the pickle key is proven: a wrong key or a damaged
+file is reported before a single byte is written. A missing file is created; an
+existing file that is empty or not an olmstead store is refused, never reused,
+since starting a new account there would give the device a new identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
+from olmstead.store.base import (
+    CryptoStore,
+    LeaseSettings,
+    LockRow,
+    SerializedChanges,
+    new_holder_name,
+    next_lock_row,
+)
+from olmstead.store.migrations.sqlite import MIGRATIONS
+from olmstead.store.pickle_key import DerivedKey, PickleKey
+
+__all__ = ["SqliteStore"]
+
+T = TypeVar("T")
+LATEST_VERSION = MIGRATIONS[-1][0]
+_LEASE_NAME = "device"
+
+
+class SqliteStore(CryptoStore):
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        key: DerivedKey,
+        lease: LeaseSettings,
+        holder: str,
+    ) -> None:
+        super().__init__(f"SQLite store {path}", key, lease, holder)
+        self.path = path
+        self._conn = conn
+        self._executor = executor
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        pickle_key: PickleKey,
+        *,
+        lease: LeaseSettings | None = None,
+        holder: str | None = None,
+    ) -> SqliteStore:
+        """Open (or create) the store at ``path``, prove the key, take the writer lease.
+
+        Raises ``WrongPickleKey``, ``StoreCorrupt``, ``StoreMigrationError`` or
+        ``StoreLocked``; in every one of those cases nothing was written.
+        """
+        path = Path(path)
+        name = f"SQLite store {path}"
+        executor = ThreadPoolExecutor(1, thread_name_prefix="olmstead-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            conn, derived = await loop.run_in_executor(
+                executor, _open_and_check, path, name, pickle_key
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        store = cls(
+            path, conn, executor, derived, lease or LeaseSettings(), holder or new_holder_name()
+        )
+        try:
+            await store._start()
+            await store._run(_migrate, conn, name)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise StoreError(
+                    f"{self.name} stayed busy for 30 s ({exc}): another process keeps a "
+                    "transaction open on it. Find that process; olmstead itself holds "
+                    "transactions only for milliseconds."
+                ) from exc
+            raise StoreCorrupt(self.name, str(exc)) from exc
+
+    async def _load_account_row(self) -> tuple[str, str, str, str] | None:
+        def read() -> tuple[str, str, str, str] | None:
+            row = self._conn.execute(
+                "SELECT user_id, device_id, pickle, state FROM account WHERE id = 1"
+            ).fetchone()
+            return None if row is None else (row[0], row[1], row[2], row[3])
+
+        return await self._run(read)
+
+    async def get_value(self, key: str) -> str | None:
+        def read() -> str | None:
+            row = self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(read)
+
+    async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            row = _lock_row(conn)
+            if row is None or row.holder != holder or row.generation != generation:
+                raise StoreLockLost(self.name, f"now held by {row.holder if row else 'nobody'}")
+            if changes.account is not None:
+                conn.execute(
+                    "INSERT INTO account (id, user_id, device_id, pickle, state) "
+                    "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "user_id = excluded.user_id, device_id = excluded.device_id, "
+                    "pickle = excluded.pickle, state = excluded.state",
+                    changes.account,
+                )
+            for key, value in changes.values.items():
+                if value is None:
+                    conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+                else:
+                    conn.execute(
+                        "INSERT INTO kv (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (key, value),
+                    )
+
+        await self._run(_transaction, self._conn, write)
+
+    async def _try_lock(self, holder: str, duration: float) -> LockRow:
+        def take(conn: sqlite3.Connection) -> LockRow:
+            row = _lock_row(conn)
+            new = next_lock_row(row, holder, duration, time.time())
+            if new != row:
+                _put_lock_row(conn, new)
+            return new
+
+        return await self._run(_transaction, self._conn, take)
+
+    async def _unlock(self, holder: str) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE lease_lock SET expires_at = 0 WHERE name = ? AND holder = ?",
+                (_LEASE_NAME, holder),
+            )
+
+        await self._run(_transaction, self._conn, release)
+
+    async def _close_backend(self) -> None:
+        await self._run(self._conn.close)
+        self._executor.shutdown(wait=True)
+
+
+# --- runs on the store's worker thread -----------------------------------------------------
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _lock_row(conn: sqlite3.Connection) -> LockRow | None:
+    row = conn.execute(
+        "SELECT holder, acquired_at, expires_at, generation FROM lease_lock WHERE name = ?",
+        (_LEASE_NAME,),
+    ).fetchone()
+    return None if row is None else LockRow(row[0], row[1], row[2], row[3])
+
+
+def _put_lock_row(conn: sqlite3.Connection, row: LockRow) -> None:
+    conn.execute(
+        "INSERT INTO lease_lock (name, holder, acquired_at, expires_at, generation) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+        "acquired_at = excluded.acquired_at, expires_at = excluded.expires_at, "
+        "generation = excluded.generation",
+        (_LEASE_NAME, row.holder, row.acquired_at, row.expires_at, row.generation),
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _open_and_check(
+    path: Path, name: str, pickle_key: PickleKey
+) -> tuple[sqlite3.Connection, DerivedKey]:
+    """Connect and prove the key, writing nothing unless the store is new."""
+    if not path.exists():
+        return _create(path, name, pickle_key)
+    if path.stat().st_size == 0:
+        raise StoreCorrupt(name, "the file is empty")
+    conn = _connect(path)
+    try:
+        version = _version(conn)
+        if version == 0:
+            raise StoreCorrupt(name, "the file is an SQLite database but not an olmstead store")
+        if version > LATEST_VERSION:
+            raise StoreMigrationError(
+                f"{name} has schema version {version}, newer than this olmstead knows "
+                f"({LATEST_VERSION}). It was written by a newer olmstead: upgrade olmstead; "
+                "downgrading a store is not supported."
+            )
+        row = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+        if row is None:
+            raise StoreCorrupt(name, "the pickle key check record is missing")
+        derived = pickle_key.check(row[0], name)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreCorrupt(name, str(exc)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn, derived
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _create(path: Path, name: str, pickle_key: PickleKey) -> tuple[sqlite3.Connection, DerivedKey]:
+    record, derived = pickle_key.new_key_check()
+    conn = _connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+
+    def init(conn: sqlite3.Connection) -> DerivedKey:
+        if _version(conn) != 0:  # another process created it first: check against its key
+            existing = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+            return pickle_key.check(existing[0], name)
+        _apply(conn, 0)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (record,))
+        return derived
+
+    try:
+        return conn, _transaction(conn, init)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _apply(conn: sqlite3.Connection, after: int) -> None:
+    for number, _description, _sql in MIGRATIONS:
+        if number > after:
+            _apply_one(conn, number)
+
+
+def _migrate(conn: sqlite3.Connection, name: str) -> None:
+    """Bring the schema up to date, one transaction per step (called holding the lease)."""
+    for number, description, _sql in MIGRATIONS:
+
+        def step(conn: sqlite3.Connection, number: int = number) -> None:
+            if _version(conn) == number - 1:
+                _apply_one(conn, number)
+
+        try:
+            _transaction(conn, step)
+        except sqlite3.DatabaseError as exc:
+            raise StoreMigrationError(
+                f"{name}: migration {number} ({description}) failed: {exc}. The store was "
+                f"left at schema version {_version(conn)}; restore it from a backup or report "
+                "this with the file."
+            ) from exc
+
+
+def _apply_one(conn: sqlite3.Connection, number: int) -> None:
+    sql = next(s for n, _d, s in MIGRATIONS if n == number)
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {number}")
