@@ -239,7 +239,11 @@ class CryptoStore(ABC):
         now = await self.ensure_lease()
         if now != known:
             raise StoreLockLost(self.name, f"generation moved from {known} to {now}")
-        await self._write(SerializedChanges(account, dict(changes.values)), self.holder, known)
+        try:
+            await self._write(SerializedChanges(account, dict(changes.values)), self.holder, known)
+        except StoreLockLost:
+            self._lock = None  # the next operation re-takes the lease and reloads
+            raise
 
     async def ensure_lease(self) -> int:
         """The current lease generation, renewing or re-taking the lease first if needed.

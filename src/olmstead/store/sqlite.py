@@ -203,7 +203,11 @@ def _put_lock_row(conn: sqlite3.Connection, row: LockRow) -> None:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA synchronous = FULL")
+    try:
+        conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -215,7 +219,10 @@ def _open_and_check(
         return _create(path, name, pickle_key)
     if path.stat().st_size == 0:
         raise StoreCorrupt(name, "the file is empty")
-    conn = _connect(path)
+    try:
+        conn = _connect(path)
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorrupt(name, str(exc)) from exc
     try:
         version = _version(conn)
         if version == 0:

@@ -1,0 +1,236 @@
+"""Key uploads through the machine alone: which keys, when, and what a response does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import vodozemac
+
+from olmstead import (
+    KeySettings,
+    KeysUploadRequest,
+    LocalProtocolError,
+    OlmMachine,
+    RemoteProtocolError,
+    StoreLockLost,
+    StoreMismatch,
+)
+from olmstead.olm.signing import verify_signed_json
+from tests.conftest import Backend, pause
+
+USER, DEVICE = "@bot:example.org", "BOTDEVICE"
+WEEK = 7 * 24 * 3600.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def open_machine(backend: Backend, clock: Clock | None = None) -> OlmMachine:
+    return await OlmMachine.open(await backend.open(), USER, DEVICE, clock=clock or Clock())
+
+
+async def only_upload(machine: OlmMachine) -> KeysUploadRequest:
+    requests = await machine.outgoing_requests()
+    assert len(requests) == 1
+    assert isinstance(requests[0], KeysUploadRequest)
+    return requests[0]
+
+
+def ok(count: int) -> dict[str, Any]:
+    return {"one_time_key_counts": {"signed_curve25519": count}}
+
+
+def key_ids(request: KeysUploadRequest) -> set[str]:
+    return set(request.one_time_keys)
+
+
+async def test_first_upload_carries_signed_device_keys_and_a_full_set(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    upload = await only_upload(machine)
+    ed25519 = machine.identity_keys["ed25519"]
+
+    assert upload.device_keys is not None
+    assert upload.device_keys["algorithms"] == [
+        "m.olm.v1.curve25519-aes-sha2",
+        "m.megolm.v1.aes-sha2",
+    ]
+    assert upload.device_keys["keys"] == {
+        f"curve25519:{DEVICE}": machine.identity_keys["curve25519"],
+        f"ed25519:{DEVICE}": ed25519,
+    }
+    assert verify_signed_json(upload.device_keys, USER, DEVICE, ed25519)
+    assert len(upload.one_time_keys) == 50
+    for key_id, key in upload.one_time_keys.items():
+        assert key_id.startswith("signed_curve25519:")
+        assert verify_signed_json(key, USER, DEVICE, ed25519)
+    assert upload.fallback_keys == {}  # the server has not shown it supports them
+
+
+async def test_a_tampered_key_fails_verification(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    upload = await only_upload(machine)
+    _key_id, key = next(iter(upload.one_time_keys.items()))
+    forged = {**key, "key": vodozemac.Account().curve25519_key.to_base64()}
+    assert not verify_signed_json(forged, USER, DEVICE, machine.identity_keys["ed25519"])
+
+
+async def test_pending_upload_is_retried_unchanged_until_marked(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    first = await only_upload(machine)
+    # counts arriving meanwhile (even "none left") do not grow or change it
+    await machine.receive_sync_changes(one_time_key_counts={}, unused_fallback_key_types=[])
+    assert await only_upload(machine) == first
+    await backend.opened[-1].close()
+
+    reopened = await open_machine(backend)
+    assert await only_upload(reopened) == first
+    await reopened.mark_request_as_sent(first.request_id, ok(50))
+    assert reopened.device_keys_shared
+    assert reopened.server_key_count == 50
+    # published: fallback now (support was seen), but never the same one-time keys again
+    after = await only_upload(reopened)
+    assert after.one_time_keys == {}
+    assert after.device_keys is None
+    assert len(after.fallback_keys) == 1
+
+
+async def test_malformed_success_response_leaves_keys_pending(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    upload = await only_upload(machine)
+    malformed: list[dict[str, Any]] = [
+        {},
+        {"one_time_key_counts": []},
+        ok(-1),
+        {"one_time_key_counts": {"signed_curve25519": "5"}},
+    ]
+    for bad in malformed:
+        with pytest.raises(RemoteProtocolError):
+            await machine.mark_request_as_sent(upload.request_id, bad)
+    assert await only_upload(machine) == upload
+    assert not machine.device_keys_shared
+
+
+async def test_unknown_request_id_is_a_local_error(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    await only_upload(machine)
+    with pytest.raises(LocalProtocolError):
+        await machine.mark_request_as_sent("no-such-request", ok(50))
+
+
+async def test_top_up_below_half_to_the_target(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    first = await only_upload(machine)
+    await machine.mark_request_as_sent(first.request_id, ok(50))
+
+    await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": 25})
+    assert await machine.outgoing_requests() == []
+    await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": 24})
+    refill = await only_upload(machine)
+    assert len(refill.one_time_keys) == 26
+    assert key_ids(refill).isdisjoint(key_ids(first))  # a new key never reuses an ID
+    await machine.mark_request_as_sent(refill.request_id, ok(50))
+
+    await machine.receive_sync_changes(one_time_key_counts={})  # absent count: none left
+    assert len((await only_upload(machine)).one_time_keys) == 50
+
+
+async def test_unknown_count_generates_nothing(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    first = await only_upload(machine)
+    await machine.mark_request_as_sent(first.request_id, ok(50))
+    await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": 3})
+    await machine.receive_sync_changes(one_time_key_counts=None)  # field absent: no news
+    assert len((await only_upload(machine)).one_time_keys) == 47
+
+
+async def test_fallback_key_created_uploaded_rotated(backend: Backend) -> None:
+    clock = Clock()
+    machine = await open_machine(backend, clock)
+    await machine.receive_sync_changes(unused_fallback_key_types=[])
+    first = await only_upload(machine)
+    ((fb_id, fb),) = first.fallback_keys.items()
+    assert fb["fallback"] is True
+    assert verify_signed_json(fb, USER, DEVICE, machine.identity_keys["ed25519"])
+    await machine.mark_request_as_sent(first.request_id, ok(50))
+
+    # unused and young: nothing
+    await machine.receive_sync_changes(unused_fallback_key_types=["signed_curve25519"])
+    clock.now += WEEK - 1
+    assert await machine.outgoing_requests() == []
+    # a week old: rotated
+    clock.now += 1
+    rotated = await only_upload(machine)
+    assert list(rotated.fallback_keys) != [fb_id]
+    await machine.mark_request_as_sent(rotated.request_id, ok(50))
+    # used (no longer listed as unused): replaced at once
+    await machine.receive_sync_changes(unused_fallback_key_types=[])
+    replaced = await only_upload(machine)
+    assert set(replaced.fallback_keys).isdisjoint(set(rotated.fallback_keys) | {fb_id})
+
+
+async def test_previous_fallback_key_still_opens_sessions(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    await machine.receive_sync_changes(unused_fallback_key_types=[])
+    first = await only_upload(machine)
+    await machine.mark_request_as_sent(first.request_id, ok(50))
+    old_fallback = next(iter(first.fallback_keys.values()))["key"]
+    await machine.receive_sync_changes(unused_fallback_key_types=[])  # used: rotate
+    rotated = await only_upload(machine)
+    await machine.mark_request_as_sent(rotated.request_id, ok(50))
+
+    # a peer that claimed the old fallback key just before the rotation
+    peer = vodozemac.Account()
+    session = peer.create_outbound_session(
+        vodozemac.Curve25519PublicKey.from_base64(machine.identity_keys["curve25519"]),
+        vodozemac.Curve25519PublicKey.from_base64(old_fallback),
+    )
+    message = session.encrypt(b"late but welcome").to_pre_key()
+    assert message is not None
+    stored = await machine.store.load_account()
+    assert stored is not None
+    _, plaintext = stored.account.create_inbound_session(peer.curve25519_key, message)
+    assert plaintext == b"late but welcome"
+
+
+async def test_store_of_another_device_is_refused(backend: Backend) -> None:
+    machine = await open_machine(backend)
+    await backend.opened[-1].close()
+    with pytest.raises(StoreMismatch) as caught:
+        await OlmMachine.open(await backend.open(), USER, "OTHERDEVICE")
+    assert "BOTDEVICE" in str(caught.value)
+    assert "OTHERDEVICE" in str(caught.value)
+    assert machine.device_id == DEVICE
+
+
+async def test_machine_reloads_when_the_lease_changed_hands(backend: Backend) -> None:
+    first = await open_machine(backend)
+    upload = await only_upload(first)
+    pause(first.store)
+    backend.expire_lease()
+
+    # another process takes over, publishes the keys, and exits
+    second = await OlmMachine.open(await backend.open(), USER, DEVICE)
+    assert await only_upload(second) == upload
+    await second.mark_request_as_sent(upload.request_id, ok(50))
+    await second.store.close()
+
+    # the first, resumed, must not overwrite that with its stale copy
+    with pytest.raises(StoreLockLost):
+        await first.mark_request_as_sent(upload.request_id, ok(50))
+    # ... and its next operation reloads: nothing is pending any more
+    assert await first.outgoing_requests() == []
+    assert first.device_keys_shared
+
+
+async def test_custom_target_is_respected(backend: Backend) -> None:
+    store = await backend.open()
+    machine = await OlmMachine.open(
+        store, USER, DEVICE, key_settings=KeySettings(target=10, refill_below=5)
+    )
+    assert len((await only_upload(machine)).one_time_keys) == 10

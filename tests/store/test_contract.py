@@ -1,0 +1,139 @@
+"""The store contract: every backend must pass every test here."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import vodozemac
+
+from olmstead import (
+    Changes,
+    LeaseSettings,
+    PickleKey,
+    StoreLocked,
+    StoreLockLost,
+    WrongPickleKey,
+)
+from olmstead.store import AccountRecord
+from tests.conftest import KEY, OTHER_KEY, Backend, pause
+
+
+def new_record() -> AccountRecord:
+    account = vodozemac.Account()
+    account.generate_one_time_keys(3)
+    return AccountRecord("@bot:example.org", "BOTDEVICE", account, server_key_count=7)
+
+
+async def test_new_store_is_empty(backend: Backend) -> None:
+    store = await backend.open()
+    assert await store.load_account() is None
+    assert await store.get_value("sync_token") is None
+
+
+async def test_account_round_trips(backend: Backend) -> None:
+    store = await backend.open()
+    record = new_record()
+    record.shared, record.fallback_supported, record.fallback_created_at = True, True, 1234.5
+    await store.save_changes(Changes(account=record))
+    await store.close()
+
+    loaded = await (await backend.open()).load_account()
+    assert loaded is not None
+    assert (loaded.user_id, loaded.device_id) == ("@bot:example.org", "BOTDEVICE")
+    assert loaded.account.ed25519_key == record.account.ed25519_key
+    assert loaded.account.curve25519_key == record.account.curve25519_key
+    assert set(loaded.account.one_time_keys) == set(record.account.one_time_keys)
+    assert (loaded.shared, loaded.server_key_count) == (True, 7)
+    assert (loaded.fallback_supported, loaded.fallback_created_at) == (True, 1234.5)
+
+
+async def test_saved_state_does_not_follow_later_changes(backend: Backend) -> None:
+    store = await backend.open()
+    record = new_record()
+    await store.save_changes(Changes(account=record))
+    record.account.mark_keys_as_published()
+    record.shared = True
+    loaded = await store.load_account()
+    assert loaded is not None
+    assert len(loaded.account.one_time_keys) == 3
+    assert loaded.shared is False
+
+
+async def test_values_set_replace_delete(backend: Backend) -> None:
+    store = await backend.open()
+    await store.save_changes(Changes(values={"sync_token": "s1", "other": "x"}))
+    await store.save_changes(Changes(values={"sync_token": "s2", "other": None}))
+    assert await store.get_value("sync_token") == "s2"
+    assert await store.get_value("other") is None
+
+
+async def test_wrong_key_names_both_fingerprints(backend: Backend) -> None:
+    store = await backend.open(KEY)
+    await store.save_changes(Changes(account=new_record()))
+    expected = store.fingerprint
+    await store.close()
+
+    with pytest.raises(WrongPickleKey) as caught:
+        await backend.open(OTHER_KEY)
+    assert caught.value.expected == expected
+    assert caught.value.given != expected
+    assert expected in str(caught.value)
+    assert caught.value.given in str(caught.value)
+    # the right key still opens it, with the account intact
+    assert await (await backend.open(KEY)).load_account() is not None
+
+
+async def test_passphrase_keys_are_stretched_and_checked(backend: Backend) -> None:
+    store = await backend.open(PickleKey("mautrix.bridge.e2ee"))
+    await store.save_changes(Changes(account=new_record()))
+    fingerprint = store.fingerprint
+    await store.close()
+    with pytest.raises(WrongPickleKey):
+        await backend.open(PickleKey("mautrix.bridge.e2ef"))
+    with pytest.raises(WrongPickleKey):  # the raw bytes of the string are another key
+        await backend.open(PickleKey(b"mautrix.bridge.e2ee".ljust(32, b"\0")))
+    reopened = await backend.open(PickleKey("mautrix.bridge.e2ee"))
+    assert reopened.fingerprint == fingerprint
+
+
+async def test_second_handle_waits_then_reports_holder(backend: Backend) -> None:
+    await backend.open(holder="first-holder")
+    with pytest.raises(StoreLocked) as caught:
+        await backend.open(holder="second-holder")
+    assert caught.value.holder == "first-holder"
+    assert "first-holder" in str(caught.value)
+    assert caught.value.since <= caught.value.expires
+
+
+async def test_second_handle_proceeds_once_first_closes(backend: Backend) -> None:
+    first = await backend.open(holder="first-holder")
+    await first.save_changes(Changes(values={"written_by": "first"}))
+    patient = LeaseSettings(duration=0.6, renew_every=0.2, wait=5.0, poll=0.02)
+    waiter = asyncio.create_task(backend.open(lease=patient, holder="second-holder"))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # still waiting: the first renews its lease
+    await first.close()
+    second = await waiter
+    assert second.generation == 2  # started at 1, passed to one new holder
+    assert await second.get_value("written_by") == "first"
+
+
+async def test_lease_renewal_keeps_others_out_past_its_duration(backend: Backend) -> None:
+    await backend.open(holder="first-holder")
+    await asyncio.sleep(1.0)  # longer than the 0.6 s lease: only renewal keeps it
+    with pytest.raises(StoreLocked):
+        await backend.open(holder="second-holder")
+
+
+async def test_expired_holder_is_fenced_off(backend: Backend) -> None:
+    first = await backend.open(holder="first-holder")
+    pause(first)
+    backend.expire_lease()
+    second = await backend.open(holder="second-holder")
+    await second.save_changes(Changes(values={"owner": "second"}))
+
+    with pytest.raises(StoreLockLost):
+        await first.save_changes(Changes(values={"owner": "first", "extra": "x"}))
+    assert await second.get_value("owner") == "second"
+    assert await second.get_value("extra") is None  # all or nothing: no part landed
