@@ -4,12 +4,15 @@ The public API is what ``__all__`` lists; everything else may change.
 """
 
 from olmstead.errors import (
+    ConnectionFailed,
     DeviceIdentityConflict,
     DeviceIdInUse,
     KeyStateError,
     LocalProtocolError,
+    MatrixHttpError,
     OlmsteadError,
     OneTimeKeyConflict,
+    RateLimited,
     RemoteProtocolError,
     StoreCorrupt,
     StoreError,
@@ -17,11 +20,17 @@ from olmstead.errors import (
     StoreLockLost,
     StoreMigrationError,
     StoreMismatch,
+    TransportError,
     WrongPickleKey,
 )
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine
-from olmstead.requests import KeysUploadRequest, OutgoingRequest
+from olmstead.requests import (
+    KeysClaimRequest,
+    KeysQueryRequest,
+    KeysUploadRequest,
+    OutgoingRequest,
+)
 from olmstead.store import (
     Changes,
     CryptoStore,
@@ -32,24 +41,31 @@ from olmstead.store import (
     SqliteStore,
     load_or_create_key_file,
 )
+from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 __all__ = [
     "Changes",
+    "ConnectionFailed",
     "CryptoStore",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "KeySettings",
     "KeyStateError",
+    "KeysClaimRequest",
+    "KeysQueryRequest",
     "KeysUploadRequest",
     "LeaseSettings",
     "LocalProtocolError",
+    "MatrixHttpError",
     "MemoryDatabase",
     "MemoryStore",
     "OlmMachine",
     "OlmsteadError",
     "OneTimeKeyConflict",
+    "OneTimeKeysDrained",
     "OutgoingRequest",
     "PickleKey",
+    "RateLimited",
     "RemoteProtocolError",
     "SqliteStore",
     "StoreCorrupt",
@@ -58,6 +74,8 @@ __all__ = [
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "TransportError",
+    "UploadPolicy",
     "WrongPickleKey",
     "load_or_create_key_file",
 ]

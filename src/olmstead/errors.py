@@ -16,10 +16,14 @@ attributes, so tools need not parse messages.
     │   ├── StoreLockLost         this process lost its lease; it must stop writing
     │   ├── StoreMigrationError   the schema cannot be brought to this version
     │   └── StoreMismatch         the store belongs to another user or device
-    └── KeyStateError             device keys here and on the homeserver disagree
-        ├── DeviceIdInUse         the device ID holds someone else's identity keys
-        ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
-        └── OneTimeKeyConflict    the server already holds a different key under one of our IDs
+    ├── KeyStateError             device keys here and on the homeserver disagree
+    │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
+    │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
+    │   └── OneTimeKeyConflict    the server already holds a different key under one of our IDs
+    └── TransportError            a request did not get a usable answer from the homeserver
+        ├── ConnectionFailed      no answer at all: refused, dropped, timed out
+        └── MatrixHttpError       an error answer, with status, errcode and Retry-After
+            └── RateLimited       429 / M_LIMIT_EXCEEDED
 
 Local and remote misuse are told apart as in h11: a ``LocalProtocolError`` is
 fixed in the calling code, a ``RemoteProtocolError`` is the server's doing.
@@ -30,12 +34,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 __all__ = [
+    "ConnectionFailed",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "KeyStateError",
     "LocalProtocolError",
+    "MatrixHttpError",
     "OlmsteadError",
     "OneTimeKeyConflict",
+    "RateLimited",
     "RemoteProtocolError",
     "StoreCorrupt",
     "StoreError",
@@ -43,6 +50,7 @@ __all__ = [
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "TransportError",
     "WrongPickleKey",
 ]
 
@@ -201,3 +209,49 @@ class DeviceIdentityConflict(KeyStateError):
 
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- the homeserver's answers ----------------------------------------------------------
+
+
+class TransportError(OlmsteadError):
+    """A request to the homeserver got no usable answer."""
+
+
+class ConnectionFailed(TransportError):
+    """The homeserver did not answer: connection refused, dropped, or timed out."""
+
+    def __init__(self, method: str, path: str, detail: str) -> None:
+        self.method = method
+        self.path = path
+        super().__init__(
+            f"{method} {path}: no answer from the homeserver ({detail}). It may be "
+            "restarting or unreachable; the request is retried with backoff."
+        )
+
+
+class MatrixHttpError(TransportError):
+    """The homeserver answered with an error status."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        errcode: str | None,
+        error: str,
+        retry_after: float | None = None,
+        body: object = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.errcode = errcode
+        self.error = error
+        self.retry_after = retry_after
+        self.body = body
+        super().__init__(f"{method} {path}: {status} {errcode or ''} {error}".rstrip())
+
+
+class RateLimited(MatrixHttpError):
+    """The homeserver asked us to slow down (429); ``retry_after`` says for how long."""

@@ -2,8 +2,9 @@
 
 The caller pushes in what the server said (``receive_sync_changes``), pulls out
 what must be sent (``outgoing_requests``) and reports each answer
-(``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``);
-the machine alone talks to the store.
+(``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``
+decides which keys to make and send, ``upload_guard`` whether and when an upload may
+go out and what a failed one means); the machine alone talks to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -21,11 +22,19 @@ from typing import Any
 
 import vodozemac
 
-from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreMismatch
+from olmstead.errors import (
+    KeyStateError,
+    LocalProtocolError,
+    OlmsteadError,
+    RemoteProtocolError,
+    StoreCorrupt,
+    StoreMismatch,
+)
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
 from olmstead.requests import KeysUploadRequest, OutgoingRequest
 from olmstead.store.base import AccountRecord, Changes, CryptoStore
+from olmstead.upload_guard import OneTimeKeysDrained, UploadGuard, UploadPolicy
 
 __all__ = ["OlmMachine"]
 
@@ -41,10 +50,13 @@ class OlmMachine:
         record: AccountRecord,
         generation: int,
         settings: KeySettings,
+        policy: UploadPolicy,
         clock: Callable[[], float],
     ) -> None:
         self.store = store
         self.keys_upload = KeysUpload(settings)
+        self.upload_guard = UploadGuard(policy, record.user_id, record.device_id)
+        self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._generation = generation
         self._clock = clock
@@ -59,6 +71,7 @@ class OlmMachine:
         device_id: str,
         *,
         key_settings: KeySettings | None = None,
+        upload_policy: UploadPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> OlmMachine:
         """Load the device's account from ``store``, or create and commit a new one.
@@ -76,7 +89,14 @@ class OlmMachine:
             raise StoreMismatch(
                 store.name, (record.user_id, record.device_id), (user_id, device_id)
             )
-        return cls(store, record, generation, key_settings or KeySettings(), clock)
+        return cls(
+            store,
+            record,
+            generation,
+            key_settings or KeySettings(),
+            upload_policy or UploadPolicy(),
+            clock,
+        )
 
     # --- who we are ----------------------------------------------------------------------------
 
@@ -102,6 +122,16 @@ class OlmMachine:
     def server_key_count(self) -> int | None:
         """The server's last reported count of our one-time keys (``None``: not yet known)."""
         return self._record.server_key_count
+
+    @property
+    def key_problem(self) -> KeyStateError | None:
+        """Why uploads stopped (``DeviceIdInUse``, ``DeviceIdentityConflict``, …), if they did."""
+        return self.upload_guard.problem
+
+    def take_reports(self) -> list[OneTimeKeysDrained]:
+        """Repairs done since the last call (stale keys drained), for the application."""
+        reports, self._reports = self._reports, []
+        return reports
 
     def device_keys(self) -> dict[str, Any]:
         """Our signed device keys, as ``/keys/upload`` and ``/keys/query`` carry them."""
@@ -133,17 +163,29 @@ class OlmMachine:
     # --- what to send, and what came back --------------------------------------------------------
 
     async def outgoing_requests(self) -> list[OutgoingRequest]:
-        """The requests to send now. Everything they carry is already committed."""
+        """The requests to send now. Everything they carry is already committed.
+
+        A check of our device comes before a new account's first upload, and a drain
+        of stale keys before a retried one; uploads that failed go out again only as
+        the ``UploadPolicy`` allows.
+        """
         async with self._mutex:
             await self._refresh()
             now = self._clock()
-            if self.keys_upload.wanted(self._record, now) != (0, False):
-                record = self._record.copy(self.store.pickle_key)
-                self.keys_upload.top_up(record, now)
-                await self.store.save_changes(Changes(account=record))
-                self._record = record
-            upload = self.keys_upload.pending_request(self._record)
-            requests: list[OutgoingRequest] = [] if upload is None else [upload]
+            requests: list[OutgoingRequest] = []
+            guard_request = self.upload_guard.next_request(self._record.shared)
+            if guard_request is not None:
+                requests.append(guard_request)
+            elif self.upload_guard.may_upload(now):
+                if self.keys_upload.wanted(self._record, now) != (0, False):
+                    record = self._record.copy(self.store.pickle_key)
+                    self.keys_upload.top_up(record, now)
+                    await self.store.save_changes(Changes(account=record))
+                    self._record = record
+                upload = self.keys_upload.pending_request(self._record)
+                if upload is not None:
+                    self.upload_guard.upload_handed_out(now)
+                    requests.append(upload)
             self._in_flight.update((r.request_id, r) for r in requests)
             return requests
 
@@ -156,12 +198,46 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if self.upload_guard.owns(request_id):
+                report = self.upload_guard.on_response(
+                    request_id, response, self.identity_keys["ed25519"]
+                )
+                if report is not None:
+                    self._reports.append(report)
+                return
             current = self.keys_upload.pending_request(self._record)
             if current is not None and current.request_id == request_id:
-                await self._mark_keys_uploaded(response)
+                try:
+                    await self._mark_keys_uploaded(response)
+                except RemoteProtocolError as exc:
+                    self.upload_guard.on_upload_failure(
+                        exc, self._clock(), self.identity_keys["ed25519"]
+                    )
+                    raise
+                self.upload_guard.on_upload_success()
             elif isinstance(request, KeysUploadRequest):
                 # Another holder of the store published these keys meanwhile.
                 log.warning("ignoring a response to %s: its keys are no longer pending", request_id)
+            else:
+                raise LocalProtocolError(
+                    f"no request {request_id!r} is waiting for a response; pass the "
+                    "request_id of a request from outgoing_requests()"
+                )
+
+    async def mark_request_as_failed(self, request_id: str, error: OlmsteadError) -> None:
+        """Report that the request ``request_id`` got an error (or no answer at all).
+
+        The request stays pending. A duplicate one-time key error starts the repair
+        (or raises ``DeviceIdentityConflict``); any failure slows later uploads down.
+        """
+        async with self._mutex:
+            request = self._in_flight.pop(request_id, None)
+            if self.upload_guard.owns(request_id):
+                self.upload_guard.on_failure(request_id)
+            elif isinstance(request, KeysUploadRequest):
+                self.upload_guard.on_upload_failure(
+                    error, self._clock(), self.identity_keys["ed25519"]
+                )
             else:
                 raise LocalProtocolError(
                     f"no request {request_id!r} is waiting for a response; pass the "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KeysUploadRequest", "OutgoingRequest"]
+__all__ = ["KeysClaimRequest", "KeysQueryRequest", "KeysUploadRequest", "OutgoingRequest"]
 
 
 @dataclass(frozen=True)
@@ -37,4 +37,26 @@ class KeysUploadRequest:
         return body
 
 
-OutgoingRequest = KeysUploadRequest
+@dataclass(frozen=True)
+class KeysQueryRequest:
+    """``POST /keys/query`` for the listed devices of each user (an empty list: all)."""
+
+    request_id: str
+    device_keys: dict[str, list[str]]
+
+    def body(self) -> dict[str, Any]:
+        return {"device_keys": self.device_keys}
+
+
+@dataclass(frozen=True)
+class KeysClaimRequest:
+    """``POST /keys/claim``: one key of ``algorithm`` for each listed device."""
+
+    request_id: str
+    one_time_keys: dict[str, dict[str, str]]
+
+    def body(self) -> dict[str, Any]:
+        return {"one_time_keys": self.one_time_keys}
+
+
+OutgoingRequest = KeysUploadRequest | KeysQueryRequest | KeysClaimRequest

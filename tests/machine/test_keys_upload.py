@@ -9,8 +9,10 @@ import vodozemac
 
 from olmstead import (
     KeySettings,
+    KeysQueryRequest,
     KeysUploadRequest,
     LocalProtocolError,
+    MatrixHttpError,
     OlmMachine,
     RemoteProtocolError,
     StoreLockLost,
@@ -32,7 +34,19 @@ class Clock:
 
 
 async def open_machine(backend: Backend, clock: Clock | None = None) -> OlmMachine:
-    return await OlmMachine.open(await backend.open(), USER, DEVICE, clock=clock or Clock())
+    machine = await OlmMachine.open(await backend.open(), USER, DEVICE, clock=clock or Clock())
+    await pass_device_check(machine)
+    return machine
+
+
+async def pass_device_check(machine: OlmMachine) -> None:
+    """Answer a new device's look-up of itself: the server knows no keys for it."""
+    if machine.device_keys_shared:
+        return
+    (query,) = await machine.outgoing_requests()
+    assert isinstance(query, KeysQueryRequest)
+    assert query.device_keys == {USER: [DEVICE]}
+    await machine.mark_request_as_sent(query.request_id, {"device_keys": {USER: {}}})
 
 
 async def only_upload(machine: OlmMachine) -> KeysUploadRequest:
@@ -80,11 +94,19 @@ async def test_a_tampered_key_fails_verification(backend: Backend) -> None:
     assert not verify_signed_json(forged, USER, DEVICE, machine.identity_keys["ed25519"])
 
 
+def server_error() -> MatrixHttpError:
+    return MatrixHttpError("POST", "/keys/upload", 500, None, "Internal server error")
+
+
 async def test_pending_upload_is_retried_unchanged_until_marked(backend: Backend) -> None:
-    machine = await open_machine(backend)
+    clock = Clock()
+    machine = await open_machine(backend, clock)
     first = await only_upload(machine)
+    assert await machine.outgoing_requests() == []  # never twice at once
+    await machine.mark_request_as_failed(first.request_id, server_error())
     # counts arriving meanwhile (even "none left") do not grow or change it
     await machine.receive_sync_changes(one_time_key_counts={}, unused_fallback_key_types=[])
+    clock.now += 10
     assert await only_upload(machine) == first
     await backend.opened[-1].close()
 
@@ -101,7 +123,8 @@ async def test_pending_upload_is_retried_unchanged_until_marked(backend: Backend
 
 
 async def test_malformed_success_response_leaves_keys_pending(backend: Backend) -> None:
-    machine = await open_machine(backend)
+    clock = Clock()
+    machine = await open_machine(backend, clock)
     upload = await only_upload(machine)
     malformed: list[dict[str, Any]] = [
         {},
@@ -112,6 +135,7 @@ async def test_malformed_success_response_leaves_keys_pending(backend: Backend) 
     for bad in malformed:
         with pytest.raises(RemoteProtocolError):
             await machine.mark_request_as_sent(upload.request_id, bad)
+    clock.now += 60  # four failures: 16 s of backoff at most
     assert await only_upload(machine) == upload
     assert not machine.device_keys_shared
 
@@ -216,6 +240,7 @@ async def test_machine_reloads_when_the_lease_changed_hands(backend: Backend) ->
 
     # another process takes over, publishes the keys, and exits
     second = await OlmMachine.open(await backend.open(), USER, DEVICE)
+    await pass_device_check(second)
     assert await only_upload(second) == upload
     await second.mark_request_as_sent(upload.request_id, ok(50))
     await second.store.close()
@@ -233,4 +258,5 @@ async def test_custom_target_is_respected(backend: Backend) -> None:
     machine = await OlmMachine.open(
         store, USER, DEVICE, key_settings=KeySettings(target=10, refill_below=5)
     )
+    await pass_device_check(machine)
     assert len((await only_upload(machine)).one_time_keys) == 10

@@ -1,0 +1,208 @@
+"""The upload guard through the machine alone: device checks, drains, conflicts, no storms."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+import vodozemac
+
+from olmstead import (
+    DeviceIdentityConflict,
+    DeviceIdInUse,
+    KeysClaimRequest,
+    KeysQueryRequest,
+    KeysUploadRequest,
+    MatrixHttpError,
+    MemoryDatabase,
+    MemoryStore,
+    OlmMachine,
+    RateLimited,
+    UploadPolicy,
+)
+from olmstead.olm import account as own
+from tests.conftest import FAST_LEASE, KEY
+from tests.machine.test_keys_upload import DEVICE, USER, Clock, ok, pass_device_check
+
+
+async def machine_on(db: MemoryDatabase, clock: Clock, **policy: Any) -> OlmMachine:
+    store = await MemoryStore.open(KEY, db, lease=FAST_LEASE)
+    return await OlmMachine.open(
+        store, USER, DEVICE, clock=clock, upload_policy=UploadPolicy(**policy)
+    )
+
+
+def duplicate_error(key_id: str, old_key: dict[str, Any]) -> MatrixHttpError:
+    """The 400 Synapse answers with, quoting the key it already holds."""
+    message = (
+        f"One time key {key_id} already exists. Old key: {json.dumps(old_key)}; "
+        f"new key: {{'key': 'x', 'signatures': {{}}}}"
+    )
+    return MatrixHttpError("POST", "/keys/upload", 400, "M_UNKNOWN", message)
+
+
+def claim_answer(key_id: str | None, key: dict[str, Any] | None) -> dict[str, Any]:
+    device = {} if key_id is None or key is None else {key_id: key}
+    return {"one_time_keys": {USER: {DEVICE: device}} if device else {}}
+
+
+def foreign_key() -> dict[str, Any]:
+    other = vodozemac.Account()
+    return own.sign_json(other, USER, DEVICE, {"key": other.curve25519_key.to_base64()})
+
+
+async def test_device_ids_with_foreign_keys_are_refused_before_any_upload() -> None:
+    machine = await machine_on(MemoryDatabase(), Clock())
+    (query,) = await machine.outgoing_requests()
+    assert isinstance(query, KeysQueryRequest)
+    foreign = vodozemac.Account().ed25519_key.to_base64()
+    answer = {"device_keys": {USER: {DEVICE: {"keys": {f"ed25519:{DEVICE}": foreign}}}}}
+    with pytest.raises(DeviceIdInUse) as caught:
+        await machine.mark_request_as_sent(query.request_id, answer)
+    assert caught.value.server_ed25519 == foreign
+    assert "Log in without a device ID" in str(caught.value)
+    assert machine.key_problem is caught.value
+    for _ in range(5):
+        assert await machine.outgoing_requests() == []
+
+
+async def test_replacing_a_device_takes_an_explicit_opt_in() -> None:
+    machine = await machine_on(MemoryDatabase(), Clock(), replace_existing_device=True)
+    (query,) = await machine.outgoing_requests()
+    foreign = vodozemac.Account().ed25519_key.to_base64()
+    answer = {"device_keys": {USER: {DEVICE: {"keys": {f"ed25519:{DEVICE}": foreign}}}}}
+    await machine.mark_request_as_sent(query.request_id, answer)
+    (upload,) = await machine.outgoing_requests()
+    assert isinstance(upload, KeysUploadRequest)
+    assert upload.device_keys is not None
+
+
+async def test_our_own_keys_on_the_server_are_not_a_conflict() -> None:
+    machine = await machine_on(MemoryDatabase(), Clock())
+    (query,) = await machine.outgoing_requests()
+    answer = {"device_keys": {USER: {DEVICE: machine.device_keys()}}}
+    await machine.mark_request_as_sent(query.request_id, answer)
+    (upload,) = await machine.outgoing_requests()
+    assert isinstance(upload, KeysUploadRequest)
+
+
+async def rolled_back_machine(clock: Clock) -> tuple[OlmMachine, KeysUploadRequest, dict[str, Any]]:
+    """A device whose store went back to before its second upload; and that upload."""
+    db = MemoryDatabase()
+    machine = await machine_on(db, clock)
+    await pass_device_check(machine)
+    (first,) = await machine.outgoing_requests()
+    await machine.mark_request_as_sent(first.request_id, ok(50))
+    backup = copy.deepcopy(db.account)
+
+    await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": 20})
+    (second,) = await machine.outgoing_requests()
+    assert isinstance(second, KeysUploadRequest)
+    await machine.mark_request_as_sent(second.request_id, ok(50))
+    await machine.store.close()
+
+    db.account = backup  # the rollback
+    restored = await machine_on(db, clock)
+    await restored.receive_sync_changes(one_time_key_counts={"signed_curve25519": 20})
+    (third,) = await restored.outgoing_requests()
+    assert isinstance(third, KeysUploadRequest)
+    assert set(third.one_time_keys) == set(second.one_time_keys)  # the same IDs ...
+    assert third.one_time_keys != second.one_time_keys  # ... with other keys
+    return restored, third, second.one_time_keys
+
+
+async def test_rolled_back_store_drains_its_stale_keys_then_uploads() -> None:
+    clock = Clock()
+    machine, upload, stale = await rolled_back_machine(clock)
+    key_id = min(stale)
+    await machine.mark_request_as_failed(upload.request_id, duplicate_error(key_id, stale[key_id]))
+
+    drained = 0
+    for stale_id, stale_key in stale.items():
+        (claim,) = await machine.outgoing_requests()
+        assert isinstance(claim, KeysClaimRequest)
+        assert claim.one_time_keys == {USER: {DEVICE: "signed_curve25519"}}
+        await machine.mark_request_as_sent(claim.request_id, claim_answer(stale_id, stale_key))
+        drained += 1
+    (claim,) = await machine.outgoing_requests()
+    fallback = {**foreign_key(), "fallback": True}  # whoever's: a fallback ends the drain
+    await machine.mark_request_as_sent(
+        claim.request_id, claim_answer("signed_curve25519:F", fallback)
+    )
+
+    (report,) = machine.take_reports()
+    assert (report.drained, report.conflicting_key_id) == (drained, key_id)
+    assert machine.take_reports() == []
+    (retry,) = await machine.outgoing_requests()
+    assert retry == upload  # the very same keys, now free to go
+    await machine.mark_request_as_sent(retry.request_id, ok(len(upload.one_time_keys)))
+    assert machine.key_problem is None
+
+
+async def test_stale_keys_of_another_identity_stop_uploads() -> None:
+    clock = Clock()
+    machine, upload, _stale = await rolled_back_machine(clock)
+    error = duplicate_error("signed_curve25519:AAAAAAAAADI", foreign_key())
+    with pytest.raises(DeviceIdentityConflict) as caught:
+        await machine.mark_request_as_failed(upload.request_id, error)
+    assert machine.key_problem is caught.value
+    clock.now += 3600
+    assert await machine.outgoing_requests() == []
+
+
+@pytest.mark.parametrize("whose", ["ours", "theirs"])
+async def test_unparseable_duplicate_error_is_settled_by_a_claim(whose: str) -> None:
+    clock = Clock()
+    machine, upload, stale = await rolled_back_machine(clock)
+    error = MatrixHttpError("POST", "/keys/upload", 400, "M_UNKNOWN", "key already exists")
+    await machine.mark_request_as_failed(upload.request_id, error)
+    (claim,) = await machine.outgoing_requests()
+    assert isinstance(claim, KeysClaimRequest)
+    key_id, key = next(iter(stale.items()))
+    if whose == "theirs":
+        with pytest.raises(DeviceIdentityConflict):
+            await machine.mark_request_as_sent(
+                claim.request_id, claim_answer(key_id, foreign_key())
+            )
+        assert await machine.outgoing_requests() == []
+    else:
+        await machine.mark_request_as_sent(claim.request_id, claim_answer(key_id, key))
+        (next_claim,) = await machine.outgoing_requests()  # draining goes on
+        assert isinstance(next_claim, KeysClaimRequest)
+        await machine.mark_request_as_sent(next_claim.request_id, claim_answer(None, None))
+        assert [r.drained for r in machine.take_reports()] == [1]
+        assert await machine.outgoing_requests() == [upload]
+
+
+async def test_failing_uploads_never_storm() -> None:
+    clock = Clock()
+    machine = await machine_on(MemoryDatabase(), clock)
+    await pass_device_check(machine)
+    sent: list[float] = []
+    start = clock.now
+    while clock.now - start < 600:  # ten minutes, asking ten times a second
+        for request in await machine.outgoing_requests():
+            assert isinstance(request, KeysUploadRequest)
+            sent.append(clock.now - start)
+            error = MatrixHttpError("POST", "/keys/upload", 500, None, "boom")
+            await machine.mark_request_as_failed(request.request_id, error)
+        clock.now += 0.1
+    assert len([t for t in sent if t < 60]) <= 3
+    for t in sent:  # no five-minute window holds more than three
+        assert len([u for u in sent if t <= u < t + 300]) <= 3
+    assert len(sent) >= 4  # it does keep trying, slowly
+
+
+async def test_retry_after_is_honoured() -> None:
+    clock = Clock()
+    machine = await machine_on(MemoryDatabase(), clock)
+    await pass_device_check(machine)
+    (upload,) = await machine.outgoing_requests()
+    limited = RateLimited("POST", "/keys/upload", 429, "M_LIMIT_EXCEEDED", "slow", retry_after=30)
+    await machine.mark_request_as_failed(upload.request_id, limited)
+    clock.now += 29.9
+    assert await machine.outgoing_requests() == []
+    clock.now += 0.2
+    assert await machine.outgoing_requests() == [upload]
