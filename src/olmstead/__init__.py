@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; everything else may change.
 """
 
+from olmstead.client import Client, Session
 from olmstead.errors import (
     ConnectionFailed,
     DeviceIdentityConflict,
@@ -45,6 +46,7 @@ from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 __all__ = [
     "Changes",
+    "Client",
     "ConnectionFailed",
     "CryptoStore",
     "DeviceIdInUse",
@@ -67,6 +69,7 @@ __all__ = [
     "PickleKey",
     "RateLimited",
     "RemoteProtocolError",
+    "Session",
     "SqliteStore",
     "StoreCorrupt",
     "StoreError",

@@ -1,0 +1,163 @@
+"""``MatrixHttp``: requests to a homeserver over httpx, with typed errors and backoff.
+
+Failures become ``olmstead.errors`` types carrying the Matrix ``errcode``, the
+HTTP status and ``Retry-After``. Transient failures (no answer, 5xx, 429) are
+retried with exponential backoff and full jitter, honouring ``Retry-After``, a
+bounded number of times. ``/keys/upload`` is the exception: it is sent exactly
+once per call, because the machine's upload guard decides when to try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from olmstead.errors import (
+    ConnectionFailed,
+    MatrixHttpError,
+    RateLimited,
+    RemoteProtocolError,
+    TransportError,
+)
+from olmstead.http.endpoints import route
+from olmstead.requests import KeysUploadRequest, OutgoingRequest
+
+__all__ = ["MatrixHttp", "RetryPolicy"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    #: tries in all, the first included
+    attempts: int = 5
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+    #: a server asking for a longer pause than this gets an error instead
+    max_retry_after: float = 120.0
+
+    def delay(self, failures: int, error: TransportError) -> float:
+        backoff = random.uniform(0, min(self.max_delay, self.first_delay * 2 ** (failures - 1)))
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            return max(backoff, error.retry_after)
+        return backoff
+
+
+def is_transient(error: TransportError) -> bool:
+    if isinstance(error, ConnectionFailed | RateLimited):
+        return True
+    return isinstance(error, MatrixHttpError) and error.status >= 500
+
+
+class MatrixHttp:
+    """One homeserver, one access token (or none, for login and registration)."""
+
+    def __init__(
+        self,
+        homeserver: str,
+        access_token: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.homeserver = homeserver.rstrip("/")
+        self.access_token = access_token
+        self.retry = retry or RetryPolicy()
+        self._client = httpx.AsyncClient(
+            base_url=self.homeserver, transport=transport, timeout=timeout
+        )
+
+    async def send(self, request: OutgoingRequest) -> dict[str, Any]:
+        """Send a machine request; raises a ``TransportError`` if it gets no success."""
+        method, path = route(request)
+        once = isinstance(request, KeysUploadRequest)
+        return await self.request(method, path, request.body(), retry=not once)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        retry: bool = True,
+        read_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send one request; ``read_timeout`` overrides the client's (for long-polls)."""
+        failures = 0
+        while True:
+            try:
+                return await self._once(method, path, body, params, read_timeout)
+            except TransportError as error:
+                failures += 1
+                if not retry or not is_transient(error) or failures >= self.retry.attempts:
+                    raise
+                delay = self.retry.delay(failures, error)
+                if delay > self.retry.max_retry_after:
+                    raise
+                log.info("%s %s failed (%s); retrying in %.1f s", method, path, error, delay)
+                await asyncio.sleep(delay)
+
+    async def _once(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, str] | None,
+        read_timeout: float | None,
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+        extra: dict[str, Any] = {} if read_timeout is None else {"timeout": read_timeout}
+        try:
+            response = await self._client.request(
+                method, path, json=body, params=params, headers=headers, **extra
+            )
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(method, path, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.is_success:
+            if not isinstance(payload, dict):
+                raise RemoteProtocolError(
+                    f"{method} {path}: {response.status_code} with a body that is not a JSON "
+                    f"object: {response.text[:200]!r}"
+                )
+            return payload
+        raise _error(method, path, response, payload)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _error(method: str, path: str, response: httpx.Response, payload: Any) -> MatrixHttpError:
+    body = payload if isinstance(payload, dict) else {}
+    errcode = body.get("errcode")
+    errcode = errcode if isinstance(errcode, str) else None
+    error = body.get("error")
+    error = error if isinstance(error, str) else response.text[:500]
+    retry_after = _retry_after(response, body)
+    status = response.status_code
+    kind = RateLimited if status == 429 or errcode == "M_LIMIT_EXCEEDED" else MatrixHttpError
+    return kind(method, path, status, errcode, error, retry_after, payload)
+
+
+def _retry_after(response: httpx.Response, body: Mapping[str, Any]) -> float | None:
+    header = response.headers.get("Retry-After")
+    if header is not None:
+        try:
+            return max(0.0, float(header))
+        except ValueError:
+            pass  # an HTTP date: fall back to the body, then to backoff
+    millis = body.get("retry_after_ms")
+    if isinstance(millis, int | float) and not isinstance(millis, bool):
+        return max(0.0, millis / 1000)
+    return None
