@@ -109,6 +109,7 @@ async def test_rate_limits_carry_and_honour_retry_after(
     with pytest.raises(RateLimited) as caught:
         await http.send(UPLOAD)
     assert caught.value.retry_after == pytest.approx(expected)
+    assert len(seen) == 1
 
     http, _seen = http_with([status(429, body, headers), status(200, {"ok": 1})])
     started = time.monotonic()
