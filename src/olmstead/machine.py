@@ -173,7 +173,7 @@ class OlmMachine:
             await self._refresh()
             now = self._clock()
             requests: list[OutgoingRequest] = []
-            guard_request = self.upload_guard.next_request(self._record.shared)
+            guard_request = self.upload_guard.next_request(self._record.shared, now)
             if guard_request is not None:
                 requests.append(guard_request)
             elif self.upload_guard.may_upload(now):
@@ -233,7 +233,7 @@ class OlmMachine:
         async with self._mutex:
             request = self._in_flight.pop(request_id, None)
             if self.upload_guard.owns(request_id):
-                self.upload_guard.on_failure(request_id)
+                self.upload_guard.on_failure(request_id, self._clock())
             elif isinstance(request, KeysUploadRequest):
                 self.upload_guard.on_upload_failure(
                     error, self._clock(), self.identity_keys["ed25519"]

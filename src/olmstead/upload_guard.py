@@ -98,16 +98,18 @@ class UploadGuard:
         self._drained = 0
         self._attempts = _Attempts()
         self._waiting: KeysQueryRequest | KeysClaimRequest | None = None
+        self._guard_failures = 0
+        self._guard_retry_at = 0.0
 
     # --- what to send ------------------------------------------------------------------------
 
-    def next_request(self, shared: bool) -> KeysQueryRequest | KeysClaimRequest | None:
+    def next_request(self, shared: bool, now: float) -> KeysQueryRequest | KeysClaimRequest | None:
         """A query or claim that must come before any upload, if one is due."""
         if self.problem is not None:
             return None
         if self._mode == "check_device" and shared:
             self._mode = "ready"  # the server confirmed our keys once: nothing to check
-        if self._mode == "ready":
+        if self._mode == "ready" or now < self._guard_retry_at:
             return None
         if self._waiting is None:
             request_id = f"{self._mode}-{uuid.uuid4().hex[:12]}"
@@ -203,6 +205,7 @@ class UploadGuard:
         assert self._waiting is not None
         assert self._waiting.request_id == request_id
         self._waiting = None
+        self._guard_failures = 0
         if self._mode == "check_device":
             self._check_device(response, our_ed25519)
             return None
@@ -218,10 +221,15 @@ class UploadGuard:
             raise self.problem
         return None
 
-    def on_failure(self, request_id: str) -> None:
-        """Our query or claim failed: ask again on the next round."""
+    def on_failure(self, request_id: str, now: float) -> None:
+        """Our query or claim failed: ask again after a backoff."""
         if self.owns(request_id):
             self._waiting = None
+            self._guard_failures += 1
+            delay = min(
+                self.policy.first_delay * 2 ** (self._guard_failures - 1), self.policy.max_delay
+            )
+            self._guard_retry_at = now + delay * random.uniform(0.5, 1.0)
 
     def _drain_done(self) -> OneTimeKeysDrained | None:
         mode, drained = self._mode, self._drained

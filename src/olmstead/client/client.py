@@ -134,8 +134,8 @@ class Client:
     async def process_outgoing(self) -> None:
         """Send what the machine asks for until it asks for nothing more this round.
 
-        A failed request is reported to the machine and ends the round: the machine
-        decides when it goes out again. A ``KeyStateError`` is raised to the caller.
+        A failed request is reported to the machine, which decides when it goes out
+        again (it holds it back meanwhile). A ``KeyStateError`` is raised to the caller.
         """
         machine = self._machine()
         for _ in range(_MAX_REQUESTS_PER_ROUND):
@@ -147,7 +147,7 @@ class Client:
                     answer = await self.http.send(request)
                 except TransportError as error:
                     await machine.mark_request_as_failed(request.request_id, error)
-                    return
+                    continue
                 await machine.mark_request_as_sent(request.request_id, answer)
                 for report in machine.take_reports():
                     for callback in self._drained_callbacks:
