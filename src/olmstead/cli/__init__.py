@@ -1,0 +1,1 @@
+"""Operator commands: ``olmstead demo`` (more to come: doctor, repair, store tools)."""
