@@ -19,11 +19,14 @@ attributes, so tools need not parse messages.
     ├── KeyStateError             device keys here and on the homeserver disagree
     │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
     │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
-    │   └── OneTimeKeyConflict    the server already holds a different key under one of our IDs
+    │   ├── StaleKeysRemain       a drain of our own stale keys did not end within its bound
+    │   └── OneTimeKeyConflict    (also a MatrixHttpError) the server holds another key
+    │                             under one of our key IDs: 400 "… already exists"
     └── TransportError            a request did not get a usable answer from the homeserver
         ├── ConnectionFailed      no answer at all: refused, dropped, timed out
         └── MatrixHttpError       an error answer, with status, errcode and Retry-After
-            └── RateLimited       429 / M_LIMIT_EXCEEDED
+            ├── RateLimited       429 / M_LIMIT_EXCEEDED
+            └── OneTimeKeyConflict  see above
 
 Local and remote misuse are told apart as in h11: a ``LocalProtocolError`` is
 fixed in the calling code, a ``RemoteProtocolError`` is the server's doing.
@@ -44,6 +47,7 @@ __all__ = [
     "OneTimeKeyConflict",
     "RateLimited",
     "RemoteProtocolError",
+    "StaleKeysRemain",
     "StoreCorrupt",
     "StoreError",
     "StoreLockLost",
@@ -180,15 +184,15 @@ class DeviceIdInUse(KeyStateError):
         )
 
 
-class OneTimeKeyConflict(KeyStateError):
-    """The server already holds a different one-time key under one of our key IDs."""
+class StaleKeysRemain(KeyStateError):
+    """Draining our own stale one-time keys from the server did not finish."""
 
-    def __init__(self, key_id: str, detail: str = "") -> None:
-        self.key_id = key_id
+    def __init__(self, user_id: str, device_id: str, drained: int) -> None:
+        self.drained = drained
         super().__init__(
-            f"the server already holds another one-time key under {key_id}"
-            + (f" ({detail})" if detail else "")
-            + ". The store was rolled back, or lost keys it had already uploaded."
+            f"drained {drained} stale one-time keys of {user_id} device {device_id} and the "
+            "server still hands out more; uploads stopped. The server holds far more keys than "
+            "a device may. Run `olmstead doctor`, or log in as a new device."
         )
 
 
@@ -255,3 +259,28 @@ class MatrixHttpError(TransportError):
 
 class RateLimited(MatrixHttpError):
     """The homeserver asked us to slow down (429); ``retry_after`` says for how long."""
+
+
+class OneTimeKeyConflict(MatrixHttpError, KeyStateError):
+    """400 ``One time key <id> already exists``: another key sits under one of our IDs.
+
+    ``key_id`` is the first colliding ID the server named and ``old_key`` the key it
+    holds, with its signatures, when its message quotes it (Synapse does). Whose key
+    it is — ours from before a rollback, or another identity's — its signature says;
+    the machine decides that and repairs or stops.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        errcode: str | None,
+        error: str,
+        key_id: str | None,
+        old_key: dict[str, object] | None,
+        body: object = None,
+    ) -> None:
+        super().__init__(method, path, status, errcode, error, None, body)
+        self.key_id = key_id
+        self.old_key = old_key

@@ -21,10 +21,8 @@ It decides; the machine commits and hands out requests. No I/O, no store.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,11 +32,11 @@ from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
     KeyStateError,
-    MatrixHttpError,
     OlmsteadError,
     OneTimeKeyConflict,
     RateLimited,
     RemoteProtocolError,
+    StaleKeysRemain,
 )
 from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import KeysClaimRequest, KeysQueryRequest
@@ -46,11 +44,6 @@ from olmstead.requests import KeysClaimRequest, KeysQueryRequest
 __all__ = ["OneTimeKeysDrained", "UploadGuard", "UploadPolicy"]
 
 log = logging.getLogger(__name__)
-
-_ALREADY_EXISTS = re.compile(
-    r"One time key (?P<key_id>\S+) already exists\. Old key: (?P<old>\{.*?\}); new key:",
-    re.DOTALL,
-)
 
 
 @dataclass(frozen=True)
@@ -159,23 +152,17 @@ class UploadGuard:
         if isinstance(error, RateLimited) and error.retry_after is not None:
             delay = max(delay, error.retry_after)
         a.not_before = now + delay
-        if isinstance(error, MatrixHttpError) and "already exists" in error.error:
-            self._on_duplicate_key(error.error, our_ed25519)
+        if isinstance(error, OneTimeKeyConflict):
+            self._on_duplicate_key(error, our_ed25519)
         else:
             log.warning(
                 "key upload failed (%s); next attempt in %.1f s at the earliest", error, delay
             )
 
-    def _on_duplicate_key(self, message: str, our_ed25519: str) -> None:
-        match = _ALREADY_EXISTS.search(message)
-        old: Any = None
-        if match:
-            self._conflict_key_id = match["key_id"]
-            try:
-                old = json.loads(match["old"])
-            except ValueError:
-                old = None
-        if not isinstance(old, dict):
+    def _on_duplicate_key(self, conflict: OneTimeKeyConflict, our_ed25519: str) -> None:
+        self._conflict_key_id = conflict.key_id or ""
+        old = conflict.old_key
+        if old is None:
             log.warning(
                 "duplicate one-time key, but the server's message does not quote it; "
                 "claiming one of our keys to see whose they are"
@@ -215,9 +202,7 @@ class UploadGuard:
         self._judge_stale_key(key, our_ed25519)  # raises if another identity's
         self._drained += 1
         if self._drained >= self.policy.max_drain:
-            self.problem = OneTimeKeyConflict(
-                self._conflict_key_id, f"gave up after draining {self._drained} keys"
-            )
+            self.problem = StaleKeysRemain(self.user_id, self.device_id, self._drained)
             raise self.problem
         return None
 

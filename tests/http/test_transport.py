@@ -16,8 +16,10 @@ import pytest
 from olmstead import (
     ConnectionFailed,
     KeysQueryRequest,
+    KeyStateError,
     KeysUploadRequest,
     MatrixHttpError,
+    OneTimeKeyConflict,
     RateLimited,
     RemoteProtocolError,
 )
@@ -128,3 +130,29 @@ async def test_a_success_that_is_not_json_is_a_remote_error() -> None:
     http, _seen = http_with([lambda _r: httpx.Response(200, text="<html>proxy</html>")])
     with pytest.raises(RemoteProtocolError, match="not a JSON object"):
         await http.send(QUERY)
+
+
+async def test_duplicate_one_time_keys_are_typed_with_the_quoted_key() -> None:
+    old = {"key": "b64key", "signatures": {"@a:x": {"ed25519:DEV": "sig"}}}
+    message = (
+        "One time key signed_curve25519:AAAAAAAAAA0 already exists. "
+        f"Old key: {json.dumps(old)}; new key: {{'key': 'other', 'signatures': {{}}}}"
+    )
+    http, seen = http_with([status(400, {"errcode": "M_UNKNOWN", "error": message})])
+    with pytest.raises(OneTimeKeyConflict) as caught:
+        await http.send(UPLOAD)
+    assert caught.value.key_id == "signed_curve25519:AAAAAAAAAA0"
+    assert caught.value.old_key == old
+    assert isinstance(caught.value, KeyStateError)
+    assert isinstance(caught.value, MatrixHttpError)
+    assert caught.value.status == 400
+    assert len(seen) == 1
+
+
+async def test_a_duplicate_key_message_without_the_old_key_is_still_typed() -> None:
+    message = "One time key signed_curve25519:AAAAAAAAAAE already exists"
+    http, _seen = http_with([status(400, {"errcode": "M_UNKNOWN", "error": message})])
+    with pytest.raises(OneTimeKeyConflict) as caught:
+        await http.send(UPLOAD)
+    assert caught.value.key_id == "signed_curve25519:AAAAAAAAAAE"
+    assert caught.value.old_key is None

@@ -27,11 +27,14 @@ class Wire(httpx.AsyncBaseTransport):
     """The real network, with every upload counted and faults injected where asked."""
 
     uploads: list[tuple[float, dict[str, Any], int | str]] = field(default_factory=list)
+    #: every request: method, path and query parameters
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     faults_before: list[Fault] = field(default_factory=list)
     faults_after: list[Fault] = field(default_factory=list)
     _inner: httpx.AsyncHTTPTransport = field(default_factory=httpx.AsyncHTTPTransport)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path, dict(request.url.params)))
         is_upload = request.url.path == UPLOAD_PATH
         if not is_upload:
             return await self._inner.handle_async_request(request)

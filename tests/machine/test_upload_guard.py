@@ -19,6 +19,7 @@ from olmstead import (
     MemoryDatabase,
     MemoryStore,
     OlmMachine,
+    OneTimeKeyConflict,
     RateLimited,
     UploadPolicy,
 )
@@ -34,13 +35,10 @@ async def machine_on(db: MemoryDatabase, clock: Clock, **policy: Any) -> OlmMach
     )
 
 
-def duplicate_error(key_id: str, old_key: dict[str, Any]) -> MatrixHttpError:
-    """The 400 Synapse answers with, quoting the key it already holds."""
-    message = (
-        f"One time key {key_id} already exists. Old key: {json.dumps(old_key)}; "
-        f"new key: {{'key': 'x', 'signatures': {{}}}}"
-    )
-    return MatrixHttpError("POST", "/keys/upload", 400, "M_UNKNOWN", message)
+def duplicate_error(key_id: str, old_key: dict[str, Any]) -> OneTimeKeyConflict:
+    """The 400 Synapse answers with, as the HTTP layer types it."""
+    message = f"One time key {key_id} already exists. Old key: {json.dumps(old_key)}; new key: …"
+    return OneTimeKeyConflict("POST", "/keys/upload", 400, "M_UNKNOWN", message, key_id, old_key)
 
 
 def claim_answer(key_id: str | None, key: dict[str, Any] | None) -> dict[str, Any]:
@@ -156,7 +154,9 @@ async def test_stale_keys_of_another_identity_stop_uploads() -> None:
 async def test_unparseable_duplicate_error_is_settled_by_a_claim(whose: str) -> None:
     clock = Clock()
     machine, upload, stale = await rolled_back_machine(clock)
-    error = MatrixHttpError("POST", "/keys/upload", 400, "M_UNKNOWN", "key already exists")
+    error = OneTimeKeyConflict(
+        "POST", "/keys/upload", 400, "M_UNKNOWN", "key already exists", None, None
+    )
     await machine.mark_request_as_failed(upload.request_id, error)
     (claim,) = await machine.outgoing_requests()
     assert isinstance(claim, KeysClaimRequest)

@@ -12,9 +12,10 @@ out, and reports each answer back. It never reaches into the machine's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,9 +166,13 @@ class Client:
             params["since"] = since
         if limit is not None:
             params["filter"] = json.dumps({"room": {"timeline": {"limit": limit}}})
-        answer = await self.http.request(
-            "GET", f"{CLIENT_V3}/sync", params=params, read_timeout=timeout_ms / 1000 + 30
+        answer = await self._until_stopped(
+            self.http.request(
+                "GET", f"{CLIENT_V3}/sync", params=params, read_timeout=timeout_ms / 1000 + 30
+            )
         )
+        if answer is None:  # stop() during the long-poll: nothing was received
+            return {}
         if self.machine is not None:
             fallback_types = answer.get(
                 "device_unused_fallback_key_types",
@@ -202,7 +207,27 @@ class Client:
                 await asyncio.sleep(5)
 
     def stop(self) -> None:
+        """End ``start()``: a long-poll in progress is abandoned, processing is finished."""
         self._stop.set()
+
+    async def _until_stopped(self, call: Awaitable[dict[str, Any]]) -> dict[str, Any] | None:
+        """``call``'s answer, or ``None`` if ``stop()`` came first.
+
+        Only the wait for the server is abandoned; what the machine does with an
+        answer always runs to its end.
+        """
+        request = asyncio.ensure_future(call)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({request, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not request.done():
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            return None
+        return request.result()
 
     async def close(self) -> None:
         self.stop()

@@ -10,8 +10,10 @@ once per call, because the machine's upload guard decides when to try again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ import httpx
 from olmstead.errors import (
     ConnectionFailed,
     MatrixHttpError,
+    OneTimeKeyConflict,
     RateLimited,
     RemoteProtocolError,
     TransportError,
@@ -146,8 +149,29 @@ def _error(method: str, path: str, response: httpx.Response, payload: Any) -> Ma
     error = error if isinstance(error, str) else response.text[:500]
     retry_after = _retry_after(response, body)
     status = response.status_code
+    if status == 400 and "already exists" in error and path.endswith("/keys/upload"):
+        key_id, old_key = _quoted_key(error)
+        return OneTimeKeyConflict(method, path, status, errcode, error, key_id, old_key, payload)
     kind = RateLimited if status == 429 or errcode == "M_LIMIT_EXCEEDED" else MatrixHttpError
     return kind(method, path, status, errcode, error, retry_after, payload)
+
+
+# Synapse: "One time key <id> already exists. Old key: <json>; new key: <python repr>"
+_ALREADY_EXISTS = re.compile(r"One time key (?P<key_id>\S+) already exists")
+_OLD_KEY = re.compile(r"Old key: (?P<old>\{.*?\}); new key:", re.DOTALL)
+
+
+def _quoted_key(message: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The colliding key ID and the old key a duplicate-key message quotes, if it does."""
+    named = _ALREADY_EXISTS.search(message)
+    quoted = _OLD_KEY.search(message)
+    old: Any = None
+    if quoted is not None:
+        try:
+            old = json.loads(quoted["old"])
+        except ValueError:
+            old = None
+    return (named["key_id"] if named else None), (old if isinstance(old, dict) else None)
 
 
 def _retry_after(response: httpx.Response, body: Mapping[str, Any]) -> float | None:
