@@ -4,7 +4,8 @@ The caller pushes in what the server said (``receive_sync_changes``), pulls out
 what must be sent (``outgoing_requests``) and reports each answer
 (``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``
 decides which keys to make and send, ``upload_guard`` whether and when an upload may
-go out and what a failed one means); the machine alone talks to the store.
+go out and what a failed one means, ``devices`` whose device lists we follow); the
+machine alone talks to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import vodozemac
@@ -30,6 +31,8 @@ from olmstead.errors import (
     StoreCorrupt,
     StoreMismatch,
 )
+from olmstead.identities.device import Device
+from olmstead.identities.tracker import DeviceTracker
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
 from olmstead.requests import KeysUploadRequest, OutgoingRequest
@@ -51,11 +54,13 @@ class OlmMachine:
         generation: int,
         settings: KeySettings,
         policy: UploadPolicy,
+        tracked_users: Mapping[str, bool],
         clock: Callable[[], float],
     ) -> None:
         self.store = store
         self.keys_upload = KeysUpload(settings)
         self.upload_guard = UploadGuard(policy, record.user_id, record.device_id)
+        self.devices = DeviceTracker(record.user_id, record.device_id, tracked_users)
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._generation = generation
@@ -95,6 +100,7 @@ class OlmMachine:
             generation,
             key_settings or KeySettings(),
             upload_policy or UploadPolicy(),
+            await store.get_tracked_users(),
             clock,
         )
 
@@ -144,21 +150,40 @@ class OlmMachine:
         *,
         one_time_key_counts: Mapping[str, int] | None = None,
         unused_fallback_key_types: Sequence[str] | None = None,
+        device_lists: Mapping[str, Any] | None = None,
     ) -> None:
-        """Take the key counts from a ``/sync`` response (or an appservice transaction).
+        """Take the key counts and device list changes from a ``/sync`` response.
 
         Pass the ``device_one_time_keys_count`` object as it came (a missing
-        algorithm counts as 0) and ``device_unused_fallback_key_types`` as it came;
-        ``None`` means the response did not carry that field at all.
+        algorithm counts as 0), ``device_unused_fallback_key_types`` and
+        ``device_lists`` (``changed`` and ``left``) as they came; ``None`` means the
+        response did not carry that field at all.
         """
         async with self._mutex:
             await self._refresh()
             record = self._record.copy(self.store.pickle_key)
+            changes = Changes()
             if self.keys_upload.on_sync_counts(
                 record, one_time_key_counts, unused_fallback_key_types
             ):
-                await self.store.save_changes(Changes(account=record))
+                changes.account = record
+            if device_lists is not None:
+                changed, left = device_lists.get("changed"), device_lists.get("left")
+                marked, dropped = self.devices.on_device_lists(_user_ids(changed), _user_ids(left))
+                changes.tracked_users, changes.untracked_users = marked, dropped
+            await self.store.save_changes(changes)
             self._record = record
+
+    async def update_tracked_users(self, user_ids: Iterable[str]) -> None:
+        """Follow the devices of ``user_ids`` (members of our encrypted rooms) from now on."""
+        async with self._mutex:
+            await self._refresh()
+            await self.store.save_changes(Changes(tracked_users=self.devices.track(user_ids)))
+
+    async def get_user_devices(self, user_id: str) -> dict[str, Device]:
+        """The known, current devices of ``user_id`` (checked keys only), by device ID."""
+        devices = await self.store.get_devices(user_id)
+        return {device_id: d for device_id, d in devices.items() if not d.deleted}
 
     # --- what to send, and what came back --------------------------------------------------------
 
@@ -173,6 +198,9 @@ class OlmMachine:
             await self._refresh()
             now = self._clock()
             requests: list[OutgoingRequest] = []
+            query = self.devices.next_request(now)
+            if query is not None:
+                requests.append(query)
             guard_request = self.upload_guard.next_request(self._record.shared, now)
             if guard_request is not None:
                 requests.append(guard_request)
@@ -198,6 +226,13 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if self.devices.owns(request_id):
+                stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
+                outcome = self.devices.on_response(response, stored)
+                await self.store.save_changes(
+                    Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
+                )
+                return
             if self.upload_guard.owns(request_id):
                 report = self.upload_guard.on_response(
                     request_id, response, self.identity_keys["ed25519"]
@@ -232,7 +267,9 @@ class OlmMachine:
         """
         async with self._mutex:
             request = self._in_flight.pop(request_id, None)
-            if self.upload_guard.owns(request_id):
+            if self.devices.owns(request_id):
+                self.devices.on_failure(self._clock())
+            elif self.upload_guard.owns(request_id):
                 self.upload_guard.on_failure(request_id, self._clock())
             elif isinstance(request, KeysUploadRequest):
                 self.upload_guard.on_upload_failure(
@@ -271,3 +308,7 @@ class OlmMachine:
         self._record = record
         self._generation = generation
         self._in_flight.clear()
+
+
+def _user_ids(value: Any) -> list[str]:
+    return [user for user in value if isinstance(user, str)] if isinstance(value, list) else []

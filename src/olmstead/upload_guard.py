@@ -22,12 +22,12 @@ It decides; the machine commits and hands out requests. No I/O, no store.
 from __future__ import annotations
 
 import logging
-import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from olmstead.backoff import Backoff
 from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
@@ -74,9 +74,8 @@ class OneTimeKeysDrained:
 
 @dataclass
 class _Attempts:
+    backoff: Backoff
     times: list[float] = field(default_factory=list)
-    failures: int = 0
-    not_before: float = 0.0
     in_flight_since: float | None = None
 
 
@@ -89,10 +88,9 @@ class UploadGuard:
         self._mode: Literal["check_device", "ready", "probe", "drain"] = "check_device"
         self._conflict_key_id = ""
         self._drained = 0
-        self._attempts = _Attempts()
+        self._attempts = self._new_attempts()
         self._waiting: KeysQueryRequest | KeysClaimRequest | None = None
-        self._guard_failures = 0
-        self._guard_retry_at = 0.0
+        self._guard_backoff = Backoff(policy.first_delay, policy.max_delay)
 
     # --- what to send ------------------------------------------------------------------------
 
@@ -102,7 +100,7 @@ class UploadGuard:
             return None
         if self._mode == "check_device" and shared:
             self._mode = "ready"  # the server confirmed our keys once: nothing to check
-        if self._mode == "ready" or now < self._guard_retry_at:
+        if self._mode == "ready" or not self._guard_backoff.ready(now):
             return None
         if self._waiting is None:
             request_id = f"{self._mode}-{uuid.uuid4().hex[:12]}"
@@ -125,10 +123,10 @@ class UploadGuard:
             and now - a.in_flight_since < self.policy.in_flight_timeout
         ):
             return False
-        if a.failures == 0:
+        if a.backoff.failures == 0:
             return True
         recent = [t for t in a.times if now - t < self.policy.window]
-        return now >= a.not_before and len(recent) < self.policy.max_attempts
+        return a.backoff.ready(now) and len(recent) < self.policy.max_attempts
 
     def upload_handed_out(self, now: float) -> None:
         self._attempts.times.append(now)
@@ -136,22 +134,20 @@ class UploadGuard:
 
     # --- what came back ---------------------------------------------------------------------
 
+    def _new_attempts(self) -> _Attempts:
+        return _Attempts(Backoff(self.policy.first_delay, self.policy.max_delay))
+
     def on_upload_success(self) -> None:
-        self._attempts = _Attempts()
+        self._attempts = self._new_attempts()
 
     def on_upload_failure(self, error: OlmsteadError, now: float, our_ed25519: str) -> None:
         """Back off, and read a duplicate-key error for whose keys are on the server.
 
         Raises ``DeviceIdentityConflict`` when the stale key is another identity's.
         """
-        a = self._attempts
-        a.in_flight_since = None
-        a.failures += 1
-        delay = min(self.policy.first_delay * 2 ** (a.failures - 1), self.policy.max_delay)
-        delay *= random.uniform(0.5, 1.0)
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        a.not_before = now + delay
+        self._attempts.in_flight_since = None
+        retry_after = error.retry_after if isinstance(error, RateLimited) else None
+        delay = self._attempts.backoff.failed(now, retry_after or 0.0)
         if isinstance(error, OneTimeKeyConflict):
             self._on_duplicate_key(error, our_ed25519)
         else:
@@ -192,7 +188,7 @@ class UploadGuard:
         assert self._waiting is not None
         assert self._waiting.request_id == request_id
         self._waiting = None
-        self._guard_failures = 0
+        self._guard_backoff.succeeded()
         if self._mode == "check_device":
             self._check_device(response, our_ed25519)
             return None
@@ -210,16 +206,12 @@ class UploadGuard:
         """Our query or claim failed: ask again after a backoff."""
         if self.owns(request_id):
             self._waiting = None
-            self._guard_failures += 1
-            delay = min(
-                self.policy.first_delay * 2 ** (self._guard_failures - 1), self.policy.max_delay
-            )
-            self._guard_retry_at = now + delay * random.uniform(0.5, 1.0)
+            self._guard_backoff.failed(now)
 
     def _drain_done(self) -> OneTimeKeysDrained | None:
         mode, drained = self._mode, self._drained
         self._mode, self._drained = "ready", 0
-        self._attempts.not_before = 0.0  # repaired: retry the upload without waiting
+        self._attempts.backoff.not_before = 0.0  # repaired: retry the upload without waiting
         if mode == "probe":
             log.warning("no stale one-time key found by claiming; the upload will be retried")
             return None

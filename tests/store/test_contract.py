@@ -15,6 +15,8 @@ from olmstead import (
     StoreLockLost,
     WrongPickleKey,
 )
+from olmstead.identities.device import Device
+from olmstead.olm import account as own
 from olmstead.store import AccountRecord
 from tests.conftest import KEY, OTHER_KEY, Backend, pause
 
@@ -137,3 +139,33 @@ async def test_expired_holder_is_fenced_off(backend: Backend) -> None:
         await first.save_changes(Changes(values={"owner": "first", "extra": "x"}))
     assert await second.get_value("owner") == "second"
     assert await second.get_value("extra") is None  # all or nothing: no part landed
+
+
+def a_device(user_id: str = "@alice:example.org", device_id: str = "ALICEDEV") -> Device:
+    account = vodozemac.Account()
+    return Device.from_keys(user_id, device_id, own.device_keys(account, user_id, device_id))
+
+
+async def test_devices_round_trip_by_user_and_by_curve25519(backend: Backend) -> None:
+    store = await backend.open()
+    phone, laptop = a_device(device_id="PHONE"), a_device(device_id="LAPTOP")
+    bob = a_device("@bob:example.org", "BOBDEV")
+    await store.save_changes(Changes(devices=[phone, laptop, bob]))
+    await store.close()
+
+    store = await backend.open()
+    assert await store.get_devices("@alice:example.org") == {"PHONE": phone, "LAPTOP": laptop}
+    assert await store.get_device_by_curve25519(bob.curve25519) == bob
+    assert await store.get_device_by_curve25519("no such key") is None
+    assert await store.get_devices("@nobody:example.org") == {}
+
+    await store.save_changes(Changes(devices=[phone.marked_deleted()]))
+    assert (await store.get_devices("@alice:example.org"))["PHONE"].deleted
+
+
+async def test_tracked_users_are_set_updated_and_dropped(backend: Backend) -> None:
+    store = await backend.open()
+    await store.save_changes(Changes(tracked_users={"@a:x": True, "@b:x": True}))
+    await store.save_changes(Changes(tracked_users={"@a:x": False}, untracked_users={"@b:x"}))
+    await store.close()
+    assert await (await backend.open()).get_tracked_users() == {"@a:x": False}

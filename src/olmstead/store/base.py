@@ -25,6 +25,7 @@ from typing import Any
 import vodozemac
 
 from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
+from olmstead.identities.device import Device
 from olmstead.store.pickle_key import DerivedKey
 
 __all__ = [
@@ -89,9 +90,20 @@ class Changes:
     account: AccountRecord | None = None
     #: small named values (the sync token, …); ``None`` deletes the value
     values: dict[str, str | None] = field(default_factory=dict)
+    #: other devices to store (a device marked deleted stays, flagged)
+    devices: list[Device] = field(default_factory=list)
+    #: users to track, with whether their device list is outdated
+    tracked_users: dict[str, bool] = field(default_factory=dict)
+    untracked_users: set[str] = field(default_factory=set)
 
     def is_empty(self) -> bool:
-        return self.account is None and not self.values
+        return not (
+            self.account
+            or self.values
+            or self.devices
+            or self.tracked_users
+            or self.untracked_users
+        )
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,9 @@ class SerializedChanges:
 
     account: tuple[str, str, str, str] | None  # user_id, device_id, pickle, state JSON
     values: dict[str, str | None]
+    devices: list[tuple[str, str, str, str]]  # user_id, device_id, curve25519, data JSON
+    tracked_users: dict[str, bool]
+    untracked_users: set[str]
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,18 @@ class CryptoStore(ABC):
         """A small named value (``Changes.values``), or ``None``."""
 
     @abstractmethod
+    async def _device_rows(self, user_id: str) -> list[tuple[str, str]]:
+        """device_id and data JSON of every stored device of ``user_id``."""
+
+    @abstractmethod
+    async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
+        """user_id, device_id and data JSON of the device with this Curve25519 key."""
+
+    @abstractmethod
+    async def get_tracked_users(self) -> dict[str, bool]:
+        """Every tracked user, with whether their device list is outdated."""
+
+    @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         """Take or extend the lease for ``holder`` if it is free, expired or its own.
 
@@ -216,6 +243,17 @@ class CryptoStore(ABC):
             fallback_created_at=state.get("fallback_created_at"),
         )
 
+    async def get_devices(self, user_id: str) -> dict[str, Device]:
+        """The stored devices of ``user_id`` (deleted ones included, flagged), by device ID."""
+        return {
+            device_id: Device.from_json(user_id, device_id, data)
+            for device_id, data in await self._device_rows(user_id)
+        }
+
+    async def get_device_by_curve25519(self, key: str) -> Device | None:
+        row = await self._device_row_by_curve25519(key)
+        return None if row is None else Device.from_json(*row)
+
     async def save_changes(self, changes: Changes) -> None:
         """Commit ``changes`` in one transaction, fenced by this handle's lease."""
         if self._closed:
@@ -240,7 +278,14 @@ class CryptoStore(ABC):
         if now != known:
             raise StoreLockLost(self.name, f"generation moved from {known} to {now}")
         try:
-            await self._write(SerializedChanges(account, dict(changes.values)), self.holder, known)
+            serialized = SerializedChanges(
+                account,
+                dict(changes.values),
+                [(d.user_id, d.device_id, d.curve25519, d.to_json()) for d in changes.devices],
+                dict(changes.tracked_users),
+                set(changes.untracked_users),
+            )
+            await self._write(serialized, self.holder, known)
         except StoreLockLost:
             self._lock = None  # the next operation re-takes the lease and reloads
             raise

@@ -32,6 +32,9 @@ class MemoryDatabase:
     key_check: str | None = None
     account: tuple[str, str, str, str] | None = None
     values: dict[str, str] = field(default_factory=dict)
+    #: (user_id, device_id) -> (curve25519, data JSON)
+    devices: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    tracked_users: dict[str, bool] = field(default_factory=dict)
     lock: LockRow | None = None
 
 
@@ -66,6 +69,18 @@ class MemoryStore(CryptoStore):
     async def get_value(self, key: str) -> str | None:
         return self._db.values.get(key)
 
+    async def _device_rows(self, user_id: str) -> list[tuple[str, str]]:
+        return [(d, data) for (u, d), (_c, data) in self._db.devices.items() if u == user_id]
+
+    async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
+        for (user_id, device_id), (curve25519, data) in self._db.devices.items():
+            if curve25519 == key:
+                return user_id, device_id, data
+        return None
+
+    async def get_tracked_users(self) -> dict[str, bool]:
+        return dict(self._db.tracked_users)
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         lock = self._db.lock
         if lock is None or lock.holder != holder or lock.generation != generation:
@@ -77,6 +92,11 @@ class MemoryStore(CryptoStore):
                 self._db.values.pop(key, None)
             else:
                 self._db.values[key] = value
+        for user_id, device_id, curve25519, data in changes.devices:
+            self._db.devices[user_id, device_id] = (curve25519, data)
+        self._db.tracked_users.update(changes.tracked_users)
+        for user_id in changes.untracked_users:
+            self._db.tracked_users.pop(user_id, None)
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         self._db.lock = next_lock_row(self._db.lock, holder, duration, time.time())

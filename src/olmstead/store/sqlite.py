@@ -120,6 +120,31 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _device_rows(self, user_id: str) -> list[tuple[str, str]]:
+        def read() -> list[tuple[str, str]]:
+            rows = self._conn.execute(
+                "SELECT device_id, data FROM devices WHERE user_id = ?", (user_id,)
+            ).fetchall()
+            return [(row[0], row[1]) for row in rows]
+
+        return await self._run(read)
+
+    async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
+        def read() -> tuple[str, str, str] | None:
+            row = self._conn.execute(
+                "SELECT user_id, device_id, data FROM devices WHERE curve25519 = ?", (key,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1], row[2])
+
+        return await self._run(read)
+
+    async def get_tracked_users(self) -> dict[str, bool]:
+        def read() -> dict[str, bool]:
+            rows = self._conn.execute("SELECT user_id, outdated FROM tracked_users").fetchall()
+            return {row[0]: bool(row[1]) for row in rows}
+
+        return await self._run(read)
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
             row = _lock_row(conn)
@@ -133,6 +158,21 @@ class SqliteStore(CryptoStore):
                     "pickle = excluded.pickle, state = excluded.state",
                     changes.account,
                 )
+            conn.executemany(
+                "INSERT INTO devices (user_id, device_id, curve25519, data) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id, device_id) DO UPDATE SET "
+                "curve25519 = excluded.curve25519, data = excluded.data",
+                changes.devices,
+            )
+            conn.executemany(
+                "INSERT INTO tracked_users (user_id, outdated) VALUES (?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET outdated = excluded.outdated",
+                list(changes.tracked_users.items()),
+            )
+            conn.executemany(
+                "DELETE FROM tracked_users WHERE user_id = ?",
+                [(user_id,) for user_id in changes.untracked_users],
+            )
             for key, value in changes.values.items():
                 if value is None:
                     conn.execute("DELETE FROM kv WHERE key = ?", (key,))

@@ -39,4 +39,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "other devices and the users whose devices are tracked",
+        """
+        CREATE TABLE devices (
+            user_id    TEXT NOT NULL,
+            device_id  TEXT NOT NULL,
+            curve25519 TEXT NOT NULL,
+            data       TEXT NOT NULL,
+            PRIMARY KEY (user_id, device_id)
+        );
+        CREATE INDEX devices_by_curve25519 ON devices (curve25519);
+        CREATE TABLE tracked_users (
+            user_id  TEXT PRIMARY KEY,
+            outdated INTEGER NOT NULL
+        );
+        """,
+    ),
 ]

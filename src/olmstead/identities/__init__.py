@@ -1,0 +1,1 @@
+"""Other devices: their keys as ``/keys/query`` reports them, checked, and who we track."""
