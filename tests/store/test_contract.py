@@ -18,6 +18,7 @@ from olmstead import (
 from olmstead.identities.device import Device
 from olmstead.olm import account as own
 from olmstead.store import AccountRecord
+from olmstead.store.base import OlmSessionRecord
 from tests.conftest import KEY, OTHER_KEY, Backend, pause
 
 
@@ -169,3 +170,36 @@ async def test_tracked_users_are_set_updated_and_dropped(backend: Backend) -> No
     await store.save_changes(Changes(tracked_users={"@a:x": False}, untracked_users={"@b:x"}))
     await store.close()
     assert await (await backend.open()).get_tracked_users() == {"@a:x": False}
+
+
+async def test_olm_sessions_round_trip_last_used_first(backend: Backend) -> None:
+    ours, theirs = vodozemac.Account(), vodozemac.Account()
+    theirs.generate_one_time_keys(2)
+    first_key, second_key = theirs.one_time_keys.values()
+    older = ours.create_outbound_session(theirs.curve25519_key, first_key)
+    newer = ours.create_outbound_session(theirs.curve25519_key, second_key)
+    sender = theirs.curve25519_key.to_base64()
+    store = await backend.open()
+    await store.save_changes(
+        Changes(
+            olm_sessions=[
+                OlmSessionRecord(sender, older, created_at=1.0, last_used=5.0),
+                OlmSessionRecord(sender, newer, created_at=2.0, last_used=3.0),
+            ]
+        )
+    )
+    loaded = await store.get_olm_sessions(sender)
+    assert [r.session_id for r in loaded] == [older.session_id, newer.session_id]
+    await store.save_changes(Changes(olm_sessions=[OlmSessionRecord(sender, newer, 2.0, 9.0)]))
+    await store.close()
+
+    store = await backend.open()
+    loaded = await store.get_olm_sessions(sender)
+    assert [r.session_id for r in loaded] == [newer.session_id, older.session_id]
+    assert loaded[0].created_at == 2.0
+    assert await store.get_olm_sessions("someone else") == []
+    # the stored ratchet still works: the peer opens it from our first message
+    message = loaded[0].session.encrypt(b"still works").to_pre_key()
+    assert message is not None
+    _, plaintext = theirs.create_inbound_session(ours.curve25519_key, message)
+    assert plaintext == b"still works"

@@ -34,6 +34,7 @@ __all__ = [
     "CryptoStore",
     "LeaseSettings",
     "LockRow",
+    "OlmSessionRecord",
     "SerializedChanges",
     "new_holder_name",
     "next_lock_row",
@@ -84,6 +85,20 @@ class AccountRecord:
 
 
 @dataclass
+class OlmSessionRecord:
+    """An Olm session with one other device, known by that device's Curve25519 key."""
+
+    sender_key: str
+    session: vodozemac.Session
+    created_at: float
+    last_used: float
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+
+@dataclass
 class Changes:
     """Everything one ``save_changes`` call commits, all or nothing."""
 
@@ -95,6 +110,7 @@ class Changes:
     #: users to track, with whether their device list is outdated
     tracked_users: dict[str, bool] = field(default_factory=dict)
     untracked_users: set[str] = field(default_factory=set)
+    olm_sessions: list[OlmSessionRecord] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -103,6 +119,7 @@ class Changes:
             or self.devices
             or self.tracked_users
             or self.untracked_users
+            or self.olm_sessions
         )
 
 
@@ -115,6 +132,8 @@ class SerializedChanges:
     devices: list[tuple[str, str, str, str]]  # user_id, device_id, curve25519, data JSON
     tracked_users: dict[str, bool]
     untracked_users: set[str]
+    #: sender_key, session_id, pickle, created_at, last_used
+    olm_sessions: list[tuple[str, str, str, float, float]]
 
 
 @dataclass(frozen=True)
@@ -188,6 +207,10 @@ class CryptoStore(ABC):
         """Every tracked user, with whether their device list is outdated."""
 
     @abstractmethod
+    async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
+        """pickle, created_at, last_used of each session with ``sender_key``."""
+
+    @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         """Take or extend the lease for ``holder`` if it is free, expired or its own.
 
@@ -254,6 +277,18 @@ class CryptoStore(ABC):
         row = await self._device_row_by_curve25519(key)
         return None if row is None else Device.from_json(*row)
 
+    async def get_olm_sessions(self, sender_key: str) -> list[OlmSessionRecord]:
+        """The Olm sessions with the device of ``sender_key``, the last used first."""
+        records = []
+        for pickle, created_at, last_used in await self._olm_session_rows(sender_key):
+            try:
+                session = vodozemac.Session.from_pickle(pickle, self._key.key)
+            except ValueError as exc:
+                raise StoreCorrupt(self.name, f"an Olm session does not unpickle: {exc}") from None
+            records.append(OlmSessionRecord(sender_key, session, created_at, last_used))
+        records.sort(key=lambda r: r.last_used, reverse=True)
+        return records
+
     async def save_changes(self, changes: Changes) -> None:
         """Commit ``changes`` in one transaction, fenced by this handle's lease."""
         if self._closed:
@@ -284,6 +319,16 @@ class CryptoStore(ABC):
                 [(d.user_id, d.device_id, d.curve25519, d.to_json()) for d in changes.devices],
                 dict(changes.tracked_users),
                 set(changes.untracked_users),
+                [
+                    (
+                        r.sender_key,
+                        r.session_id,
+                        r.session.pickle(self._key.key),
+                        r.created_at,
+                        r.last_used,
+                    )
+                    for r in changes.olm_sessions
+                ],
             )
             await self._write(serialized, self.holder, known)
         except StoreLockLost:

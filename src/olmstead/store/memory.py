@@ -35,6 +35,8 @@ class MemoryDatabase:
     #: (user_id, device_id) -> (curve25519, data JSON)
     devices: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     tracked_users: dict[str, bool] = field(default_factory=dict)
+    #: (sender_key, session_id) -> (pickle, created_at, last_used)
+    olm_sessions: dict[tuple[str, str], tuple[str, float, float]] = field(default_factory=dict)
     lock: LockRow | None = None
 
 
@@ -81,6 +83,9 @@ class MemoryStore(CryptoStore):
     async def get_tracked_users(self) -> dict[str, bool]:
         return dict(self._db.tracked_users)
 
+    async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
+        return [row for (key, _id), row in self._db.olm_sessions.items() if key == sender_key]
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         lock = self._db.lock
         if lock is None or lock.holder != holder or lock.generation != generation:
@@ -97,6 +102,8 @@ class MemoryStore(CryptoStore):
         self._db.tracked_users.update(changes.tracked_users)
         for user_id in changes.untracked_users:
             self._db.tracked_users.pop(user_id, None)
+        for sender_key, session_id, pickle, created_at, last_used in changes.olm_sessions:
+            self._db.olm_sessions[sender_key, session_id] = (pickle, created_at, last_used)
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         self._db.lock = next_lock_row(self._db.lock, holder, duration, time.time())

@@ -145,6 +145,16 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
+        def read() -> list[tuple[str, float, float]]:
+            rows = self._conn.execute(
+                "SELECT pickle, created_at, last_used FROM olm_sessions WHERE sender_key = ?",
+                (sender_key,),
+            ).fetchall()
+            return [(row[0], row[1], row[2]) for row in rows]
+
+        return await self._run(read)
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
             row = _lock_row(conn)
@@ -172,6 +182,12 @@ class SqliteStore(CryptoStore):
             conn.executemany(
                 "DELETE FROM tracked_users WHERE user_id = ?",
                 [(user_id,) for user_id in changes.untracked_users],
+            )
+            conn.executemany(
+                "INSERT INTO olm_sessions (sender_key, session_id, pickle, created_at, last_used) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender_key, session_id) DO UPDATE SET "
+                "pickle = excluded.pickle, last_used = excluded.last_used",
+                changes.olm_sessions,
             )
             for key, value in changes.values.items():
                 if value is None:

@@ -57,4 +57,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        4,
+        "Olm sessions, found by the sender's Curve25519 key",
+        """
+        CREATE TABLE olm_sessions (
+            sender_key TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            pickle     TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_used  REAL NOT NULL,
+            PRIMARY KEY (sender_key, session_id)
+        );
+        """,
+    ),
 ]
