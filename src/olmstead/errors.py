@@ -16,6 +16,10 @@ attributes, so tools need not parse messages.
     │   ├── StoreLockLost         this process lost its lease; it must stop writing
     │   ├── StoreMigrationError   the schema cannot be brought to this version
     │   └── StoreMismatch         the store belongs to another user or device
+    ├── DecryptionError           an event could not be decrypted, or not trusted
+    │   ├── NotForThisDevice      the ciphertext has no part for our Curve25519 key
+    │   ├── OlmSessionError       no Olm session decrypts it, nor can one be created
+    │   └── SenderMismatch        the decrypted payload's sender, recipient or keys are wrong
     ├── KeyStateError             device keys here and on the homeserver disagree
     │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
     │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
@@ -38,15 +42,19 @@ from datetime import UTC, datetime
 
 __all__ = [
     "ConnectionFailed",
+    "DecryptionError",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "KeyStateError",
     "LocalProtocolError",
     "MatrixHttpError",
+    "NotForThisDevice",
+    "OlmSessionError",
     "OlmsteadError",
     "OneTimeKeyConflict",
     "RateLimited",
     "RemoteProtocolError",
+    "SenderMismatch",
     "StaleKeysRemain",
     "StoreCorrupt",
     "StoreError",
@@ -159,6 +167,38 @@ class StoreMismatch(StoreError):
             f"device {asked[1]}. Using it would upload one device's keys for another. Open "
             "the store that belongs to this device, or use a new store for a new device."
         )
+
+
+# --- decryption ---------------------------------------------------------------------
+
+
+class DecryptionError(OlmsteadError):
+    """An encrypted event could not be decrypted, or its content cannot be trusted.
+
+    ``sender`` is the Matrix user the event came from and ``sender_key`` the
+    Curve25519 key of the sending device, where the event names them.
+    """
+
+    def __init__(self, message: str, sender: str | None = None, sender_key: str | None = None):
+        self.sender = sender
+        self.sender_key = sender_key
+        super().__init__(message)
+
+
+class NotForThisDevice(DecryptionError):
+    """The event was encrypted for other devices only."""
+
+
+class OlmSessionError(DecryptionError):
+    """No Olm session with the sender decrypts the message, and none could be created.
+
+    Usually the sender's session is wedged (a store rolled back on either side) or
+    the one-time key it used is gone; olmstead asks the sender for a new session.
+    """
+
+
+class SenderMismatch(DecryptionError):
+    """The decrypted payload names another sender, recipient or key than it should."""
 
 
 # --- keys here against keys on the server ----------------------------------------------

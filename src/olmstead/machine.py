@@ -4,8 +4,8 @@ The caller pushes in what the server said (``receive_sync_changes``), pulls out
 what must be sent (``outgoing_requests``) and reports each answer
 (``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``
 decides which keys to make and send, ``upload_guard`` whether and when an upload may
-go out and what a failed one means, ``devices`` whose device lists we follow); the
-machine alone talks to the store.
+go out and what a failed one means, ``devices`` whose device lists we follow, ``olm``
+the Olm sessions with other devices); the machine alone commits to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import vodozemac
 
 from olmstead.errors import (
+    DecryptionError,
     KeyStateError,
     LocalProtocolError,
     OlmsteadError,
@@ -35,13 +38,30 @@ from olmstead.identities.device import Device
 from olmstead.identities.tracker import DeviceTracker
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
-from olmstead.requests import KeysUploadRequest, OutgoingRequest
-from olmstead.store.base import AccountRecord, Changes, CryptoStore
+from olmstead.requests import (
+    KeysClaimRequest,
+    KeysUploadRequest,
+    OutgoingRequest,
+    ToDeviceRequest,
+)
+from olmstead.sessions.olm_sessions import OLM_ALGORITHM, DecryptedToDevice, OlmSessions
+from olmstead.store.base import AccountRecord, Changes, CryptoStore, OlmSessionRecord
 from olmstead.upload_guard import OneTimeKeysDrained, UploadGuard, UploadPolicy
 
-__all__ = ["OlmMachine"]
+__all__ = ["OlmMachine", "UndecryptableToDevice"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UndecryptableToDevice:
+    """An encrypted to-device event that could not be decrypted or was refused."""
+
+    event: Mapping[str, Any]
+    error: DecryptionError
+
+
+ToDeviceResult = DecryptedToDevice | UndecryptableToDevice | Mapping[str, Any]
 
 
 class OlmMachine:
@@ -61,6 +81,8 @@ class OlmMachine:
         self.keys_upload = KeysUpload(settings)
         self.upload_guard = UploadGuard(policy, record.user_id, record.device_id)
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked_users)
+        self.olm = OlmSessions(store, record.user_id, record.device_id)
+        self._session_claims: dict[str, list[Device]] = {}
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._generation = generation
@@ -151,18 +173,24 @@ class OlmMachine:
         one_time_key_counts: Mapping[str, int] | None = None,
         unused_fallback_key_types: Sequence[str] | None = None,
         device_lists: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Take the key counts and device list changes from a ``/sync`` response.
+        to_device_events: Sequence[Mapping[str, Any]] = (),
+    ) -> list[ToDeviceResult]:
+        """Take what a ``/sync`` response says about keys, and its to-device events.
 
         Pass the ``device_one_time_keys_count`` object as it came (a missing
         algorithm counts as 0), ``device_unused_fallback_key_types`` and
         ``device_lists`` (``changed`` and ``left``) as they came; ``None`` means the
         response did not carry that field at all.
+
+        Returns the to-device events in order: Olm-encrypted ones decrypted
+        (``DecryptedToDevice``) or refused (``UndecryptableToDevice``), the rest as
+        they came. Every ratchet step is committed before this returns.
         """
         async with self._mutex:
             await self._refresh()
             record = self._record.copy(self.store.pickle_key)
             changes = Changes()
+            results = await self._decrypt_to_device(to_device_events, record, changes)
             if self.keys_upload.on_sync_counts(
                 record, one_time_key_counts, unused_fallback_key_types
             ):
@@ -171,8 +199,89 @@ class OlmMachine:
                 changed, left = device_lists.get("changed"), device_lists.get("left")
                 marked, dropped = self.devices.on_device_lists(_user_ids(changed), _user_ids(left))
                 changes.tracked_users, changes.untracked_users = marked, dropped
-            await self.store.save_changes(changes)
+            if changes.olm_sessions:
+                changes.account = record  # an inbound session may have used a one-time key
+            await self._commit(changes)
             self._record = record
+            return results
+
+    async def _decrypt_to_device(
+        self, events: Sequence[Mapping[str, Any]], record: AccountRecord, changes: Changes
+    ) -> list[ToDeviceResult]:
+        results: list[ToDeviceResult] = []
+        now = self._clock()
+        for event in events:
+            content = event.get("content")
+            if event.get("type") != "m.room.encrypted" or not (
+                isinstance(content, Mapping) and content.get("algorithm") == OLM_ALGORITHM
+            ):
+                results.append(event)
+                continue
+            result, found = await self.olm.decrypt(event, self.identity_keys, lambda: record, now)
+            changes.olm_sessions.extend(found.olm_sessions)
+            if isinstance(result, DecryptionError):
+                log.warning("to-device event from %s: %s", event.get("sender"), result)
+                results.append(UndecryptableToDevice(event, result))
+            else:
+                results.append(result)
+        return results
+
+    async def _commit(self, changes: Changes) -> None:
+        """Commit, dropping cached sessions that the failed commit would leave ahead."""
+        unique = {(r.sender_key, r.session_id): r for r in changes.olm_sessions}
+        changes.olm_sessions = list(unique.values())
+        try:
+            await self.store.save_changes(changes)
+        except BaseException:
+            self.olm.forget({r.sender_key for r in changes.olm_sessions})
+            raise
+
+    # --- Olm sessions and to-device encryption ------------------------------------------------
+
+    async def get_missing_sessions(self, user_ids: Iterable[str]) -> KeysClaimRequest | None:
+        """A ``/keys/claim`` for every known device of ``user_ids`` we have no session with."""
+        async with self._mutex:
+            await self._refresh()
+            missing = []
+            for user_id in user_ids:
+                for device in (await self._current_devices(user_id)).values():
+                    if not await self.olm.sessions_for(device.curve25519):
+                        missing.append(device)
+            if not missing:
+                return None
+            request = self.olm.claim_request(missing)
+            self._session_claims[request.request_id] = missing
+            self._in_flight[request.request_id] = request
+            return request
+
+    async def encrypt_to_devices(
+        self, devices: Iterable[Device], event_type: str, content: Mapping[str, Any]
+    ) -> tuple[ToDeviceRequest | None, list[Device]]:
+        """Olm-encrypt one event for each device; the request, and the devices with no session.
+
+        The stepped sessions are committed before the request is returned.
+        """
+        async with self._mutex:
+            await self._refresh()
+            messages: dict[str, dict[str, dict[str, Any]]] = {}
+            stepped: list[OlmSessionRecord] = []
+            without: list[Device] = []
+            now = self._clock()
+            for device in devices:
+                encrypted = await self.olm.encrypt(
+                    self.identity_keys, device, event_type, content, now
+                )
+                if encrypted is None:
+                    without.append(device)
+                    continue
+                messages.setdefault(device.user_id, {})[device.device_id] = encrypted[0]
+                stepped.append(encrypted[1])
+            if not messages:
+                return None, without
+            await self._commit(Changes(olm_sessions=stepped))
+            request = ToDeviceRequest(f"olm-{uuid.uuid4().hex}", "m.room.encrypted", messages)
+            self._in_flight[request.request_id] = request
+            return request, without
 
     async def update_tracked_users(self, user_ids: Iterable[str]) -> None:
         """Follow the devices of ``user_ids`` (members of our encrypted rooms) from now on."""
@@ -182,8 +291,15 @@ class OlmMachine:
 
     async def get_user_devices(self, user_id: str) -> dict[str, Device]:
         """The known, current devices of ``user_id`` (checked keys only), by device ID."""
+        return await self._current_devices(user_id)
+
+    async def _current_devices(self, user_id: str) -> dict[str, Device]:
         devices = await self.store.get_devices(user_id)
-        return {device_id: d for device_id, d in devices.items() if not d.deleted}
+        return {
+            device_id: device
+            for device_id, device in devices.items()
+            if not device.deleted and (user_id, device_id) != (self.user_id, self.device_id)
+        }
 
     # --- what to send, and what came back --------------------------------------------------------
 
@@ -226,6 +342,15 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if isinstance(request, ToDeviceRequest):
+                return  # delivered; the sessions were committed before it left
+            claimed_for = self._session_claims.pop(request_id, None)
+            if claimed_for is not None:
+                created = await self.olm.sessions_from_claim(
+                    self._record.account, claimed_for, response, self._clock()
+                )
+                await self._commit(Changes(olm_sessions=created))
+                return
             if self.devices.owns(request_id):
                 stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
                 outcome = self.devices.on_response(response, stored)
@@ -267,6 +392,10 @@ class OlmMachine:
         """
         async with self._mutex:
             request = self._in_flight.pop(request_id, None)
+            if self._session_claims.pop(request_id, None) is not None or isinstance(
+                request, ToDeviceRequest
+            ):
+                return  # claimed again or re-encrypted by the caller's next attempt
             if self.devices.owns(request_id):
                 self.devices.on_failure(self._clock())
             elif self.upload_guard.owns(request_id):
@@ -308,6 +437,8 @@ class OlmMachine:
         self._record = record
         self._generation = generation
         self._in_flight.clear()
+        self._session_claims.clear()
+        self.olm.forget()
 
 
 def _user_ids(value: Any) -> list[str]:

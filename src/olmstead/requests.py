@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KeysClaimRequest", "KeysQueryRequest", "KeysUploadRequest", "OutgoingRequest"]
+__all__ = [
+    "KeysClaimRequest",
+    "KeysQueryRequest",
+    "KeysUploadRequest",
+    "OutgoingRequest",
+    "ToDeviceRequest",
+]
 
 
 @dataclass(frozen=True)
@@ -59,4 +65,16 @@ class KeysClaimRequest:
         return {"one_time_keys": self.one_time_keys}
 
 
-OutgoingRequest = KeysUploadRequest | KeysQueryRequest | KeysClaimRequest
+@dataclass(frozen=True)
+class ToDeviceRequest:
+    """``PUT /sendToDevice/{event_type}/{txn_id}``; the request ID is the transaction ID."""
+
+    request_id: str
+    event_type: str
+    messages: dict[str, dict[str, dict[str, Any]]]
+
+    def body(self) -> dict[str, Any]:
+        return {"messages": self.messages}
+
+
+OutgoingRequest = KeysUploadRequest | KeysQueryRequest | KeysClaimRequest | ToDeviceRequest

@@ -39,14 +39,14 @@ async def open_machine(backend: Backend, clock: Clock | None = None) -> OlmMachi
     return machine
 
 
-async def pass_device_check(machine: OlmMachine) -> None:
+async def pass_device_check(machine: OlmMachine, user: str = USER, device: str = DEVICE) -> None:
     """Answer a new device's look-up of itself: the server knows no keys for it."""
     if machine.device_keys_shared:
         return
     (query,) = await machine.outgoing_requests()
     assert isinstance(query, KeysQueryRequest)
-    assert query.device_keys == {USER: [DEVICE]}
-    await machine.mark_request_as_sent(query.request_id, {"device_keys": {USER: {}}})
+    assert query.device_keys == {user: [device]}
+    await machine.mark_request_as_sent(query.request_id, {"device_keys": {user: {}}})
 
 
 async def only_upload(machine: OlmMachine) -> KeysUploadRequest:

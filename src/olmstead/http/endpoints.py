@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from olmstead.requests import (
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
     OutgoingRequest,
+    ToDeviceRequest,
 )
 
 __all__ = ["CLIENT_V3", "route"]
@@ -23,3 +26,5 @@ def route(request: OutgoingRequest) -> tuple[str, str]:
             return "POST", f"{CLIENT_V3}/keys/query"
         case KeysClaimRequest():
             return "POST", f"{CLIENT_V3}/keys/claim"
+        case ToDeviceRequest(request_id=txn_id, event_type=event_type):
+            return "PUT", f"{CLIENT_V3}/sendToDevice/{quote(event_type, safe='')}/{txn_id}"

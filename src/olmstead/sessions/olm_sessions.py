@@ -1,0 +1,309 @@
+"""Olm sessions with other devices: made from claimed keys, used to encrypt and decrypt.
+
+To-device messages (``m.room.encrypted`` with ``m.olm.v1.curve25519-aes-sha2``)
+carry a payload that binds sender and recipient: ``sender``, ``recipient``,
+``recipient_keys.ed25519`` (ours) and ``keys.ed25519`` (theirs). Decryption
+checks all of them; a payload that fails is refused even though it decrypted.
+
+Sessions are read from the store by the sender's Curve25519 key and cached (the
+last used first). Encrypting or decrypting steps a ratchet in the cached
+session; the machine commits the returned ``Changes`` before any plaintext or
+ciphertext leaves it, and calls ``forget`` if that commit fails, so the cache
+never runs ahead of the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import (
+    DecryptionError,
+    NotForThisDevice,
+    OlmSessionError,
+    SenderMismatch,
+)
+from olmstead.identities.device import Device
+from olmstead.olm.signing import verify_signed_json
+from olmstead.requests import KeysClaimRequest
+from olmstead.store.base import AccountRecord, Changes, CryptoStore, OlmSessionRecord
+
+__all__ = ["OLM_ALGORITHM", "DecryptedToDevice", "OlmSessions"]
+
+log = logging.getLogger(__name__)
+
+OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
+
+
+@dataclass(frozen=True)
+class DecryptedToDevice:
+    """A to-device event that arrived Olm-encrypted, decrypted and checked."""
+
+    sender: str
+    sender_key: str
+    #: the Ed25519 key the payload claims; ``verified`` if it matches a device we know
+    sender_ed25519: str
+    sender_device: str | None
+    verified: bool
+    type: str
+    content: dict[str, Any]
+
+
+class OlmSessions:
+    def __init__(self, store: CryptoStore, user_id: str, device_id: str, cache_size: int = 1000):
+        self.store = store
+        self.user_id = user_id
+        self.device_id = device_id
+        self._cache: OrderedDict[str, list[OlmSessionRecord]] = OrderedDict()
+        self._cache_size = cache_size
+
+    # --- the cache -------------------------------------------------------------------------
+
+    async def sessions_for(self, sender_key: str) -> list[OlmSessionRecord]:
+        """Sessions with the device of ``sender_key``, the last used first (cached)."""
+        if sender_key in self._cache:
+            self._cache.move_to_end(sender_key)
+            return self._cache[sender_key]
+        records = await self.store.get_olm_sessions(sender_key)
+        self._cache[sender_key] = records
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return records
+
+    def forget(self, sender_keys: set[str] | None = None) -> None:
+        """Drop cached sessions (all, or these devices') so they are read from the store again."""
+        if sender_keys is None:
+            self._cache.clear()
+        for key in sender_keys or ():
+            self._cache.pop(key, None)
+
+    # --- new sessions ----------------------------------------------------------------------
+
+    @staticmethod
+    def claim_request(devices: list[Device]) -> KeysClaimRequest:
+        wanted: dict[str, dict[str, str]] = {}
+        for device in devices:
+            wanted.setdefault(device.user_id, {})[device.device_id] = "signed_curve25519"
+        return KeysClaimRequest(f"olm_claim-{uuid.uuid4().hex[:12]}", wanted)
+
+    async def sessions_from_claim(
+        self,
+        account: vodozemac.Account,
+        devices: list[Device],
+        response: Mapping[str, Any],
+        now: float,
+    ) -> list[OlmSessionRecord]:
+        """Outbound sessions from a ``/keys/claim`` answer; unsigned keys are refused."""
+        claimed = response.get("one_time_keys")
+        claimed = claimed if isinstance(claimed, Mapping) else {}
+        created = []
+        for device in devices:
+            by_user = claimed.get(device.user_id)
+            keys = by_user.get(device.device_id) if isinstance(by_user, Mapping) else None
+            if not isinstance(keys, Mapping) or not keys:
+                log.warning(
+                    "no one-time key for %s %s: no session with it",
+                    device.user_id,
+                    device.device_id,
+                )
+                continue
+            key = next(iter(keys.values()))
+            if not isinstance(key, dict) or not verify_signed_json(
+                key, device.user_id, device.device_id, device.ed25519
+            ):
+                log.warning(
+                    "the one-time key claimed for %s %s is not signed by that device; refused",
+                    device.user_id,
+                    device.device_id,
+                )
+                continue
+            try:
+                session = account.create_outbound_session(
+                    vodozemac.Curve25519PublicKey.from_base64(device.curve25519),
+                    vodozemac.Curve25519PublicKey.from_base64(str(key.get("key"))),
+                )
+            except ValueError as exc:
+                log.warning("no session with %s %s: %s", device.user_id, device.device_id, exc)
+                continue
+            record = OlmSessionRecord(device.curve25519, session, now, now)
+            (await self.sessions_for(device.curve25519)).insert(0, record)
+            created.append(record)
+        return created
+
+    # --- encryption ----------------------------------------------------------------------------
+
+    async def encrypt(
+        self,
+        own_keys: Mapping[str, str],
+        device: Device,
+        event_type: str,
+        content: Mapping[str, Any],
+        now: float,
+    ) -> tuple[dict[str, Any], OlmSessionRecord] | None:
+        """Encrypted content for ``device`` and the session stepped, or ``None`` without one."""
+        sessions = await self.sessions_for(device.curve25519)
+        if not sessions:
+            return None
+        record = sessions[0]
+        payload = {
+            "type": event_type,
+            "content": dict(content),
+            "sender": self.user_id,
+            "sender_device": self.device_id,
+            "keys": {"ed25519": own_keys["ed25519"]},
+            "recipient": device.user_id,
+            "recipient_keys": {"ed25519": device.ed25519},
+        }
+        message_type, body = record.session.encrypt(json.dumps(payload).encode()).to_parts()
+        record.last_used = now
+        encrypted = {
+            "algorithm": OLM_ALGORITHM,
+            "sender_key": own_keys["curve25519"],
+            "ciphertext": {
+                device.curve25519: {"type": message_type, "body": _b64(body)},
+            },
+        }
+        return encrypted, record
+
+    # --- decryption ----------------------------------------------------------------------------
+
+    async def decrypt(
+        self,
+        event: Mapping[str, Any],
+        own_keys: Mapping[str, str],
+        account_copy: Callable[[], AccountRecord],
+        now: float,
+    ) -> tuple[DecryptedToDevice | DecryptionError, Changes]:
+        """Decrypt and check an Olm to-device event.
+
+        Returns the result (or the error) with the changes to commit *before* the
+        result is used; the changes hold the stepped session even when the payload
+        is then refused, since the message was consumed either way.
+        """
+        changes = Changes()
+        sender = event.get("sender")
+        content = event.get("content")
+        if not isinstance(sender, str) or not isinstance(content, Mapping):
+            return DecryptionError("the event has no sender or no content"), changes
+        sender_key = content.get("sender_key")
+        ciphertext = content.get("ciphertext")
+        if content.get("algorithm") != OLM_ALGORITHM or not isinstance(sender_key, str):
+            return DecryptionError("not an Olm message", sender), changes
+        mine = ciphertext.get(own_keys["curve25519"]) if isinstance(ciphertext, Mapping) else None
+        if not isinstance(mine, Mapping):
+            return NotForThisDevice(
+                "the message has no ciphertext for this device", sender, sender_key
+            ), changes
+        try:
+            message_type = int(mine["type"])
+            message = vodozemac.AnyOlmMessage.from_parts(message_type, _unb64(str(mine["body"])))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            return OlmSessionError(f"a malformed Olm message: {exc}", sender, sender_key), changes
+
+        plaintext, record = await self._decrypt_with_sessions(sender_key, message_type, message)
+        if plaintext is None:
+            pre_key = message.to_pre_key() if message_type == 0 else None
+            if pre_key is None:
+                return OlmSessionError(
+                    f"no Olm session with {sender} ({sender_key}) decrypts this message: the "
+                    "session is wedged. A new session is requested from the sender.",
+                    sender,
+                    sender_key,
+                ), changes
+            copy = account_copy()
+            try:
+                session, plaintext = copy.account.create_inbound_session(
+                    vodozemac.Curve25519PublicKey.from_base64(sender_key), pre_key
+                )
+            except ValueError as exc:
+                return OlmSessionError(
+                    f"a new Olm session from {sender} could not be created ({exc}); the "
+                    "one-time key it used is no longer ours",
+                    sender,
+                    sender_key,
+                ), changes
+            changes.account = copy  # the one-time key it used is gone now
+            record = OlmSessionRecord(sender_key, session, now, now)
+            (await self.sessions_for(sender_key)).insert(0, record)
+        assert record is not None
+        record.last_used = now
+        changes.olm_sessions.append(record)
+        return await self._check_payload(sender, sender_key, plaintext, own_keys), changes
+
+    async def _decrypt_with_sessions(
+        self, sender_key: str, message_type: int, message: vodozemac.AnyOlmMessage
+    ) -> tuple[bytes | None, OlmSessionRecord | None]:
+        pre_key = message.to_pre_key() if message_type == 0 else None
+        for record in await self.sessions_for(sender_key):
+            if pre_key is not None and not record.session.session_matches(pre_key):
+                continue
+            try:
+                return record.session.decrypt(message), record
+            except ValueError:
+                continue  # not this session's message: try the next
+        return None, None
+
+    async def _check_payload(
+        self, sender: str, sender_key: str, plaintext: bytes, own_keys: Mapping[str, str]
+    ) -> DecryptedToDevice | DecryptionError:
+        try:
+            payload = json.loads(plaintext)
+        except ValueError:
+            return SenderMismatch("the decrypted payload is not JSON", sender, sender_key)
+        if not isinstance(payload, dict):
+            return SenderMismatch("the decrypted payload is not an object", sender, sender_key)
+        recipient_keys = payload.get("recipient_keys")
+        keys = payload.get("keys")
+        claimed = keys.get("ed25519") if isinstance(keys, dict) else None
+        problems = []
+        if payload.get("sender") != sender:
+            problems.append(f"it claims sender {payload.get('sender')!r}, the event {sender!r}")
+        if payload.get("recipient") != self.user_id:
+            problems.append(f"it is addressed to {payload.get('recipient')!r}")
+        if not isinstance(recipient_keys, dict) or recipient_keys.get("ed25519") != own_keys.get(
+            "ed25519"
+        ):
+            problems.append("it was encrypted for another Ed25519 key than ours")
+        if not isinstance(claimed, str):
+            problems.append("it names no Ed25519 key of the sender")
+        if not isinstance(payload.get("type"), str) or not isinstance(payload.get("content"), dict):
+            problems.append("it has no type or content")
+        device = await self.store.get_device_by_curve25519(sender_key)
+        if device is not None and (device.user_id != sender or device.ed25519 != claimed):
+            problems.append(
+                f"the device with that Curve25519 key is {device.user_id} {device.device_id} "
+                f"with Ed25519 {device.ed25519}, not the key it claims"
+            )
+        if problems:
+            return SenderMismatch(
+                f"an Olm message from {sender} was refused: " + "; ".join(problems),
+                sender,
+                sender_key,
+            )
+        sender_device = payload.get("sender_device")
+        return DecryptedToDevice(
+            sender,
+            sender_key,
+            str(claimed),
+            sender_device if isinstance(sender_device, str) else None,
+            device is not None,
+            payload["type"],
+            payload["content"],
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)

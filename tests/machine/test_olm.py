@@ -1,0 +1,194 @@
+"""Olm to-device messages between two machines, with no network: sessions, checks, restarts."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import NotForThisDevice, OlmSessionError, SenderMismatch
+from olmstead.machine import UndecryptableToDevice
+from olmstead.olm import account as own
+from olmstead.sessions.olm_sessions import DecryptedToDevice
+from tests.machine.pair import Peer, learn_devices, new_peer, open_session, reopen, send
+
+ALICE, BOB = "@alice:example.org", "@bob:example.org"
+
+
+async def receive(peer: Peer, event: dict[str, Any]) -> DecryptedToDevice | UndecryptableToDevice:
+    (result,) = await peer.machine.receive_sync_changes(to_device_events=[event])
+    assert isinstance(result, DecryptedToDevice | UndecryptableToDevice)
+    return result
+
+
+async def pair() -> tuple[Peer, Peer]:
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    await open_session(alice, bob)
+    return alice, bob
+
+
+async def test_a_message_both_ways_with_sender_and_recipient_bound() -> None:
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {"body": "hello bob"})
+    assert event["content"]["ciphertext"][bob.machine.identity_keys["curve25519"]]["type"] == 0
+
+    got = await receive(bob, event)
+    assert isinstance(got, DecryptedToDevice)
+    assert (got.type, got.content) == ("m.test", {"body": "hello bob"})
+    assert got.sender == ALICE
+    assert got.sender_device == "ALICEDEV"
+    assert got.sender_key == alice.machine.identity_keys["curve25519"]
+    assert got.sender_ed25519 == alice.machine.identity_keys["ed25519"]
+    assert not got.verified  # bob does not know alice's device yet
+
+    await learn_devices(bob, alice)
+    reply = await send(bob, alice, "m.test", {"body": "hello alice"})
+    assert reply["content"]["ciphertext"][alice.machine.identity_keys["curve25519"]]["type"] == 1
+    back = await receive(alice, reply)
+    assert isinstance(back, DecryptedToDevice)
+    assert back.content == {"body": "hello alice"}
+    assert back.verified
+
+
+async def test_the_inbound_session_uses_up_the_one_time_key() -> None:
+    alice, bob = await pair()
+    await receive(bob, await send(alice, bob, "m.test", {}))
+    (used,) = bob.claimed
+    stored = await bob.machine.store.load_account()
+    assert stored is not None
+    peer = vodozemac.Account()  # another device that claimed the same key: refused
+    session = peer.create_outbound_session(
+        stored.account.curve25519_key,
+        vodozemac.Curve25519PublicKey.from_base64(bob.published.one_time_keys[used]["key"]),
+    )
+    message = session.encrypt(b"x").to_pre_key()
+    assert message is not None
+    try:
+        stored.account.create_inbound_session(peer.curve25519_key, message)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("the one-time key was used twice")
+
+
+async def test_ratchets_survive_a_restart_on_both_sides() -> None:
+    alice, bob = await pair()
+    await receive(bob, await send(alice, bob, "m.test", {"n": 1}))
+    alice, bob = await reopen(alice), await reopen(bob)
+    second = await receive(bob, await send(alice, bob, "m.test", {"n": 2}))
+    assert isinstance(second, DecryptedToDevice)
+    assert second.content == {"n": 2}
+
+
+async def test_a_replayed_message_is_refused() -> None:
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {"n": 1})
+    assert isinstance(await receive(bob, event), DecryptedToDevice)
+    again = await receive(bob, copy.deepcopy(event))
+    assert isinstance(again, UndecryptableToDevice)
+
+
+async def test_tampered_ciphertext_is_refused() -> None:
+    alice, bob = await pair()
+    await receive(bob, await send(alice, bob, "m.test", {"n": 1}))
+    event = await send(alice, bob, "m.test", {"n": 2})
+    part = event["content"]["ciphertext"][bob.machine.identity_keys["curve25519"]]
+    body = part["body"]
+    part["body"] = body[:20] + ("A" if body[20] != "A" else "B") + body[21:]
+    got = await receive(bob, event)
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, OlmSessionError)
+    # the genuine message still decrypts: the failed attempt stepped nothing
+    part["body"] = body
+    assert isinstance(await receive(bob, event), DecryptedToDevice)
+
+
+async def test_a_wrong_sender_is_refused() -> None:
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {})
+    event["sender"] = "@mallory:example.org"
+    got = await receive(bob, event)
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, SenderMismatch)
+    assert "@mallory:example.org" in str(got.error)
+
+
+async def test_a_wrong_sender_key_is_refused() -> None:
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {})
+    event["content"]["sender_key"] = vodozemac.Account().curve25519_key.to_base64()
+    got = await receive(bob, event)
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, OlmSessionError)
+
+
+async def test_a_known_device_with_another_ed25519_key_is_refused() -> None:
+    alice, bob = await pair()
+    await learn_devices(bob, alice)
+    bob_curve = bob.machine.identity_keys["curve25519"]
+    # alice's own session, but a payload that claims an impostor's Ed25519 key
+    (record, *_) = await alice.machine.olm.sessions_for(bob_curve)
+    payload = {
+        "type": "m.test",
+        "content": {},
+        "sender": ALICE,
+        "sender_device": "ALICEDEV",
+        "keys": {"ed25519": own.identity_keys(vodozemac.Account())["ed25519"]},
+        "recipient": BOB,
+        "recipient_keys": {"ed25519": bob.machine.identity_keys["ed25519"]},
+    }
+    message_type, body = record.session.encrypt(json.dumps(payload).encode()).to_parts()
+    content = {
+        "algorithm": "m.olm.v1.curve25519-aes-sha2",
+        "sender_key": alice.machine.identity_keys["curve25519"],
+        "ciphertext": {bob_curve: {"type": message_type, "body": b64(body)}},
+    }
+    got = await receive(bob, {"type": "m.room.encrypted", "sender": ALICE, "content": content})
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, SenderMismatch)
+    assert "not the key it claims" in str(got.error)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+async def test_messages_for_other_devices_are_not_ours() -> None:
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {})
+    ciphertext = event["content"]["ciphertext"]
+    ciphertext["SOMEONEELSE"] = ciphertext.pop(bob.machine.identity_keys["curve25519"])
+    got = await receive(bob, event)
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, NotForThisDevice)
+
+
+async def test_plain_to_device_events_pass_through() -> None:
+    bob = await new_peer(BOB, "BOBDEV")
+    plain = {"type": "m.key.verification.request", "sender": ALICE, "content": {"x": 1}}
+    assert await bob.machine.receive_sync_changes(to_device_events=[plain]) == [plain]
+
+
+async def test_a_claimed_key_not_signed_by_the_device_makes_no_session() -> None:
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    await learn_devices(alice, bob)
+    claim = await alice.machine.get_missing_sessions([BOB])
+    assert claim is not None
+    answer = bob.claim_answer()
+    key = next(iter(answer["one_time_keys"][BOB]["BOBDEV"].values()))
+    key["key"] = vodozemac.Account().curve25519_key.to_base64()  # swapped by the server
+    await alice.machine.mark_request_as_sent(claim.request_id, answer)
+    devices = (await alice.machine.get_user_devices(BOB)).values()
+    request, without = await alice.machine.encrypt_to_devices(devices, "m.test", {})
+    assert request is None
+    assert [d.device_id for d in without] == ["BOBDEV"]
+    # and it is still missing, so it will be claimed again
+    assert await alice.machine.get_missing_sessions([BOB]) is not None
+
+
+async def test_no_claim_for_devices_we_have_sessions_with() -> None:
+    alice, _bob = await pair()
+    assert await alice.machine.get_missing_sessions([BOB]) is None
