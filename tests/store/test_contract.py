@@ -18,7 +18,12 @@ from olmstead import (
 from olmstead.identities.device import Device
 from olmstead.olm import account as own
 from olmstead.store import AccountRecord
-from olmstead.store.base import OlmSessionRecord
+from olmstead.store.base import (
+    InboundGroupSessionRecord,
+    MessageIndex,
+    OlmSessionRecord,
+    OutboundGroupSessionRecord,
+)
 from tests.conftest import KEY, OTHER_KEY, Backend, pause
 
 
@@ -203,3 +208,45 @@ async def test_olm_sessions_round_trip_last_used_first(backend: Backend) -> None
     assert message is not None
     _, plaintext = theirs.create_inbound_session(ours.curve25519_key, message)
     assert plaintext == b"still works"
+
+
+async def test_group_sessions_and_message_indices_round_trip(backend: Backend) -> None:
+    outbound = vodozemac.GroupSession()
+    inbound = vodozemac.InboundGroupSession(outbound.session_key)
+    room = "!room:example.org"
+    store = await backend.open()
+    await store.save_changes(
+        Changes(
+            inbound_group_sessions=[InboundGroupSessionRecord(room, "curve", "ed", inbound)],
+            outbound_group_sessions=[
+                OutboundGroupSessionRecord(room, outbound, 10.0, {"@a:x": {"DEV": 0}}, 5, 1000)
+            ],
+            message_indices=[MessageIndex(outbound.session_id, 0, "$first", 1)],
+        )
+    )
+    # a second use of an index never replaces the first
+    await store.save_changes(
+        Changes(message_indices=[MessageIndex(outbound.session_id, 0, "$replay", 2)])
+    )
+    await store.close()
+
+    store = await backend.open()
+    got_in = await store.get_inbound_group_session(room, outbound.session_id)
+    assert got_in is not None
+    assert (got_in.sender_key, got_in.signing_key) == ("curve", "ed")
+    assert await store.get_inbound_group_session("!other:x", outbound.session_id) is None
+    got_out = await store.get_outbound_group_session(room)
+    assert got_out is not None
+    assert got_out.session.session_id == outbound.session_id
+    assert (got_out.shared_with, got_out.rotation_msgs, got_out.rotation_ms) == (
+        {"@a:x": {"DEV": 0}},
+        5,
+        1000,
+    )
+    first = await store.get_message_index(outbound.session_id, 0)
+    assert first == MessageIndex(outbound.session_id, 0, "$first", 1)
+    message = got_out.session.encrypt(b"through the stored pair")
+    assert got_in.session.decrypt(message).plaintext == b"through the stored pair"
+
+    await store.save_changes(Changes(discarded_outbound={room}))
+    assert await store.get_outbound_group_session(room) is None

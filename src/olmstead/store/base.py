@@ -32,9 +32,12 @@ __all__ = [
     "AccountRecord",
     "Changes",
     "CryptoStore",
+    "InboundGroupSessionRecord",
     "LeaseSettings",
     "LockRow",
+    "MessageIndex",
     "OlmSessionRecord",
+    "OutboundGroupSessionRecord",
     "SerializedChanges",
     "new_holder_name",
     "next_lock_row",
@@ -99,6 +102,57 @@ class OlmSessionRecord:
 
 
 @dataclass
+class InboundGroupSessionRecord:
+    """A Megolm session someone shared with us, for one room."""
+
+    room_id: str
+    #: the Curve25519 key of the device that sent it (over Olm)
+    sender_key: str
+    #: the Ed25519 key that device claimed; room events under this session are its
+    signing_key: str
+    session: vodozemac.InboundGroupSession
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+
+@dataclass
+class OutboundGroupSessionRecord:
+    """Our Megolm session for one room: what it encrypted and who has its key."""
+
+    room_id: str
+    session: vodozemac.GroupSession
+    created_at: float
+    #: user -> device -> the message index they were given the key at
+    shared_with: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the room's rotation settings when the session was made
+    rotation_msgs: int = 100
+    rotation_ms: int = 7 * 24 * 3600 * 1000
+
+    def state_json(self) -> str:
+        return json.dumps(
+            {
+                "created_at": self.created_at,
+                "shared_with": self.shared_with,
+                "rotation_msgs": self.rotation_msgs,
+                "rotation_ms": self.rotation_ms,
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class MessageIndex:
+    """Which event first used a Megolm message index: a second use is a replay."""
+
+    session_id: str
+    index: int
+    event_id: str
+    origin_ts: int
+
+
+@dataclass
 class Changes:
     """Everything one ``save_changes`` call commits, all or nothing."""
 
@@ -111,6 +165,12 @@ class Changes:
     tracked_users: dict[str, bool] = field(default_factory=dict)
     untracked_users: set[str] = field(default_factory=set)
     olm_sessions: list[OlmSessionRecord] = field(default_factory=list)
+    inbound_group_sessions: list[InboundGroupSessionRecord] = field(default_factory=list)
+    outbound_group_sessions: list[OutboundGroupSessionRecord] = field(default_factory=list)
+    #: rooms whose outbound session is discarded (rotated away)
+    discarded_outbound: set[str] = field(default_factory=set)
+    #: first uses of message indices; an index already recorded keeps its first event
+    message_indices: list[MessageIndex] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -120,6 +180,10 @@ class Changes:
             or self.tracked_users
             or self.untracked_users
             or self.olm_sessions
+            or self.inbound_group_sessions
+            or self.outbound_group_sessions
+            or self.discarded_outbound
+            or self.message_indices
         )
 
 
@@ -134,6 +198,13 @@ class SerializedChanges:
     untracked_users: set[str]
     #: sender_key, session_id, pickle, created_at, last_used
     olm_sessions: list[tuple[str, str, str, float, float]]
+    #: room_id, session_id, sender_key, signing_key, pickle
+    inbound_group_sessions: list[tuple[str, str, str, str, str]]
+    #: room_id, pickle, state JSON
+    outbound_group_sessions: list[tuple[str, str, str]]
+    discarded_outbound: set[str]
+    #: session_id, index, event_id, origin_ts
+    message_indices: list[tuple[str, int, str, int]]
 
 
 @dataclass(frozen=True)
@@ -209,6 +280,20 @@ class CryptoStore(ABC):
     @abstractmethod
     async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
         """pickle, created_at, last_used of each session with ``sender_key``."""
+
+    @abstractmethod
+    async def _inbound_group_row(
+        self, room_id: str, session_id: str
+    ) -> tuple[str, str, str] | None:
+        """sender_key, signing_key, pickle of one inbound group session."""
+
+    @abstractmethod
+    async def _outbound_group_row(self, room_id: str) -> tuple[str, str] | None:
+        """pickle and state JSON of the room's outbound group session."""
+
+    @abstractmethod
+    async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
+        """The first event recorded under a Megolm session's message index."""
 
     @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
@@ -289,6 +374,38 @@ class CryptoStore(ABC):
         records.sort(key=lambda r: r.last_used, reverse=True)
         return records
 
+    async def get_inbound_group_session(
+        self, room_id: str, session_id: str
+    ) -> InboundGroupSessionRecord | None:
+        row = await self._inbound_group_row(room_id, session_id)
+        if row is None:
+            return None
+        sender_key, signing_key, pickle = row
+        try:
+            session = vodozemac.InboundGroupSession.from_pickle(pickle, self._key.key)
+        except ValueError as exc:
+            raise StoreCorrupt(self.name, f"a Megolm session does not unpickle: {exc}") from None
+        return InboundGroupSessionRecord(room_id, sender_key, signing_key, session)
+
+    async def get_outbound_group_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
+        row = await self._outbound_group_row(room_id)
+        if row is None:
+            return None
+        pickle, state_json = row
+        try:
+            session = vodozemac.GroupSession.from_pickle(pickle, self._key.key)
+            state = json.loads(state_json)
+        except ValueError as exc:
+            raise StoreCorrupt(self.name, f"a Megolm session does not unpickle: {exc}") from None
+        return OutboundGroupSessionRecord(
+            room_id,
+            session,
+            state["created_at"],
+            state["shared_with"],
+            state["rotation_msgs"],
+            state["rotation_ms"],
+        )
+
     async def save_changes(self, changes: Changes) -> None:
         """Commit ``changes`` in one transaction, fenced by this handle's lease."""
         if self._closed:
@@ -329,6 +446,22 @@ class CryptoStore(ABC):
                     )
                     for r in changes.olm_sessions
                 ],
+                [
+                    (
+                        r.room_id,
+                        r.session_id,
+                        r.sender_key,
+                        r.signing_key,
+                        r.session.pickle(self._key.key),
+                    )
+                    for r in changes.inbound_group_sessions
+                ],
+                [
+                    (r.room_id, r.session.pickle(self._key.key), r.state_json())
+                    for r in changes.outbound_group_sessions
+                ],
+                set(changes.discarded_outbound),
+                [(m.session_id, m.index, m.event_id, m.origin_ts) for m in changes.message_indices],
             )
             await self._write(serialized, self.holder, known)
         except StoreLockLost:

@@ -15,6 +15,7 @@ from olmstead.store.base import (
     CryptoStore,
     LeaseSettings,
     LockRow,
+    MessageIndex,
     SerializedChanges,
     new_holder_name,
     next_lock_row,
@@ -37,6 +38,11 @@ class MemoryDatabase:
     tracked_users: dict[str, bool] = field(default_factory=dict)
     #: (sender_key, session_id) -> (pickle, created_at, last_used)
     olm_sessions: dict[tuple[str, str], tuple[str, float, float]] = field(default_factory=dict)
+    #: (room_id, session_id) -> (sender_key, signing_key, pickle)
+    inbound_group: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)
+    #: room_id -> (pickle, state JSON)
+    outbound_group: dict[str, tuple[str, str]] = field(default_factory=dict)
+    message_indices: dict[tuple[str, int], MessageIndex] = field(default_factory=dict)
     lock: LockRow | None = None
 
 
@@ -86,6 +92,17 @@ class MemoryStore(CryptoStore):
     async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
         return [row for (key, _id), row in self._db.olm_sessions.items() if key == sender_key]
 
+    async def _inbound_group_row(
+        self, room_id: str, session_id: str
+    ) -> tuple[str, str, str] | None:
+        return self._db.inbound_group.get((room_id, session_id))
+
+    async def _outbound_group_row(self, room_id: str) -> tuple[str, str] | None:
+        return self._db.outbound_group.get(room_id)
+
+    async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
+        return self._db.message_indices.get((session_id, index))
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         lock = self._db.lock
         if lock is None or lock.holder != holder or lock.generation != generation:
@@ -104,6 +121,16 @@ class MemoryStore(CryptoStore):
             self._db.tracked_users.pop(user_id, None)
         for sender_key, session_id, pickle, created_at, last_used in changes.olm_sessions:
             self._db.olm_sessions[sender_key, session_id] = (pickle, created_at, last_used)
+        for room_id, session_id, sender_key, signing_key, pickle in changes.inbound_group_sessions:
+            self._db.inbound_group[room_id, session_id] = (sender_key, signing_key, pickle)
+        for room_id, pickle, state in changes.outbound_group_sessions:
+            self._db.outbound_group[room_id] = (pickle, state)
+        for room_id in changes.discarded_outbound:
+            self._db.outbound_group.pop(room_id, None)
+        for session_id, index, event_id, origin_ts in changes.message_indices:
+            self._db.message_indices.setdefault(
+                (session_id, index), MessageIndex(session_id, index, event_id, origin_ts)
+            )
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         self._db.lock = next_lock_row(self._db.lock, holder, duration, time.time())

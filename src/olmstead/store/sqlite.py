@@ -26,6 +26,7 @@ from olmstead.store.base import (
     CryptoStore,
     LeaseSettings,
     LockRow,
+    MessageIndex,
     SerializedChanges,
     new_holder_name,
     next_lock_row,
@@ -155,6 +156,39 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _inbound_group_row(
+        self, room_id: str, session_id: str
+    ) -> tuple[str, str, str] | None:
+        def read() -> tuple[str, str, str] | None:
+            row = self._conn.execute(
+                "SELECT sender_key, signing_key, pickle FROM inbound_group_sessions "
+                "WHERE room_id = ? AND session_id = ?",
+                (room_id, session_id),
+            ).fetchone()
+            return None if row is None else (row[0], row[1], row[2])
+
+        return await self._run(read)
+
+    async def _outbound_group_row(self, room_id: str) -> tuple[str, str] | None:
+        def read() -> tuple[str, str] | None:
+            row = self._conn.execute(
+                "SELECT pickle, state FROM outbound_group_sessions WHERE room_id = ?", (room_id,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return await self._run(read)
+
+    async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
+        def read() -> MessageIndex | None:
+            row = self._conn.execute(
+                "SELECT event_id, origin_ts FROM megolm_message_indices "
+                "WHERE session_id = ? AND message_index = ?",
+                (session_id, index),
+            ).fetchone()
+            return None if row is None else MessageIndex(session_id, index, row[0], row[1])
+
+        return await self._run(read)
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
             row = _lock_row(conn)
@@ -188,6 +222,27 @@ class SqliteStore(CryptoStore):
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender_key, session_id) DO UPDATE SET "
                 "pickle = excluded.pickle, last_used = excluded.last_used",
                 changes.olm_sessions,
+            )
+            conn.executemany(
+                "INSERT INTO inbound_group_sessions "
+                "(room_id, session_id, sender_key, signing_key, pickle) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (room_id, session_id) DO UPDATE SET pickle = excluded.pickle",
+                changes.inbound_group_sessions,
+            )
+            conn.executemany(
+                "INSERT INTO outbound_group_sessions (room_id, pickle, state) VALUES (?, ?, ?) "
+                "ON CONFLICT (room_id) DO UPDATE SET pickle = excluded.pickle, "
+                "state = excluded.state",
+                changes.outbound_group_sessions,
+            )
+            conn.executemany(
+                "DELETE FROM outbound_group_sessions WHERE room_id = ?",
+                [(room_id,) for room_id in changes.discarded_outbound],
+            )
+            conn.executemany(
+                "INSERT INTO megolm_message_indices (session_id, message_index, event_id, "
+                "origin_ts) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                changes.message_indices,
             )
             for key, value in changes.values.items():
                 if value is None:

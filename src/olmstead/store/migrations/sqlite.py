@@ -71,4 +71,30 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        5,
+        "Megolm sessions, inbound and outbound, and the message indices seen",
+        """
+        CREATE TABLE inbound_group_sessions (
+            room_id     TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            sender_key  TEXT NOT NULL,
+            signing_key TEXT NOT NULL,
+            pickle      TEXT NOT NULL,
+            PRIMARY KEY (room_id, session_id)
+        );
+        CREATE TABLE outbound_group_sessions (
+            room_id TEXT PRIMARY KEY,
+            pickle  TEXT NOT NULL,
+            state   TEXT NOT NULL
+        );
+        CREATE TABLE megolm_message_indices (
+            session_id    TEXT NOT NULL,
+            message_index INTEGER NOT NULL,
+            event_id      TEXT NOT NULL,
+            origin_ts     INTEGER NOT NULL,
+            PRIMARY KEY (session_id, message_index)
+        );
+        """,
+    ),
 ]
