@@ -19,7 +19,10 @@ attributes, so tools need not parse messages.
     ├── DecryptionError           an event could not be decrypted, or not trusted
     │   ├── NotForThisDevice      the ciphertext has no part for our Curve25519 key
     │   ├── OlmSessionError       no Olm session decrypts it, nor can one be created
-    │   └── SenderMismatch        the decrypted payload's sender, recipient or keys are wrong
+    │   ├── SenderMismatch        the decrypted payload's sender, recipient or keys are wrong
+    │   ├── UnknownRoomKey        the room key has not arrived (yet); kept until it does
+    │   ├── MegolmDecryptionFailed  the room event does not decrypt with its session
+    │   └── ReplayedMessage       a message index seen before with another event
     ├── KeyStateError             device keys here and on the homeserver disagree
     │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
     │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
@@ -48,12 +51,14 @@ __all__ = [
     "KeyStateError",
     "LocalProtocolError",
     "MatrixHttpError",
+    "MegolmDecryptionFailed",
     "NotForThisDevice",
     "OlmSessionError",
     "OlmsteadError",
     "OneTimeKeyConflict",
     "RateLimited",
     "RemoteProtocolError",
+    "ReplayedMessage",
     "SenderMismatch",
     "StaleKeysRemain",
     "StoreCorrupt",
@@ -63,6 +68,7 @@ __all__ = [
     "StoreMigrationError",
     "StoreMismatch",
     "TransportError",
+    "UnknownRoomKey",
     "WrongPickleKey",
 ]
 
@@ -199,6 +205,26 @@ class OlmSessionError(DecryptionError):
 
 class SenderMismatch(DecryptionError):
     """The decrypted payload names another sender, recipient or key than it should."""
+
+
+class UnknownRoomKey(DecryptionError):
+    """We hold no key for the room event's Megolm session (yet).
+
+    The key may still be on its way (to-device messages can lag the room event),
+    or the sender did not give it to this device. ``session_id`` names it.
+    """
+
+    def __init__(self, message: str, sender: str | None, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(message, sender)
+
+
+class MegolmDecryptionFailed(DecryptionError):
+    """The room event does not decrypt with its session: tampered, or before our first index."""
+
+
+class ReplayedMessage(DecryptionError):
+    """A Megolm message index came back with another event ID or timestamp: a replay."""
 
 
 # --- keys here against keys on the server ----------------------------------------------

@@ -5,7 +5,8 @@ what must be sent (``outgoing_requests``) and reports each answer
 (``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``
 decides which keys to make and send, ``upload_guard`` whether and when an upload may
 go out and what a failed one means, ``devices`` whose device lists we follow, ``olm``
-the Olm sessions with other devices); the machine alone commits to the store.
+the Olm sessions with other devices, ``megolm`` room keys); the machine alone commits
+to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -44,8 +45,21 @@ from olmstead.requests import (
     OutgoingRequest,
     ToDeviceRequest,
 )
+from olmstead.sessions.group_sessions import (
+    MEGOLM_ALGORITHM,
+    DecryptedRoomEvent,
+    GroupSessions,
+    RoomSettings,
+)
 from olmstead.sessions.olm_sessions import OLM_ALGORITHM, DecryptedToDevice, OlmSessions
-from olmstead.store.base import AccountRecord, Changes, CryptoStore, OlmSessionRecord
+from olmstead.store.base import (
+    AccountRecord,
+    Changes,
+    CryptoStore,
+    InboundGroupSessionRecord,
+    OlmSessionRecord,
+    OutboundGroupSessionRecord,
+)
 from olmstead.upload_guard import OneTimeKeysDrained, UploadGuard, UploadPolicy
 
 __all__ = ["OlmMachine", "UndecryptableToDevice"]
@@ -82,6 +96,8 @@ class OlmMachine:
         self.upload_guard = UploadGuard(policy, record.user_id, record.device_id)
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked_users)
         self.olm = OlmSessions(store, record.user_id, record.device_id)
+        self.megolm = GroupSessions(store)
+        self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
@@ -222,8 +238,12 @@ class OlmMachine:
             if isinstance(result, DecryptionError):
                 log.warning("to-device event from %s: %s", event.get("sender"), result)
                 results.append(UndecryptableToDevice(event, result))
-            else:
-                results.append(result)
+                continue
+            if result.type == "m.room_key":
+                room_key = await self.megolm.accept_room_key(result)
+                if room_key is not None:
+                    changes.inbound_group_sessions.append(room_key)
+            results.append(result)
         return results
 
     async def _commit(self, changes: Changes) -> None:
@@ -235,6 +255,123 @@ class OlmMachine:
         except BaseException:
             self.olm.forget({r.sender_key for r in changes.olm_sessions})
             raise
+
+    # --- Megolm: room keys and room events ------------------------------------------------------
+
+    async def share_room_key(
+        self, room_id: str, user_ids: Iterable[str], settings: RoomSettings | None = None
+    ) -> list[ToDeviceRequest]:
+        """Make sure every current device of ``user_ids`` holds our room key for ``room_id``.
+
+        Rotates the session first if it is spent, too old, or a device that had it
+        is no longer among the recipients. Devices we have no Olm session with get
+        ``m.room_key.withheld`` (``m.no_olm``): claim sessions first with
+        ``get_missing_sessions``. Everything is committed before the requests return.
+        """
+        async with self._mutex:
+            await self._refresh()
+            now = self._clock()
+            devices = [
+                device
+                for user_id in dict.fromkeys(user_ids)
+                for device in (await self._current_devices(user_id)).values()
+            ]
+            record = await self._outbound_session(room_id)
+            wanted = {(d.user_id, d.device_id) for d in devices}
+            had = {(u, d) for u, ds in (record.shared_with if record else {}).items() for d in ds}
+            changes = Changes()
+            if record is None or self.megolm.expired(record, now) or (had - wanted):
+                record = self.megolm.new_outbound(room_id, settings or RoomSettings(), now)
+                own = InboundGroupSessionRecord(
+                    room_id,
+                    self.identity_keys["curve25519"],
+                    self.identity_keys["ed25519"],
+                    vodozemac.InboundGroupSession(record.session.session_key),
+                )
+                changes.inbound_group_sessions.append(own)  # so we read our own messages
+            key = self.megolm.room_key_content(record)
+            encrypted: dict[str, dict[str, dict[str, Any]]] = {}
+            withheld: dict[str, dict[str, dict[str, Any]]] = {}
+            for device in devices:
+                given = record.shared_with.get(device.user_id, {}).get(device.device_id)
+                if given is not None and given >= 0:
+                    continue
+                sealed = await self.olm.encrypt(self.identity_keys, device, "m.room_key", key, now)
+                if sealed is None:
+                    if given is None:
+                        withheld.setdefault(device.user_id, {})[device.device_id] = {
+                            "algorithm": MEGOLM_ALGORITHM,
+                            "room_id": room_id,
+                            "session_id": record.session.session_id,
+                            "sender_key": self.identity_keys["curve25519"],
+                            "code": "m.no_olm",
+                            "reason": "no Olm session with this device",
+                        }
+                        record.shared_with.setdefault(device.user_id, {})[device.device_id] = -1
+                    continue
+                encrypted.setdefault(device.user_id, {})[device.device_id] = sealed[0]
+                changes.olm_sessions.append(sealed[1])
+                index = record.session.message_index
+                record.shared_with.setdefault(device.user_id, {})[device.device_id] = index
+            changes.outbound_group_sessions.append(record)
+            try:
+                await self._commit(changes)
+            except BaseException:
+                self._outbound.pop(room_id, None)  # the cached copy ran ahead of the store
+                raise
+            self._outbound[room_id] = record
+            requests = []
+            if encrypted:
+                requests.append(
+                    ToDeviceRequest(f"room_key-{uuid.uuid4().hex}", "m.room.encrypted", encrypted)
+                )
+            if withheld:
+                requests.append(
+                    ToDeviceRequest(f"withheld-{uuid.uuid4().hex}", "m.room_key.withheld", withheld)
+                )
+            self._in_flight.update((r.request_id, r) for r in requests)
+            return requests
+
+    async def encrypt_room_event(
+        self, room_id: str, event_type: str, content: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Megolm-encrypted content for ``room_id``; the ratchet step is committed first."""
+        async with self._mutex:
+            await self._refresh()
+            record = await self._outbound_session(room_id)
+            if record is None or self.megolm.expired(record, self._clock()):
+                raise LocalProtocolError(
+                    f"no current room key for {room_id}: call share_room_key() before sending"
+                )
+            encrypted = self.megolm.encrypt(
+                record, event_type, content, self.identity_keys, self.device_id
+            )
+            try:
+                await self._commit(Changes(outbound_group_sessions=[record]))
+            except BaseException:
+                self._outbound.pop(room_id, None)
+                raise
+            return encrypted
+
+    async def decrypt_room_event(
+        self, room_id: str, event: Mapping[str, Any]
+    ) -> DecryptedRoomEvent:
+        """Decrypt an ``m.room.encrypted`` room event; raises a ``DecryptionError``."""
+        async with self._mutex:
+            await self._refresh()
+            result, changes = await self.megolm.decrypt(room_id, event)
+            await self._commit(changes)
+            if isinstance(result, DecryptionError):
+                raise result
+            return result
+
+    async def _outbound_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
+        if room_id not in self._outbound:
+            record = await self.store.get_outbound_group_session(room_id)
+            if record is None:
+                return None
+            self._outbound[room_id] = record
+        return self._outbound[room_id]
 
     # --- Olm sessions and to-device encryption ------------------------------------------------
 
@@ -438,6 +575,7 @@ class OlmMachine:
         self._generation = generation
         self._in_flight.clear()
         self._session_claims.clear()
+        self._outbound.clear()
         self.olm.forget()
 
 

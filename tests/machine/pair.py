@@ -13,8 +13,10 @@ from tests.machine.test_keys_upload import Clock, ok, pass_device_check
 class Peer:
     """A machine with the keys it published, as a homeserver would hold them."""
 
-    def __init__(self, machine: OlmMachine, db: MemoryDatabase, published: KeysUploadRequest):
-        self.machine, self.db, self.published = machine, db, published
+    def __init__(
+        self, machine: OlmMachine, db: MemoryDatabase, published: KeysUploadRequest, clock: Clock
+    ):
+        self.machine, self.db, self.published, self.clock = machine, db, published, clock
         self.claimed: set[str] = set()
 
     @property
@@ -38,21 +40,21 @@ class Peer:
 
 
 async def new_peer(user_id: str, device_id: str, clock: Clock | None = None) -> Peer:
-    db = MemoryDatabase()
+    db, clock = MemoryDatabase(), clock or Clock()
     store = await MemoryStore.open(KEY, db, lease=FAST_LEASE)
-    machine = await OlmMachine.open(store, user_id, device_id, clock=clock or Clock())
+    machine = await OlmMachine.open(store, user_id, device_id, clock=clock)
     await pass_device_check(machine, user_id, device_id)
     (upload,) = await machine.outgoing_requests()
     assert isinstance(upload, KeysUploadRequest)
     await machine.mark_request_as_sent(upload.request_id, ok(50))
-    return Peer(machine, db, upload)
+    return Peer(machine, db, upload, clock)
 
 
 async def reopen(peer: Peer) -> Peer:
     await peer.machine.store.close()
     store = await MemoryStore.open(KEY, peer.db, lease=FAST_LEASE)
-    machine = await OlmMachine.open(store, peer.user_id, peer.device_id)
-    return Peer(machine, peer.db, peer.published)
+    machine = await OlmMachine.open(store, peer.user_id, peer.device_id, clock=peer.clock)
+    return Peer(machine, peer.db, peer.published, peer.clock)
 
 
 async def learn_devices(of: Peer, about: Peer) -> None:

@@ -1,0 +1,236 @@
+"""Megolm: our outbound session per room, and the inbound sessions others shared with us.
+
+Outbound sessions rotate after the room's ``rotation_period_msgs`` messages or
+``rotation_period_ms``, and when a device that had the key is no longer among
+the recipients (a member left, a device was deleted). The key goes out as an
+Olm-encrypted ``m.room_key`` to each device that does not have it yet, and an
+``m.room_key.withheld`` (``m.no_olm``) to each device we have no Olm session with.
+
+Inbound sessions are keyed by room and session ID and remember the sender's
+Curve25519 key and the Ed25519 key it claimed over Olm. A room event's message
+index is recorded with its event ID and timestamp: the same index with another
+event is a replay and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import (
+    DecryptionError,
+    MegolmDecryptionFailed,
+    ReplayedMessage,
+    SenderMismatch,
+    UnknownRoomKey,
+)
+from olmstead.sessions.olm_sessions import DecryptedToDevice
+from olmstead.store.base import (
+    Changes,
+    CryptoStore,
+    InboundGroupSessionRecord,
+    MessageIndex,
+    OutboundGroupSessionRecord,
+)
+
+__all__ = ["MEGOLM_ALGORITHM", "DecryptedRoomEvent", "GroupSessions", "RoomSettings"]
+
+log = logging.getLogger(__name__)
+
+MEGOLM_ALGORITHM = "m.megolm.v1.aes-sha2"
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    """A room's ``m.room.encryption`` rotation settings (the spec's defaults)."""
+
+    rotation_period_msgs: int = 100
+    rotation_period_ms: int = 7 * 24 * 3600 * 1000
+
+    @classmethod
+    def from_content(cls, content: Mapping[str, Any]) -> RoomSettings:
+        msgs, ms = content.get("rotation_period_msgs"), content.get("rotation_period_ms")
+        return cls(
+            msgs if isinstance(msgs, int) and msgs > 0 else cls.rotation_period_msgs,
+            ms if isinstance(ms, int) and ms > 0 else cls.rotation_period_ms,
+        )
+
+
+@dataclass(frozen=True)
+class DecryptedRoomEvent:
+    room_id: str
+    event_id: str
+    sender: str
+    type: str
+    content: dict[str, Any]
+    session_id: str
+    message_index: int
+    #: the sharing device's Curve25519 key and the Ed25519 key it claimed
+    sender_key: str
+    signing_key: str
+    #: the sharing device is one we know, of the event's sender, with that Ed25519 key
+    verified: bool
+
+
+class GroupSessions:
+    def __init__(self, store: CryptoStore) -> None:
+        self.store = store
+
+    # --- outbound ------------------------------------------------------------------------------
+
+    @staticmethod
+    def expired(record: OutboundGroupSessionRecord, now: float) -> bool:
+        return (
+            record.session.message_index >= record.rotation_msgs
+            or (now - record.created_at) * 1000 >= record.rotation_ms
+        )
+
+    @staticmethod
+    def new_outbound(
+        room_id: str, settings: RoomSettings, now: float
+    ) -> OutboundGroupSessionRecord:
+        return OutboundGroupSessionRecord(
+            room_id,
+            vodozemac.GroupSession(),
+            now,
+            {},
+            settings.rotation_period_msgs,
+            settings.rotation_period_ms,
+        )
+
+    @staticmethod
+    def room_key_content(record: OutboundGroupSessionRecord) -> dict[str, Any]:
+        return {
+            "algorithm": MEGOLM_ALGORITHM,
+            "room_id": record.room_id,
+            "session_id": record.session.session_id,
+            "session_key": record.session.session_key.to_base64(),
+        }
+
+    @staticmethod
+    def encrypt(
+        record: OutboundGroupSessionRecord,
+        event_type: str,
+        content: Mapping[str, Any],
+        own_keys: Mapping[str, str],
+        device_id: str,
+    ) -> dict[str, Any]:
+        """The ``m.room.encrypted`` content; steps the session's ratchet."""
+        payload = {"type": event_type, "content": dict(content), "room_id": record.room_id}
+        message = record.session.encrypt(json.dumps(payload).encode())
+        return {
+            "algorithm": MEGOLM_ALGORITHM,
+            "ciphertext": message.to_base64(),
+            "sender_key": own_keys["curve25519"],
+            "session_id": record.session.session_id,
+            "device_id": device_id,
+        }
+
+    # --- inbound -------------------------------------------------------------------------------
+
+    async def accept_room_key(self, event: DecryptedToDevice) -> InboundGroupSessionRecord | None:
+        """The inbound session an ``m.room_key`` carries, or ``None`` if it is unusable or older."""
+        content = event.content
+        room_id, session_id = content.get("room_id"), content.get("session_id")
+        if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(room_id, str):
+            log.warning("ignored a room key from %s: not Megolm, or no room", event.sender)
+            return None
+        try:
+            session = vodozemac.InboundGroupSession(
+                vodozemac.SessionKey(str(content.get("session_key")))
+            )
+        except ValueError as exc:
+            log.warning("ignored a room key from %s: %s", event.sender, exc)
+            return None
+        if session.session_id != session_id:
+            log.warning("ignored a room key from %s: its session ID does not match", event.sender)
+            return None
+        known = await self.store.get_inbound_group_session(room_id, session_id)
+        if known is not None:
+            if known.signing_key != event.sender_ed25519:
+                log.warning(
+                    "ignored a room key from %s: session %s is another device's",
+                    event.sender,
+                    session_id,
+                )
+                return None
+            if known.session.first_known_index <= session.first_known_index:
+                return None  # what we hold decrypts at least as far back
+        return InboundGroupSessionRecord(room_id, event.sender_key, event.sender_ed25519, session)
+
+    async def decrypt(
+        self, room_id: str, event: Mapping[str, Any]
+    ) -> tuple[DecryptedRoomEvent | DecryptionError, Changes]:
+        changes = Changes()
+        sender, event_id = event.get("sender"), event.get("event_id")
+        content, origin_ts = event.get("content"), event.get("origin_server_ts")
+        if not (
+            isinstance(sender, str)
+            and isinstance(event_id, str)
+            and isinstance(content, Mapping)
+            and isinstance(origin_ts, int)
+        ):
+            return DecryptionError(
+                "the event lacks a sender, event ID, timestamp or content"
+            ), changes
+        session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
+        if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(session_id, str):
+            return DecryptionError("not a Megolm event", sender), changes
+        record = await self.store.get_inbound_group_session(room_id, session_id)
+        if record is None:
+            return UnknownRoomKey(
+                f"no key for session {session_id} in {room_id} (from {sender}) has arrived",
+                sender,
+                session_id,
+            ), changes
+        try:
+            message = vodozemac.MegolmMessage.from_base64(str(ciphertext))
+            decrypted = record.session.decrypt(message)
+        except ValueError as exc:
+            return MegolmDecryptionFailed(
+                f"event {event_id} does not decrypt with session {session_id}: {exc}", sender
+            ), changes
+        index = decrypted.message_index
+        seen = await self.store.get_message_index(session_id, index)
+        if seen is not None and (seen.event_id, seen.origin_ts) != (event_id, origin_ts):
+            return ReplayedMessage(
+                f"event {event_id} reuses message index {index} of session {session_id}, "
+                f"first used by {seen.event_id}: a replay, refused",
+                sender,
+            ), changes
+        changes.message_indices.append(MessageIndex(session_id, index, event_id, origin_ts))
+        try:
+            payload = json.loads(decrypted.plaintext)
+        except ValueError:
+            return MegolmDecryptionFailed("the decrypted payload is not JSON", sender), changes
+        if not isinstance(payload, dict) or payload.get("room_id") != room_id:
+            return SenderMismatch(
+                f"event {event_id} was encrypted for another room than {room_id}", sender
+            ), changes
+        if not isinstance(payload.get("type"), str) or not isinstance(payload.get("content"), dict):
+            return MegolmDecryptionFailed("the payload has no type or content", sender), changes
+        device = await self.store.get_device_by_curve25519(record.sender_key)
+        if device is not None and device.user_id != sender:
+            return SenderMismatch(
+                f"event {event_id} claims sender {sender}, but its session was shared by "
+                f"{device.user_id} {device.device_id}",
+                sender,
+            ), changes
+        verified = device is not None and device.ed25519 == record.signing_key
+        return DecryptedRoomEvent(
+            room_id,
+            event_id,
+            sender,
+            payload["type"],
+            payload["content"],
+            session_id,
+            index,
+            record.sender_key,
+            record.signing_key,
+            verified,
+        ), changes
