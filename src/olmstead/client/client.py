@@ -6,7 +6,13 @@ out, and reports each answer back. It never reaches into the machine's state.
     client = Client("https://matrix.example.org", store=store)
     await client.login("bot", password)           # a server-assigned device ID
     await client.init_crypto()                     # check the device, upload keys
+    client.on_room_event(handle)                   # decrypted events arrive here
     await client.start(initial_sync_limit=20)      # sync until client.stop()
+
+``room_send`` encrypts by itself in encrypted rooms: it brings the members'
+devices up to date, opens Olm sessions where missing, shares the room key, and
+only then sends. Events whose room key has not arrived yet are kept (up to
+``MAX_WAITING_EVENTS``) and decrypted when it does.
 """
 
 from __future__ import annotations
@@ -15,27 +21,44 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from olmstead.errors import KeyStateError, LocalProtocolError, TransportError
+from olmstead.client.rooms import KEY_STATE_EVENTS, RoomEvent, RoomState
+from olmstead.errors import (
+    DecryptionError,
+    KeyStateError,
+    LocalProtocolError,
+    TransportError,
+    UnknownRoomKey,
+)
 from olmstead.http.endpoints import CLIENT_V3
 from olmstead.http.transport import MatrixHttp, RetryPolicy
 from olmstead.keys_upload import KeySettings
-from olmstead.machine import OlmMachine
+from olmstead.machine import OlmMachine, UndecryptableToDevice
+from olmstead.requests import OutgoingRequest
+from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store.base import Changes, CryptoStore
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 __all__ = ["Client", "Session"]
+
+RoomEventCallback = Callable[[RoomEvent], object]
+FailureCallback = Callable[[str | None, Mapping[str, Any], DecryptionError], object]
+ToDeviceCallback = Callable[[DecryptedToDevice], object]
 
 log = logging.getLogger(__name__)
 
 SYNC_TOKEN = "sync_token"
 #: a round of requests never goes on past this: a drain is bounded well below it
 _MAX_REQUESTS_PER_ROUND = 1000
+#: encrypted events kept while their room key has not arrived
+MAX_WAITING_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,11 @@ class Client:
         self._key_settings = key_settings
         self._upload_policy = upload_policy
         self._drained_callbacks: list[Callable[[OneTimeKeysDrained], object]] = []
+        self._room_callbacks: list[RoomEventCallback] = []
+        self._failure_callbacks: list[FailureCallback] = []
+        self._to_device_callbacks: list[ToDeviceCallback] = []
+        self._rooms: dict[str, RoomState] = {}
+        self._waiting: list[tuple[str, Mapping[str, Any]]] = []
         self._stop = asyncio.Event()
         self._reported_problem: KeyStateError | None = None
 
@@ -155,6 +183,161 @@ class Client:
                         callback(report)
         log.error("stopped a round of requests after %d", _MAX_REQUESTS_PER_ROUND)
 
+    # --- rooms ---------------------------------------------------------------------------------
+
+    def on_room_event(self, callback: RoomEventCallback) -> None:
+        """Call ``callback`` with every room timeline event, decrypted where it was encrypted."""
+        self._room_callbacks.append(callback)
+
+    def on_decryption_failure(self, callback: FailureCallback) -> None:
+        """Call ``callback(room_id, event, error)`` for events that cannot be decrypted.
+
+        ``room_id`` is ``None`` for to-device events. An event waiting for its room
+        key is reported only if the key has not come when it is dropped.
+        """
+        self._failure_callbacks.append(callback)
+
+    def on_to_device(self, callback: ToDeviceCallback) -> None:
+        """Call ``callback`` with every to-device event that arrived Olm-encrypted."""
+        self._to_device_callbacks.append(callback)
+
+    async def create_room(
+        self, *, invite: Iterable[str] = (), encrypted: bool = True, name: str | None = None
+    ) -> str:
+        body: dict[str, Any] = {"invite": list(invite), "preset": "private_chat"}
+        if name is not None:
+            body["name"] = name
+        if encrypted:
+            body["initial_state"] = [
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            ]
+        answer = await self.http.request("POST", f"{CLIENT_V3}/createRoom", body)
+        room_id: str = answer["room_id"]
+        return room_id
+
+    async def join(self, room_id: str) -> None:
+        await self.http.request("POST", f"{CLIENT_V3}/rooms/{quote(room_id)}/join", {})
+        self._rooms.pop(room_id, None)
+
+    async def room_send(self, room_id: str, event_type: str, content: Mapping[str, Any]) -> str:
+        """Send an event; encrypted first if the room is. Returns its event ID."""
+        room = await self._room_state(room_id)
+        body: Mapping[str, Any] = content
+        if room.encrypted:
+            machine = self._machine()
+            recipients = room.key_recipients()
+            await machine.update_tracked_users(recipients)
+            await self.process_outgoing()  # device lists of new members
+            claim = await machine.get_missing_sessions(recipients)
+            if claim is not None:
+                await self._send_and_mark(claim)
+            for request in await machine.share_room_key(room_id, recipients, room.encryption):
+                await self._send_and_mark(request)
+            body = await machine.encrypt_room_event(room_id, event_type, content)
+            event_type = "m.room.encrypted"
+        txn_id = uuid.uuid4().hex
+        path = f"{CLIENT_V3}/rooms/{quote(room_id)}/send/{quote(event_type)}/{txn_id}"
+        answer = await self.http.request("PUT", path, dict(body))
+        event_id: str = answer["event_id"]
+        return event_id
+
+    async def _send_and_mark(self, request: OutgoingRequest) -> None:
+        machine = self._machine()
+        try:
+            answer = await self.http.send(request)
+        except TransportError as error:
+            await machine.mark_request_as_failed(request.request_id, error)
+            raise
+        await machine.mark_request_as_sent(request.request_id, answer)
+
+    async def _room_state(self, room_id: str) -> RoomState:
+        if room_id not in self._rooms:
+            room = RoomState(room_id)
+            events = await self.http.request_list(
+                "GET", f"{CLIENT_V3}/rooms/{quote(room_id)}/state"
+            )
+            for event in events:
+                room.apply(event)
+            self._rooms[room_id] = room
+        return self._rooms[room_id]
+
+    async def _take_rooms(self, rooms: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+        """Update room state from a sync's joined rooms; their timeline events, in order."""
+        timeline: list[tuple[str, Mapping[str, Any]]] = []
+        for room_id, room in rooms.items():
+            if not isinstance(room, Mapping):
+                continue
+            state_events = _events(room.get("state")) + _events(room.get("timeline"))
+            changed = any(
+                e.get("type") in KEY_STATE_EVENTS and "state_key" in e for e in state_events
+            )
+            known = room_id in self._rooms
+            state = await self._room_state(room_id)
+            if known:
+                for event in state_events:
+                    if "state_key" in event:
+                        state.apply(event)
+            if state.encrypted and (changed or not known) and self.machine is not None:
+                await self.machine.update_tracked_users(state.key_recipients())
+            timeline.extend((room_id, event) for event in _events(room.get("timeline")))
+        return timeline
+
+    async def _decrypt_timeline(self, events: list[tuple[str, Mapping[str, Any]]]) -> None:
+        for room_id, event in events:
+            if event.get("type") != "m.room.encrypted":
+                self._emit(_plain(room_id, event))
+                continue
+            await self._decrypt_or_wait(room_id, event)
+
+    async def _decrypt_or_wait(self, room_id: str, event: Mapping[str, Any]) -> bool:
+        """Decrypt and emit; keep the event if its key is not here yet. True if emitted."""
+        try:
+            decrypted = await self._machine().decrypt_room_event(room_id, event)
+        except UnknownRoomKey:
+            self._waiting.append((room_id, event))
+            if len(self._waiting) > MAX_WAITING_EVENTS:
+                old_room, old_event = self._waiting.pop(0)
+                self._fail(
+                    old_room,
+                    old_event,
+                    UnknownRoomKey("gave up waiting for the room key", old_event.get("sender"), ""),
+                )
+            return False
+        except DecryptionError as error:
+            self._fail(room_id, event, error)
+            return False
+        self._emit(
+            RoomEvent(
+                room_id,
+                decrypted.event_id,
+                decrypted.sender,
+                decrypted.type,
+                decrypted.content,
+                True,
+                decrypted.verified,
+                event,
+            )
+        )
+        return True
+
+    async def _retry_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for room_id, event in waiting:
+            await self._decrypt_or_wait(room_id, event)
+
+    def _emit(self, event: RoomEvent) -> None:
+        for callback in self._room_callbacks:
+            callback(event)
+
+    def _fail(self, room_id: str | None, event: Mapping[str, Any], error: DecryptionError) -> None:
+        log.warning("could not decrypt %s in %s: %s", event.get("event_id"), room_id, error)
+        for callback in self._failure_callbacks:
+            callback(room_id, event, error)
+
     # --- syncing ---------------------------------------------------------------------------
 
     async def sync_once(self, *, timeout_ms: int = 0, limit: int | None = None) -> dict[str, Any]:
@@ -173,15 +356,28 @@ class Client:
         )
         if answer is None:  # stop() during the long-poll: nothing was received
             return {}
+        rooms = answer.get("rooms", {})
+        joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
+        timeline = await self._take_rooms(joined if isinstance(joined, Mapping) else {})
         if self.machine is not None:
             fallback_types = answer.get(
                 "device_unused_fallback_key_types",
                 answer.get("org.matrix.msc2732.device_unused_fallback_key_types"),
             )
-            await self.machine.receive_sync_changes(
+            to_device = answer.get("to_device", {})
+            results = await self.machine.receive_sync_changes(
                 one_time_key_counts=answer.get("device_one_time_keys_count", {}),
                 unused_fallback_key_types=fallback_types,
+                device_lists=answer.get("device_lists"),
+                to_device_events=_events(to_device),
             )
+            new_keys = self._dispatch_to_device(results)
+            await self._decrypt_timeline(timeline)
+            if new_keys and self._waiting:
+                await self._retry_waiting()
+        else:
+            for room_id, event in timeline:
+                self._emit(_plain(room_id, event))
         if self.store is not None and isinstance(answer.get("next_batch"), str):
             await self.store.save_changes(Changes(values={SYNC_TOKEN: answer["next_batch"]}))
         if self.machine is not None:
@@ -233,6 +429,18 @@ class Client:
         self.stop()
         await self.http.close()
 
+    def _dispatch_to_device(self, results: list[Any]) -> bool:
+        """Hand decrypted to-device events out; whether any room key came."""
+        new_keys = False
+        for result in results:
+            if isinstance(result, DecryptedToDevice):
+                new_keys |= result.type == "m.room_key"
+                for callback in self._to_device_callbacks:
+                    callback(result)
+            elif isinstance(result, UndecryptableToDevice):
+                self._fail(None, result.event, result.error)
+        return new_keys
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _report(self, problem: KeyStateError) -> None:
@@ -249,3 +457,22 @@ class Client:
         if self.machine is None:
             raise LocalProtocolError("encryption is not set up: call init_crypto() first")
         return self.machine
+
+
+def _events(section: Any) -> list[Mapping[str, Any]]:
+    events = section.get("events") if isinstance(section, Mapping) else None
+    return [e for e in events if isinstance(e, Mapping)] if isinstance(events, list) else []
+
+
+def _plain(room_id: str, event: Mapping[str, Any]) -> RoomEvent:
+    content = event.get("content")
+    return RoomEvent(
+        room_id,
+        str(event.get("event_id", "")),
+        str(event.get("sender", "")),
+        str(event.get("type", "")),
+        dict(content) if isinstance(content, Mapping) else {},
+        False,
+        False,
+        event,
+    )

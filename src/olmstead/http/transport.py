@@ -94,6 +94,29 @@ class MatrixHttp:
         read_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Send one request; ``read_timeout`` overrides the client's (for long-polls)."""
+        answer = await self._with_retries(method, path, body, params, retry, read_timeout)
+        if not isinstance(answer, dict):
+            raise RemoteProtocolError(f"{method} {path}: the answer is not a JSON object")
+        return answer
+
+    async def request_list(
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None
+    ) -> list[Any]:
+        """A request whose answer is a JSON array (``GET /rooms/{id}/state``)."""
+        answer = await self._with_retries(method, path, None, params, True, None)
+        if not isinstance(answer, list):
+            raise RemoteProtocolError(f"{method} {path}: the answer is not a JSON array")
+        return answer
+
+    async def _with_retries(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, str] | None,
+        retry: bool,
+        read_timeout: float | None,
+    ) -> Any:
         failures = 0
         while True:
             try:
@@ -115,7 +138,7 @@ class MatrixHttp:
         body: Mapping[str, Any] | None,
         params: Mapping[str, str] | None,
         read_timeout: float | None,
-    ) -> dict[str, Any]:
+    ) -> Any:
         headers = {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
         extra: dict[str, Any] = {} if read_timeout is None else {"timeout": read_timeout}
         try:
@@ -129,7 +152,7 @@ class MatrixHttp:
         except ValueError:
             payload = None
         if response.is_success:
-            if not isinstance(payload, dict):
+            if not isinstance(payload, dict | list):
                 raise RemoteProtocolError(
                     f"{method} {path}: {response.status_code} with a body that is not a JSON "
                     f"object: {response.text[:200]!r}"

@@ -1,0 +1,62 @@
+"""Encrypted rooms against the real Synapse: olmstead with olmstead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from olmstead import Client
+from olmstead.client.rooms import RoomEvent
+from tests.integration.harness import close_client, open_client, session_of
+
+
+async def crypto_client(
+    url: str, path: Path, user: dict[str, Any]
+) -> tuple[Client, list[RoomEvent]]:
+    client = await open_client(url, path, session_of(url, user))
+    await client.init_crypto()
+    seen: list[RoomEvent] = []
+    client.on_room_event(seen.append)
+    client.on_decryption_failure(lambda room, event, error: seen.append(error))  # type: ignore[arg-type]
+    await client.sync_once()
+    return client, seen
+
+
+def messages(seen: list[Any]) -> list[tuple[str, str, bool]]:
+    return [
+        (e.sender, e.content["body"], e.encrypted)
+        for e in seen
+        if isinstance(e, RoomEvent) and e.type == "m.room.message"
+    ]
+
+
+async def test_two_olmstead_clients_talk_in_an_encrypted_room(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    a_user, b_user = new_user(), new_user()
+    alice, alice_seen = await crypto_client(url, tmp_path / "alice.db", a_user)
+    bob, bob_seen = await crypto_client(url, tmp_path / "bob.db", b_user)
+
+    room = await alice.create_room(invite=[b_user["user_id"]])
+    await bob.sync_once()
+    await bob.join(room)
+    await alice.sync_once()
+
+    await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "hello bob"})
+    await bob.sync_once()
+    assert (a_user["user_id"], "hello bob", True) in messages(bob_seen)
+
+    await bob.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "hello alice"})
+    await alice.sync_once()
+    assert (b_user["user_id"], "hello alice", True) in messages(alice_seen)
+    assert [e for e in alice_seen + bob_seen if not isinstance(e, RoomEvent)] == []
+
+    # by now each knows the other's device: later messages are verified
+    await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "again"})
+    await bob.sync_once()
+    last = [e for e in bob_seen if isinstance(e, RoomEvent) and e.type == "m.room.message"][-1]
+    assert last.content["body"] == "again"
+    assert last.verified
+    await close_client(alice)
+    await close_client(bob)
