@@ -30,6 +30,7 @@ from olmstead.errors import (
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
+    OlmSessionError,
     OlmsteadError,
     RemoteProtocolError,
     StoreCorrupt,
@@ -77,6 +78,9 @@ class UndecryptableToDevice:
 
 ToDeviceResult = DecryptedToDevice | UndecryptableToDevice | Mapping[str, Any]
 
+#: a device whose Olm session broke gets a new one (and an m.dummy) at most this often
+UNWEDGE_INTERVAL = 3600.0
+
 
 class OlmMachine:
     """One device's end-to-end-encryption state, over one store."""
@@ -99,6 +103,12 @@ class OlmMachine:
         self.megolm = GroupSessions(store)
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
+        # unwedging: devices whose session broke, when each was last tried, claims for them,
+        # and committed m.dummy messages waiting to be handed out
+        self._to_unwedge: dict[str, Device] = {}
+        self._unwedged_at: dict[str, float] = {}
+        self._unwedge_claims: set[str] = set()
+        self._pending_to_device: list[ToDeviceRequest] = []
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._generation = generation
@@ -238,6 +248,8 @@ class OlmMachine:
             if isinstance(result, DecryptionError):
                 log.warning("to-device event from %s: %s", event.get("sender"), result)
                 results.append(UndecryptableToDevice(event, result))
+                if isinstance(result, OlmSessionError) and result.sender_key is not None:
+                    await self._note_wedged(result.sender_key, now)
                 continue
             if result.type == "m.room_key":
                 room_key = await self.megolm.accept_room_key(result)
@@ -245,6 +257,37 @@ class OlmMachine:
                     changes.inbound_group_sessions.append(room_key)
             results.append(result)
         return results
+
+    async def _note_wedged(self, sender_key: str, now: float) -> None:
+        """Ask for a new session with a known device whose messages no session decrypts."""
+        device = await self.store.get_device_by_curve25519(sender_key)
+        if device is None or now - self._unwedged_at.get(sender_key, -UNWEDGE_INTERVAL) < (
+            UNWEDGE_INTERVAL
+        ):
+            return
+        self._unwedged_at[sender_key] = now
+        self._to_unwedge[sender_key] = device
+        log.warning(
+            "the Olm session with %s %s is wedged: opening a new one",
+            device.user_id,
+            device.device_id,
+        )
+
+    async def _send_dummies(self, devices: list[Device]) -> None:
+        """Encrypt m.dummy over the new sessions, committed, to be handed out next."""
+        messages: dict[str, dict[str, dict[str, Any]]] = {}
+        stepped = []
+        now = self._clock()
+        for device in devices:
+            sealed = await self.olm.encrypt(self.identity_keys, device, "m.dummy", {}, now)
+            if sealed is not None:
+                messages.setdefault(device.user_id, {})[device.device_id] = sealed[0]
+                stepped.append(sealed[1])
+        if messages:
+            await self._commit(Changes(olm_sessions=stepped))
+            self._pending_to_device.append(
+                ToDeviceRequest(f"dummy-{uuid.uuid4().hex}", "m.room.encrypted", messages)
+            )
 
     async def _commit(self, changes: Changes) -> None:
         """Commit, dropping cached sessions that the failed commit would leave ahead."""
@@ -451,6 +494,14 @@ class OlmMachine:
             await self._refresh()
             now = self._clock()
             requests: list[OutgoingRequest] = []
+            requests.extend(self._pending_to_device)
+            self._pending_to_device.clear()
+            if self._to_unwedge and not self._unwedge_claims:
+                claim = self.olm.claim_request(list(self._to_unwedge.values()))
+                self._session_claims[claim.request_id] = list(self._to_unwedge.values())
+                self._unwedge_claims.add(claim.request_id)
+                self._to_unwedge.clear()
+                requests.append(claim)
             query = self.devices.next_request(now)
             if query is not None:
                 requests.append(query)
@@ -487,6 +538,10 @@ class OlmMachine:
                     self._record.account, claimed_for, response, self._clock()
                 )
                 await self._commit(Changes(olm_sessions=created))
+                if request_id in self._unwedge_claims:
+                    self._unwedge_claims.discard(request_id)
+                    fresh = {r.sender_key for r in created}
+                    await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
                 return
             if self.devices.owns(request_id):
                 stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
@@ -529,9 +584,13 @@ class OlmMachine:
         """
         async with self._mutex:
             request = self._in_flight.pop(request_id, None)
-            if self._session_claims.pop(request_id, None) is not None or isinstance(
-                request, ToDeviceRequest
-            ):
+            wedged = self._session_claims.pop(request_id, None)
+            if wedged is not None and request_id in self._unwedge_claims:
+                self._unwedge_claims.discard(request_id)
+                for device in wedged:  # try again when it next fails, past the interval
+                    self._unwedged_at.pop(device.curve25519, None)
+                return
+            if wedged is not None or isinstance(request, ToDeviceRequest):
                 return  # claimed again or re-encrypted by the caller's next attempt
             if self.devices.owns(request_id):
                 self.devices.on_failure(self._clock())

@@ -9,11 +9,21 @@ from typing import Any
 
 import vodozemac
 
+from olmstead import KeysClaimRequest, MatrixHttpError
 from olmstead.errors import NotForThisDevice, OlmSessionError, SenderMismatch
-from olmstead.machine import UndecryptableToDevice
+from olmstead.machine import UNWEDGE_INTERVAL, UndecryptableToDevice
 from olmstead.olm import account as own
+from olmstead.requests import ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
-from tests.machine.pair import Peer, learn_devices, new_peer, open_session, reopen, send
+from tests.machine.pair import (
+    Peer,
+    deliveries,
+    learn_devices,
+    new_peer,
+    open_session,
+    reopen,
+    send,
+)
 
 ALICE, BOB = "@alice:example.org", "@bob:example.org"
 
@@ -192,3 +202,72 @@ async def test_a_claimed_key_not_signed_by_the_device_makes_no_session() -> None
 async def test_no_claim_for_devices_we_have_sessions_with() -> None:
     alice, _bob = await pair()
     assert await alice.machine.get_missing_sessions([BOB]) is None
+
+
+async def test_a_wedged_session_is_replaced_and_announced_with_m_dummy() -> None:
+    alice, bob = await pair()
+    await learn_devices(bob, alice)
+    await receive(bob, await send(alice, bob, "m.test", {"n": 1}))
+    bob.db.olm_sessions.clear()  # bob's store lost the session (a restored backup)
+    bob = await reopen(bob)
+
+    broken = await receive(bob, await send(alice, bob, "m.test", {"n": 2}))
+    assert isinstance(broken, UndecryptableToDevice)
+    assert isinstance(broken.error, OlmSessionError)
+
+    # bob claims a fresh key of alice's device, opens a new session, and says so
+    (claim,) = [r for r in await bob.machine.outgoing_requests() if isinstance(r, KeysClaimRequest)]
+    assert claim.one_time_keys == {ALICE: {"ALICEDEV": "signed_curve25519"}}
+    await bob.machine.mark_request_as_sent(claim.request_id, alice.claim_answer())
+    (dummy,) = await bob.machine.outgoing_requests()
+    assert isinstance(dummy, ToDeviceRequest)
+    got = await receive(alice, deliveries(dummy, bob, alice))
+    assert isinstance(got, DecryptedToDevice)
+    assert got.type == "m.dummy"
+    await bob.machine.mark_request_as_sent(dummy.request_id, {})
+
+    # alice now writes over the new session, and bob reads it
+    healed = await receive(bob, await send(alice, bob, "m.test", {"n": 3}))
+    assert isinstance(healed, DecryptedToDevice)
+    assert healed.content == {"n": 3}
+
+
+def tampered(event: dict[str, Any], bob: Peer) -> dict[str, Any]:
+    part = event["content"]["ciphertext"][bob.machine.identity_keys["curve25519"]]
+    part["body"] = part["body"][:20] + ("A" if part["body"][20] != "A" else "B") + part["body"][21:]
+    return event
+
+
+async def claims(peer: Peer) -> list[KeysClaimRequest]:
+    return [r for r in await peer.machine.outgoing_requests() if isinstance(r, KeysClaimRequest)]
+
+
+async def test_unwedging_is_rate_limited_per_device() -> None:
+    alice, bob = await pair()
+    await learn_devices(bob, alice)
+    await receive(bob, await send(alice, bob, "m.test", {}))
+
+    await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
+    (claim,) = await claims(bob)
+    await bob.machine.mark_request_as_sent(claim.request_id, alice.claim_answer())
+
+    bob.clock.now += UNWEDGE_INTERVAL - 1
+    await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
+    assert await claims(bob) == []  # within the hour: no new session
+
+    bob.clock.now += 1
+    await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
+    assert len(await claims(bob)) == 1
+
+
+async def test_a_failed_unwedge_claim_is_retried_at_the_next_breakage() -> None:
+    alice, bob = await pair()
+    await learn_devices(bob, alice)
+    await receive(bob, await send(alice, bob, "m.test", {}))
+    await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
+    (claim,) = await claims(bob)
+    await bob.machine.mark_request_as_failed(
+        claim.request_id, MatrixHttpError("POST", "/keys/claim", 502, None, "down")
+    )
+    await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
+    assert len(await claims(bob)) == 1
