@@ -60,3 +60,42 @@ async def test_two_olmstead_clients_talk_in_an_encrypted_room(
     assert last.verified
     await close_client(alice)
     await close_client(bob)
+
+
+async def test_an_event_waits_for_its_late_room_key(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    a_user, b_user = new_user(), new_user()
+    alice, _ = await crypto_client(url, tmp_path / "alice.db", a_user)
+    bob, bob_seen = await crypto_client(url, tmp_path / "bob.db", b_user)
+    room = await alice.create_room(invite=[b_user["user_id"]])
+    await bob.sync_once()
+    await bob.join(room)
+    await alice.sync_once()
+
+    # alice prepares the key for bob but holds it back while the event goes out
+    machine = alice.machine
+    assert machine is not None
+    members = [a_user["user_id"], b_user["user_id"]]
+    await machine.update_tracked_users(members)
+    await alice.process_outgoing()
+    claim = await machine.get_missing_sessions(members)
+    assert claim is not None
+    await machine.mark_request_as_sent(claim.request_id, await alice.http.send(claim))
+    held_back = await machine.share_room_key(room, members)
+    content = await machine.encrypt_room_event(room, "m.room.message", {"body": "early bird"})
+    await alice.http.request(
+        "PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.encrypted/late-key-1", content
+    )
+
+    await bob.sync_once()
+    assert messages(bob_seen) == []  # kept, not failed: the key may still come
+    assert [e for e in bob_seen if not isinstance(e, RoomEvent)] == []
+
+    for request in held_back:
+        await machine.mark_request_as_sent(request.request_id, await alice.http.send(request))
+    await bob.sync_once()
+    assert messages(bob_seen) == [(a_user["user_id"], "early bird", True)]
+    await close_client(alice)
+    await close_client(bob)
