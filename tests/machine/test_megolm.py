@@ -184,3 +184,18 @@ async def test_both_sides_keep_working_after_a_restart() -> None:
         got = await bob.machine.decrypt_room_event(ROOM, timeline.event(alice, content))
         assert got.content == {"n": n}
         assert got.message_index == n - 1
+
+
+async def test_sessions_rotate_after_the_room_s_period() -> None:
+    settings = RoomSettings(rotation_period_ms=60_000)
+    alice, (bob,) = await room_with(BOB, settings=settings)
+    first = await alice.machine.encrypt_room_event(ROOM, "m.text", {})
+    alice.clock.now += 59.9
+    await alice.machine.encrypt_room_event(ROOM, "m.text", {})  # still within the period
+    alice.clock.now += 0.1
+    with pytest.raises(LocalProtocolError):
+        await alice.machine.encrypt_room_event(ROOM, "m.text", {})
+    requests = await alice.machine.share_room_key(ROOM, [BOB], settings)
+    await deliver_room_keys(requests, alice, bob)
+    later = await alice.machine.encrypt_room_event(ROOM, "m.text", {})
+    assert later["session_id"] != first["session_id"]
