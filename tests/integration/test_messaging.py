@@ -30,18 +30,29 @@ def messages(seen: list[Any]) -> list[tuple[str, str, bool]]:
     ]
 
 
+Seen = tuple[Client, list[Any]]
+
+
+async def two_in_a_room(
+    url: str, tmp_path: Path, a_user: dict[str, Any], b_user: dict[str, Any]
+) -> tuple[Seen, Seen, str]:
+    """Alice and Bob, each an olmstead client, joined to an encrypted room Alice made."""
+    alice = await crypto_client(url, tmp_path / "alice.db", a_user)
+    bob = await crypto_client(url, tmp_path / "bob.db", b_user)
+    room = await alice[0].create_room(invite=[b_user["user_id"]])
+    await bob[0].sync_once()
+    await bob[0].join(room)
+    await alice[0].sync_once()
+    return alice, bob, room
+
+
 async def test_two_olmstead_clients_talk_in_an_encrypted_room(
     homeserver: Any, new_user: Any, tmp_path: Path
 ) -> None:
-    url = homeserver.base_url
     a_user, b_user = new_user(), new_user()
-    alice, alice_seen = await crypto_client(url, tmp_path / "alice.db", a_user)
-    bob, bob_seen = await crypto_client(url, tmp_path / "bob.db", b_user)
-
-    room = await alice.create_room(invite=[b_user["user_id"]])
-    await bob.sync_once()
-    await bob.join(room)
-    await alice.sync_once()
+    (alice, alice_seen), (bob, bob_seen), room = await two_in_a_room(
+        homeserver.base_url, tmp_path, a_user, b_user
+    )
 
     await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "hello bob"})
     await bob.sync_once()
@@ -65,14 +76,10 @@ async def test_two_olmstead_clients_talk_in_an_encrypted_room(
 async def test_an_event_waits_for_its_late_room_key(
     homeserver: Any, new_user: Any, tmp_path: Path
 ) -> None:
-    url = homeserver.base_url
     a_user, b_user = new_user(), new_user()
-    alice, _ = await crypto_client(url, tmp_path / "alice.db", a_user)
-    bob, bob_seen = await crypto_client(url, tmp_path / "bob.db", b_user)
-    room = await alice.create_room(invite=[b_user["user_id"]])
-    await bob.sync_once()
-    await bob.join(room)
-    await alice.sync_once()
+    (alice, _), (bob, bob_seen), room = await two_in_a_room(
+        homeserver.base_url, tmp_path, a_user, b_user
+    )
 
     # alice prepares the key for bob but holds it back while the event goes out
     machine = alice.machine
