@@ -19,5 +19,5 @@ demo: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,homeserver]'
+	$(BIN)/pip install --quiet -e '.[test,homeserver,postgres]'
 	touch $@

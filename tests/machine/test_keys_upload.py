@@ -236,7 +236,7 @@ async def test_machine_reloads_when_the_lease_changed_hands(backend: Backend) ->
     first = await open_machine(backend)
     upload = await only_upload(first)
     pause(first.store)
-    backend.expire_lease()
+    await backend.expire_lease()
 
     # another process takes over, publishes the keys, and exits
     second = await OlmMachine.open(await backend.open(), USER, DEVICE)

@@ -2,6 +2,8 @@
 
     lock_driver.py STORE EVENTS NAME --hold S --wait S
 
+STORE is an SQLite path, or ``postgresql://…#account`` for a PostgreSQL account.
+
 Appends JSON events (fsynced) to EVENTS: ``acquired`` (with the generation, what
 the previous writer left and the device's ed25519 key), ``released``, or
 ``locked`` (with the holder that kept it out). Exits 3 on ``StoreLocked``.
@@ -17,7 +19,8 @@ import sys
 import time
 from typing import Any
 
-from olmstead import Changes, LeaseSettings, OlmMachine, SqliteStore, StoreLocked
+from olmstead import Changes, CryptoStore, LeaseSettings, OlmMachine, SqliteStore, StoreLocked
+from olmstead.store.postgres import PostgresStore
 from tests.conftest import KEY
 
 
@@ -38,7 +41,13 @@ async def main() -> int:
     args = parser.parse_args()
     lease = LeaseSettings(duration=1.0, renew_every=0.3, wait=args.wait, poll=0.05)
     try:
-        store = await SqliteStore.open(args.store, KEY, lease=lease, holder=args.name)
+        if args.store.startswith("postgresql://"):
+            dsn, account = args.store.split("#")
+            store: CryptoStore = await PostgresStore.open(
+                dsn, KEY, account=account, lease=lease, holder=args.name
+            )
+        else:
+            store = await SqliteStore.open(args.store, KEY, lease=lease, holder=args.name)
     except StoreLocked as exc:
         event(args.events, event="locked", name=args.name, holder=exc.holder, since=exc.since)
         return 3

@@ -137,7 +137,7 @@ async def test_lease_renewal_keeps_others_out_past_its_duration(backend: Backend
 async def test_expired_holder_is_fenced_off(backend: Backend) -> None:
     first = await backend.open(holder="first-holder")
     pause(first)
-    backend.expire_lease()
+    await backend.expire_lease()
     second = await backend.open(holder="second-holder")
     await second.save_changes(Changes(values={"owner": "second"}))
 

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tests.conftest import POSTGRES_DSN, postgres_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the processes meet: an SQLite file, or one account in PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "shared.db")
+    asyncio.run(postgres_or_skip())
+    return f"{POSTGRES_DSN}#lock-{uuid.uuid4().hex}"
+
+
 class Procs:
-    def __init__(self, tmp_path: Path) -> None:
-        self.store = tmp_path / "shared.db"
+    def __init__(self, tmp_path: Path, store: str) -> None:
+        self.store = store
         self.events_path = tmp_path / "events.jsonl"
         self.events_path.touch()
 
@@ -54,8 +69,10 @@ class Procs:
         raise AssertionError(f"{name} never reported {kind}: {self.events()}")
 
 
-def test_second_process_waits_for_the_first_and_sees_its_writes(tmp_path: Path) -> None:
-    procs = Procs(tmp_path)
+def test_second_process_waits_for_the_first_and_sees_its_writes(
+    tmp_path: Path, store_spec: str
+) -> None:
+    procs = Procs(tmp_path, store_spec)
     first = procs.start("first", hold=1.5, wait=5)
     got_first = procs.wait_for("first", "acquired")
     second = procs.start("second", hold=0, wait=20)
@@ -70,8 +87,8 @@ def test_second_process_waits_for_the_first_and_sees_its_writes(tmp_path: Path) 
     assert (got_first["generation"], got_second["generation"]) == (1, 2)
 
 
-def test_second_process_gives_up_naming_the_holder(tmp_path: Path) -> None:
-    procs = Procs(tmp_path)
+def test_second_process_gives_up_naming_the_holder(tmp_path: Path, store_spec: str) -> None:
+    procs = Procs(tmp_path, store_spec)
     first = procs.start("first", hold=4, wait=5)
     got_first = procs.wait_for("first", "acquired")
     second = procs.start("second", hold=0, wait=0.5)
@@ -83,8 +100,10 @@ def test_second_process_gives_up_naming_the_holder(tmp_path: Path) -> None:
     assert not [e for e in procs.events() if e["name"] == "second" and e["event"] == "acquired"]
 
 
-def test_a_killed_holder_is_replaced_once_its_lease_expires(tmp_path: Path) -> None:
-    procs = Procs(tmp_path)
+def test_a_killed_holder_is_replaced_once_its_lease_expires(
+    tmp_path: Path, store_spec: str
+) -> None:
+    procs = Procs(tmp_path, store_spec)
     first = procs.start("first", hold=60, wait=5)
     got_first = procs.wait_for("first", "acquired")
     time.sleep(0.3)  # let it commit its write

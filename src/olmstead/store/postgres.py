@@ -1,0 +1,407 @@
+"""The PostgreSQL store: many devices in one database, for bridges; on asyncpg.
+
+Every row carries an ``account_id``: one database holds as many devices as a
+bridge runs, each opened with its own pickle key check and its own writer lease.
+Lease times come from the database's clock, so processes on hosts whose clocks
+disagree still agree on who holds a lease; every write locks the lease row and
+commits only if it still names this holder and generation.
+
+Opening migrates the shared schema (under an advisory lock), then proves the
+pickle key against this account's key check before anything of the account is
+written. Needs the ``postgres`` extra (PyPI ``asyncpg``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from olmstead.errors import StoreError, StoreLockLost, StoreMigrationError
+from olmstead.store.base import (
+    CryptoStore,
+    LeaseSettings,
+    LockRow,
+    MessageIndex,
+    SerializedChanges,
+    new_holder_name,
+    next_lock_row,
+)
+from olmstead.store.migrations.postgres import MIGRATIONS
+from olmstead.store.pickle_key import DerivedKey, PickleKey
+
+__all__ = ["PostgresStore"]
+
+T = TypeVar("T")
+_MIGRATION_LOCK = 0x6F6C6D73  # "olms": one advisory lock for schema changes
+_NOW = "extract(epoch from clock_timestamp())::double precision"
+
+
+class PostgresStore(CryptoStore):
+    def __init__(
+        self,
+        name: str,
+        pool: asyncpg.Pool,
+        account_id: str,
+        key: DerivedKey,
+        lease: LeaseSettings,
+        holder: str,
+        owns_pool: bool,
+    ) -> None:
+        super().__init__(name, key, lease, holder)
+        self.account_id = account_id
+        self._pool = pool
+        self._owns_pool = owns_pool
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        pickle_key: PickleKey,
+        *,
+        account: str = "default",
+        lease: LeaseSettings | None = None,
+        holder: str | None = None,
+        pool: asyncpg.Pool | None = None,
+    ) -> PostgresStore:
+        """Open the device ``account`` in the database at ``dsn``; creates what is missing.
+
+        Pass ``pool`` to share one connection pool between the accounts of a process.
+        """
+        name = f"PostgreSQL store {_redacted(dsn)} account {account!r}"
+        owns_pool = pool is None
+        try:
+            if pool is None:
+                pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+            await _migrate(pool, name)
+            derived = await _check_key(pool, account, pickle_key, name)
+        except (asyncpg.PostgresError, OSError) as exc:
+            if owns_pool and pool is not None:
+                await pool.close()
+            raise StoreError(f"{name}: {exc}. Is PostgreSQL running and the DSN right?") from exc
+        except BaseException:
+            if owns_pool and pool is not None:
+                await pool.close()
+            raise
+        store = cls(
+            name,
+            pool,
+            account,
+            derived,
+            lease or LeaseSettings(),
+            holder or new_holder_name(),
+            owns_pool,
+        )
+        try:
+            await store._start()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        try:
+            async with self._pool.acquire() as conn:
+                return await fn(conn)
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise StoreError(f"{self.name}: {exc}") from exc
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def _load_account_row(self) -> tuple[str, str, str, str] | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT user_id, device_id, pickle, state FROM olmstead_account "
+                "WHERE account_id = $1",
+                self.account_id,
+            )
+        )
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    async def get_value(self, key: str) -> str | None:
+        value: str | None = await self._run(
+            lambda c: c.fetchval(
+                "SELECT value FROM olmstead_kv WHERE account_id = $1 AND key = $2",
+                self.account_id,
+                key,
+            )
+        )
+        return value
+
+    async def _device_rows(self, user_id: str) -> list[tuple[str, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT device_id, data FROM olmstead_devices "
+                "WHERE account_id = $1 AND user_id = $2",
+                self.account_id,
+                user_id,
+            )
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT user_id, device_id, data FROM olmstead_devices "
+                "WHERE account_id = $1 AND curve25519 = $2",
+                self.account_id,
+                key,
+            )
+        )
+        return None if row is None else (row[0], row[1], row[2])
+
+    async def get_tracked_users(self) -> dict[str, bool]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT user_id, outdated FROM olmstead_tracked_users WHERE account_id = $1",
+                self.account_id,
+            )
+        )
+        return {r[0]: bool(r[1]) for r in rows}
+
+    async def _olm_session_rows(self, sender_key: str) -> list[tuple[str, float, float]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT pickle, created_at, last_used FROM olmstead_olm_sessions "
+                "WHERE account_id = $1 AND sender_key = $2",
+                self.account_id,
+                sender_key,
+            )
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def _inbound_group_row(
+        self, room_id: str, session_id: str
+    ) -> tuple[str, str, str] | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT sender_key, signing_key, pickle FROM olmstead_inbound_group_sessions "
+                "WHERE account_id = $1 AND room_id = $2 AND session_id = $3",
+                self.account_id,
+                room_id,
+                session_id,
+            )
+        )
+        return None if row is None else (row[0], row[1], row[2])
+
+    async def _outbound_group_row(self, room_id: str) -> tuple[str, str] | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT pickle, state FROM olmstead_outbound_group_sessions "
+                "WHERE account_id = $1 AND room_id = $2",
+                self.account_id,
+                room_id,
+            )
+        )
+        return None if row is None else (row[0], row[1])
+
+    async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT event_id, origin_ts FROM olmstead_message_indices "
+                "WHERE account_id = $1 AND session_id = $2 AND message_index = $3",
+                self.account_id,
+                session_id,
+                index,
+            )
+        )
+        return None if row is None else MessageIndex(session_id, index, row[0], row[1])
+
+    # --- the one write -------------------------------------------------------------------------
+
+    async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
+        a = self.account_id
+
+        async def write(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT holder, generation FROM olmstead_lease WHERE account_id = $1 "
+                    "FOR UPDATE",
+                    a,
+                )
+                if row is None or row[0] != holder or row[1] != generation:
+                    now_held = row[0] if row else "nobody"
+                    raise StoreLockLost(self.name, f"now held by {now_held}")
+                if changes.account is not None:
+                    await conn.execute(
+                        "INSERT INTO olmstead_account (account_id, user_id, device_id, pickle, "
+                        "state) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id) DO UPDATE "
+                        "SET user_id = excluded.user_id, device_id = excluded.device_id, "
+                        "pickle = excluded.pickle, state = excluded.state",
+                        a,
+                        *changes.account,
+                    )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_devices (account_id, user_id, device_id, curve25519, "
+                    "data) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id, user_id, "
+                    "device_id) DO UPDATE SET curve25519 = excluded.curve25519, "
+                    "data = excluded.data",
+                    a,
+                    changes.devices,
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_tracked_users (account_id, user_id, outdated) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (account_id, user_id) DO UPDATE SET "
+                    "outdated = excluded.outdated",
+                    a,
+                    list(changes.tracked_users.items()),
+                )
+                await _many(
+                    conn,
+                    "DELETE FROM olmstead_tracked_users WHERE account_id = $1 AND user_id = $2",
+                    a,
+                    [(user,) for user in changes.untracked_users],
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_olm_sessions (account_id, sender_key, session_id, "
+                    "pickle, created_at, last_used) VALUES ($1, $2, $3, $4, $5, $6) "
+                    "ON CONFLICT (account_id, sender_key, session_id) DO UPDATE SET "
+                    "pickle = excluded.pickle, last_used = excluded.last_used",
+                    a,
+                    changes.olm_sessions,
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_inbound_group_sessions (account_id, room_id, "
+                    "session_id, sender_key, signing_key, pickle) VALUES ($1, $2, $3, $4, $5, "
+                    "$6) ON CONFLICT (account_id, room_id, session_id) DO UPDATE SET "
+                    "pickle = excluded.pickle",
+                    a,
+                    changes.inbound_group_sessions,
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_outbound_group_sessions (account_id, room_id, pickle, "
+                    "state) VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, room_id) DO UPDATE "
+                    "SET pickle = excluded.pickle, state = excluded.state",
+                    a,
+                    changes.outbound_group_sessions,
+                )
+                await _many(
+                    conn,
+                    "DELETE FROM olmstead_outbound_group_sessions WHERE account_id = $1 "
+                    "AND room_id = $2",
+                    a,
+                    [(room,) for room in changes.discarded_outbound],
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_message_indices (account_id, session_id, "
+                    "message_index, event_id, origin_ts) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT DO NOTHING",
+                    a,
+                    changes.message_indices,
+                )
+                for key, value in changes.values.items():
+                    if value is None:
+                        await conn.execute(
+                            "DELETE FROM olmstead_kv WHERE account_id = $1 AND key = $2", a, key
+                        )
+                    else:
+                        await conn.execute(
+                            "INSERT INTO olmstead_kv (account_id, key, value) VALUES ($1, $2, "
+                            "$3) ON CONFLICT (account_id, key) DO UPDATE SET value = "
+                            "excluded.value",
+                            a,
+                            key,
+                            value,
+                        )
+
+        await self._run(write)
+
+    # --- the lease -----------------------------------------------------------------------------
+
+    async def _try_lock(self, holder: str, duration: float) -> LockRow:
+        a = self.account_id
+
+        async def take(conn: asyncpg.Connection) -> LockRow:
+            await conn.execute(
+                "INSERT INTO olmstead_lease VALUES ($1, '', 0, 0, 0) ON CONFLICT DO NOTHING", a
+            )
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT holder, acquired_at, expires_at, generation, {_NOW} AS now "
+                    "FROM olmstead_lease WHERE account_id = $1 FOR UPDATE",
+                    a,
+                )
+                current = LockRow(row[0], row[1], row[2], row[3])
+                new = next_lock_row(current, holder, duration, row[4])
+                if new != current:
+                    await conn.execute(
+                        "UPDATE olmstead_lease SET holder = $2, acquired_at = $3, "
+                        "expires_at = $4, generation = $5 WHERE account_id = $1",
+                        a,
+                        new.holder,
+                        new.acquired_at,
+                        new.expires_at,
+                        new.generation,
+                    )
+                return new
+
+        return await self._run(take)
+
+    async def _unlock(self, holder: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "UPDATE olmstead_lease SET expires_at = 0 WHERE account_id = $1 AND holder = $2",
+                self.account_id,
+                holder,
+            )
+        )
+
+    async def _close_backend(self) -> None:
+        if self._owns_pool:
+            await self._pool.close()
+
+
+async def _many(conn: asyncpg.Connection, sql: str, account: str, rows: list[Any]) -> None:
+    if rows:
+        await conn.executemany(sql, [(account, *row) for row in rows])
+
+
+async def _migrate(pool: asyncpg.Pool, name: str) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS olmstead_schema (version INTEGER NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM olmstead_schema") or 0
+        latest = MIGRATIONS[-1][0]
+        if version > latest:
+            raise StoreMigrationError(
+                f"{name} has schema version {version}, newer than this olmstead knows "
+                f"({latest}): upgrade olmstead; downgrading a store is not supported."
+            )
+        for number, _description, sql in MIGRATIONS:
+            if number > version:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO olmstead_schema (version) VALUES ($1)", number)
+
+
+async def _check_key(
+    pool: asyncpg.Pool, account: str, pickle_key: PickleKey, name: str
+) -> DerivedKey:
+    """Prove the key against the account's key check; record one for a new account."""
+    async with pool.acquire() as conn:
+        query = "SELECT value FROM olmstead_meta WHERE account_id = $1 AND key = 'key_check'"
+        record = await conn.fetchval(query, account)
+        if record is None:
+            fresh, _derived = pickle_key.new_key_check()
+            await conn.execute(
+                "INSERT INTO olmstead_meta (account_id, key, value) VALUES ($1, 'key_check', $2) "
+                "ON CONFLICT DO NOTHING",
+                account,
+                fresh,
+            )
+            record = await conn.fetchval(query, account)  # ours, or a racing opener's
+    return pickle_key.check(record, name)
+
+
+def _redacted(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    return dsn.replace(f":{parts.password}@", ":***@", 1)
