@@ -1,20 +1,32 @@
 """olmstead: Matrix end-to-end encryption on vodozemac, with keys that never drift silently.
 
 The public API is what ``__all__`` lists; everything else may change.
+``PostgresStore`` is imported on first use, so asyncpg is needed only by those who
+use it (the ``postgres`` extra).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from olmstead.client import Client, Session
+from olmstead.client.rooms import RoomEvent
 from olmstead.errors import (
     ConnectionFailed,
+    DecryptionError,
     DeviceIdentityConflict,
     DeviceIdInUse,
+    KeyFileError,
     KeyStateError,
     LocalProtocolError,
     MatrixHttpError,
+    MegolmDecryptionFailed,
+    NotForThisDevice,
+    OlmSessionError,
     OlmsteadError,
     OneTimeKeyConflict,
     RateLimited,
     RemoteProtocolError,
+    ReplayedMessage,
+    SenderMismatch,
     StaleKeysRemain,
     StoreCorrupt,
     StoreError,
@@ -23,16 +35,21 @@ from olmstead.errors import (
     StoreMigrationError,
     StoreMismatch,
     TransportError,
+    UnknownRoomKey,
     WrongPickleKey,
 )
+from olmstead.identities.device import Device
 from olmstead.keys_upload import KeySettings
-from olmstead.machine import OlmMachine
+from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.requests import (
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
     OutgoingRequest,
+    ToDeviceRequest,
 )
+from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
+from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store import (
     Changes,
     CryptoStore,
@@ -45,13 +62,30 @@ from olmstead.store import (
 )
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
+if TYPE_CHECKING:
+    from olmstead.store.postgres import PostgresStore
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresStore":
+        from olmstead.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module 'olmstead' has no attribute {name!r}")
+
+
 __all__ = [
     "Changes",
     "Client",
     "ConnectionFailed",
     "CryptoStore",
+    "DecryptedRoomEvent",
+    "DecryptedToDevice",
+    "DecryptionError",
+    "Device",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "KeyFileError",
     "KeySettings",
     "KeyStateError",
     "KeysClaimRequest",
@@ -60,16 +94,24 @@ __all__ = [
     "LeaseSettings",
     "LocalProtocolError",
     "MatrixHttpError",
+    "MegolmDecryptionFailed",
     "MemoryDatabase",
     "MemoryStore",
+    "NotForThisDevice",
     "OlmMachine",
+    "OlmSessionError",
     "OlmsteadError",
     "OneTimeKeyConflict",
     "OneTimeKeysDrained",
     "OutgoingRequest",
     "PickleKey",
+    "PostgresStore",
     "RateLimited",
     "RemoteProtocolError",
+    "ReplayedMessage",
+    "RoomEvent",
+    "RoomSettings",
+    "SenderMismatch",
     "Session",
     "SqliteStore",
     "StaleKeysRemain",
@@ -79,7 +121,10 @@ __all__ = [
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "ToDeviceRequest",
     "TransportError",
+    "UndecryptableToDevice",
+    "UnknownRoomKey",
     "UploadPolicy",
     "WrongPickleKey",
     "load_or_create_key_file",

@@ -9,6 +9,7 @@ attributes, so tools need not parse messages.
     OlmsteadError
     ├── LocalProtocolError        the caller used the API wrongly (a bug in the caller)
     ├── RemoteProtocolError       the server sent something the protocol does not allow
+    ├── KeyFileError              a key export file is damaged, or its passphrase is wrong
     ├── StoreError                the crypto store cannot be used as it is
     │   ├── WrongPickleKey        opened with another pickle key than it was written with
     │   ├── StoreCorrupt          damaged or not an olmstead store; nothing was written
@@ -48,6 +49,7 @@ __all__ = [
     "DecryptionError",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "KeyFileError",
     "KeyStateError",
     "LocalProtocolError",
     "MatrixHttpError",
@@ -83,6 +85,13 @@ class LocalProtocolError(OlmsteadError):
 
 class RemoteProtocolError(OlmsteadError):
     """The homeserver (or a peer) sent something the Matrix protocol does not allow."""
+
+
+class KeyFileError(OlmsteadError):
+    """A key export file cannot be read: a wrong passphrase, or a damaged file.
+
+    The file's MAC cannot tell the two apart; the message says which checks failed.
+    """
 
 
 # --- store ---------------------------------------------------------------------------

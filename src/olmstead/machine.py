@@ -17,6 +17,7 @@ the server saw is missing from it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -26,8 +27,10 @@ from typing import Any
 
 import vodozemac
 
+from olmstead import key_export
 from olmstead.errors import (
     DecryptionError,
+    KeyFileError,
     KeyStateError,
     LocalProtocolError,
     OlmSessionError,
@@ -415,6 +418,58 @@ class OlmMachine:
                 return None
             self._outbound[room_id] = record
         return self._outbound[room_id]
+
+    # --- room key export files ------------------------------------------------------------------
+
+    async def export_room_keys(
+        self,
+        passphrase: str,
+        *,
+        rounds: int = key_export.DEFAULT_ROUNDS,
+        progress: Callable[[int], object] | None = None,
+    ) -> str:
+        """Every room key we hold, as an encrypted key export file (Element's format)."""
+        records = []
+        async for record in self.store.inbound_group_sessions():
+            records.append(record)
+            if progress is not None:
+                progress(1)
+        entries = key_export.export_entries(records)
+        return key_export.encrypt_key_file(key_export.entries_json(entries), passphrase, rounds)
+
+    async def import_room_keys(
+        self,
+        armoured: str,
+        passphrase: str,
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> tuple[int, int]:
+        """Import a key export file; how many sessions were new or better, and how many skipped.
+
+        A session we already hold from an earlier message index is kept as it is.
+        """
+        try:
+            entries = json.loads(key_export.decrypt_key_file(armoured, passphrase))
+        except ValueError as exc:
+            raise KeyFileError(f"the key file decrypts, but not to JSON: {exc}") from None
+        records, skipped = key_export.import_entries(entries)
+        imported = 0
+        async with self._mutex:
+            await self._refresh()
+            for start in range(0, len(records), 500):
+                batch = []
+                for record in records[start : start + 500]:
+                    known = await self.store.get_inbound_group_session(
+                        record.room_id, record.session_id
+                    )
+                    first = record.session.first_known_index
+                    if known is None or known.session.first_known_index > first:
+                        batch.append(record)
+                await self._commit(Changes(inbound_group_sessions=batch))
+                imported += len(batch)
+                if progress is not None:
+                    progress(len(records[start : start + 500]))
+        return imported, skipped
 
     # --- Olm sessions and to-device encryption ------------------------------------------------
 

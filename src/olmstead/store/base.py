@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +293,13 @@ class CryptoStore(ABC):
         """pickle and state JSON of the room's outbound group session."""
 
     @abstractmethod
+    async def _inbound_group_page(
+        self, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str, str, str, str]]:
+        """room_id, session_id, sender_key, signing_key, pickle of the next ``limit``
+        inbound group sessions after ``after`` in (room_id, session_id) order."""
+
+    @abstractmethod
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         """The first event recorded under a Megolm session's message index."""
 
@@ -386,6 +394,25 @@ class CryptoStore(ABC):
         except ValueError as exc:
             raise StoreCorrupt(self.name, f"a Megolm session does not unpickle: {exc}") from None
         return InboundGroupSessionRecord(room_id, sender_key, signing_key, session)
+
+    async def inbound_group_sessions(
+        self, page: int = 500
+    ) -> AsyncIterator[InboundGroupSessionRecord]:
+        """Every inbound group session, a page at a time (for exports and rekeying)."""
+        after = ("", "")
+        while True:
+            rows = await self._inbound_group_page(after, page)
+            for room_id, _session_id, sender_key, signing_key, pickle in rows:
+                try:
+                    session = vodozemac.InboundGroupSession.from_pickle(pickle, self._key.key)
+                except ValueError as exc:
+                    raise StoreCorrupt(
+                        self.name, f"a Megolm session does not unpickle: {exc}"
+                    ) from None
+                yield InboundGroupSessionRecord(room_id, sender_key, signing_key, session)
+            if len(rows) < page:
+                return
+            after = (rows[-1][0], rows[-1][1])
 
     async def get_outbound_group_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
         row = await self._outbound_group_row(room_id)

@@ -100,6 +100,12 @@ class MemoryStore(CryptoStore):
     async def _outbound_group_row(self, room_id: str) -> tuple[str, str] | None:
         return self._db.outbound_group.get(room_id)
 
+    async def _inbound_group_page(
+        self, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str, str, str, str]]:
+        keys = sorted(k for k in self._db.inbound_group if k > after)[:limit]
+        return [(*key, *self._db.inbound_group[key]) for key in keys]
+
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         return self._db.message_indices.get((session_id, index))
 

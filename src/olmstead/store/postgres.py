@@ -197,6 +197,21 @@ class PostgresStore(CryptoStore):
         )
         return None if row is None else (row[0], row[1])
 
+    async def _inbound_group_page(
+        self, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str, str, str, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT room_id, session_id, sender_key, signing_key, pickle "
+                "FROM olmstead_inbound_group_sessions WHERE account_id = $1 "
+                "AND (room_id, session_id) > ($2, $3) ORDER BY room_id, session_id LIMIT $4",
+                self.account_id,
+                *after,
+                limit,
+            )
+        )
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         row = await self._run(
             lambda c: c.fetchrow(

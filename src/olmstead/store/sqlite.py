@@ -178,6 +178,20 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _inbound_group_page(
+        self, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str, str, str, str]]:
+        def read() -> list[tuple[str, str, str, str, str]]:
+            rows = self._conn.execute(
+                "SELECT room_id, session_id, sender_key, signing_key, pickle "
+                "FROM inbound_group_sessions WHERE (room_id, session_id) > (?, ?) "
+                "ORDER BY room_id, session_id LIMIT ?",
+                (*after, limit),
+            ).fetchall()
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+        return await self._run(read)
+
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         def read() -> MessageIndex | None:
             row = self._conn.execute(

@@ -1,0 +1,67 @@
+"""Key export files: round trips between machines, the file's layout, and bad files."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import pytest
+
+from olmstead import KeyFileError
+from olmstead.key_export import FOOTER, HEADER, decrypt_key_file, encrypt_key_file
+from tests.machine.pair import new_peer
+from tests.machine.test_megolm import BOB, ROOM, Timeline, room_with
+
+ROUNDS = 1000  # fast for tests; files carry their own round count
+
+
+async def test_exported_keys_let_a_new_device_read_the_room() -> None:
+    alice, (bob,) = await room_with(BOB)
+    timeline = Timeline()
+    event = timeline.event(alice, await alice.machine.encrypt_room_event(ROOM, "m.text", {"n": 1}))
+    ticks: list[int] = []
+    exported = await bob.machine.export_room_keys(
+        "correct horse", rounds=ROUNDS, progress=ticks.append
+    )
+    assert sum(ticks) == 1
+
+    newcomer = await new_peer(BOB, "NEWDEVICE")
+    imported, skipped = await newcomer.machine.import_room_keys(exported, "correct horse")
+    assert (imported, skipped) == (1, 0)
+    got = await newcomer.machine.decrypt_room_event(ROOM, event)
+    assert got.content == {"n": 1}
+    assert got.signing_key == alice.machine.identity_keys["ed25519"]
+    # importing again changes nothing: what we hold is as good
+    assert await newcomer.machine.import_room_keys(exported, "correct horse") == (0, 0)
+
+
+def test_the_file_layout_is_the_spec_s() -> None:
+    armoured = encrypt_key_file(b"[]", "pass", rounds=1234)
+    lines = armoured.strip().split("\n")
+    assert (lines[0], lines[-1]) == (HEADER, FOOTER)
+    assert all(len(line) <= 96 for line in lines[1:-1])
+    body = base64.b64decode("".join(lines[1:-1]))
+    assert body[0] == 1
+    assert body[17 + 8] & 0x80 == 0  # bit 63 of the IV is clear
+    assert struct.unpack(">I", body[33:37]) == (1234,)
+    assert len(body) == 1 + 16 + 16 + 4 + 2 + 32
+    assert decrypt_key_file(armoured, "pass") == b"[]"
+
+
+@pytest.mark.parametrize("damage", ["passphrase", "flipped", "truncated", "not_armoured"])
+def test_a_bad_file_or_passphrase_is_a_key_file_error(damage: str) -> None:
+    armoured = encrypt_key_file(b'[{"x": 1}]', "pass", rounds=ROUNDS)
+    passphrase = "pass"
+    lines = armoured.strip().split("\n")
+    if damage == "passphrase":
+        passphrase = "wrong"
+    elif damage == "flipped":
+        body = bytearray(base64.b64decode("".join(lines[1:-1])))
+        body[40] ^= 1
+        armoured = "\n".join([HEADER, base64.b64encode(bytes(body)).decode(), FOOTER])
+    elif damage == "truncated":
+        armoured = "\n".join([HEADER, lines[1][:20], FOOTER])
+    else:
+        armoured = lines[1]
+    with pytest.raises(KeyFileError):
+        decrypt_key_file(armoured, passphrase)
