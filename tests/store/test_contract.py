@@ -25,6 +25,7 @@ from olmstead.store.base import (
     OutboundGroupSessionRecord,
 )
 from tests.conftest import KEY, OTHER_KEY, Backend, pause
+from tests.store.secrets_fixture import assert_intact, fill
 
 
 def new_record() -> AccountRecord:
@@ -250,3 +251,20 @@ async def test_group_sessions_and_message_indices_round_trip(backend: Backend) -
 
     await store.save_changes(Changes(discarded_outbound={room}))
     assert await store.get_outbound_group_session(room) is None
+
+
+async def test_rekey_moves_every_secret_to_the_new_key(backend: Backend) -> None:
+    store = await backend.open(KEY)
+    secrets = await fill(store, count=5)
+    ticks: list[int] = []
+    fingerprint = await store.rekey(OTHER_KEY, progress=ticks.append)
+    assert sum(ticks) == secrets.rows
+    assert fingerprint == store.fingerprint
+    await assert_intact(store, secrets)  # the open handle carries on with the new key
+    await store.close()
+
+    with pytest.raises(WrongPickleKey):
+        await backend.open(KEY)
+    reopened = await backend.open(OTHER_KEY)
+    assert reopened.fingerprint == fingerprint
+    await assert_intact(reopened, secrets)

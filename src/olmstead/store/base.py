@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import vodozemac
 
 from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
 from olmstead.identities.device import Device
-from olmstead.store.pickle_key import DerivedKey
+from olmstead.store.pickle_key import DerivedKey, PickleKey
 
 __all__ = [
     "AccountRecord",
@@ -304,6 +304,19 @@ class CryptoStore(ABC):
         """The first event recorded under a Megolm session's message index."""
 
     @abstractmethod
+    async def _rekey(
+        self,
+        rewrap: dict[str, Callable[[str], str]],
+        key_check: str,
+        holder: str,
+        generation: int,
+        progress: Callable[[int], object] | None,
+    ) -> None:
+        """In one transaction fenced by the lease: replace every pickle of each kind
+        (``account``, ``olm``, ``inbound``, ``outbound``) with ``rewrap(pickle)`` and the
+        key check with ``key_check``; call ``progress(1)`` after each row."""
+
+    @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         """Take or extend the lease for ``holder`` if it is free, expired or its own.
 
@@ -432,6 +445,41 @@ class CryptoStore(ABC):
             state["rotation_msgs"],
             state["rotation_ms"],
         )
+
+    async def rekey(
+        self, new_key: PickleKey, progress: Callable[[int], object] | None = None
+    ) -> str:
+        """Re-encrypt every secret under ``new_key``; returns its fingerprint.
+
+        One transaction: if it is interrupted anywhere, the store still opens with
+        the old key and only with it; once it commits, only with the new one.
+        """
+        if self._lock is None:
+            raise StoreLockLost(self.name, "it expired before the rekey")
+        generation = await self.ensure_lease()
+        record, derived = new_key.new_key_check()
+        old, new = self._key.key, derived.key
+        kinds: dict[str, Any] = {
+            "account": vodozemac.Account,
+            "olm": vodozemac.Session,
+            "inbound": vodozemac.InboundGroupSession,
+            "outbound": vodozemac.GroupSession,
+        }
+
+        def rewrapper(kind: Any) -> Callable[[str], str]:
+            def rewrap(pickle: str) -> str:
+                try:
+                    text: str = kind.from_pickle(pickle, old).pickle(new)
+                except ValueError as exc:
+                    raise StoreCorrupt(self.name, f"a secret does not unpickle: {exc}") from None
+                return text
+
+            return rewrap
+
+        rewrap = {name: rewrapper(kind) for name, kind in kinds.items()}
+        await self._rekey(rewrap, record, self.holder, generation, progress)
+        self._key = derived
+        return derived.fingerprint
 
     async def save_changes(self, changes: Changes) -> None:
         """Commit ``changes`` in one transaction, fenced by this handle's lease."""

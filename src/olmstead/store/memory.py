@@ -8,6 +8,7 @@ a caller changes after ``save_changes`` does not leak into the store. Several
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from olmstead.errors import StoreLockLost
@@ -137,6 +138,39 @@ class MemoryStore(CryptoStore):
             self._db.message_indices.setdefault(
                 (session_id, index), MessageIndex(session_id, index, event_id, origin_ts)
             )
+
+    async def _rekey(
+        self,
+        rewrap: dict[str, Callable[[str], str]],
+        key_check: str,
+        holder: str,
+        generation: int,
+        progress: Callable[[int], object] | None,
+    ) -> None:
+        lock = self._db.lock
+        if lock is None or lock.holder != holder or lock.generation != generation:
+            raise StoreLockLost(self.name, f"now held by {lock.holder if lock else 'nobody'}")
+        tick = progress or (lambda _n: None)
+        # build everything first, then swap: all or nothing, as in the SQL backends
+        account = self._db.account
+        if account is not None:
+            account = (account[0], account[1], rewrap["account"](account[2]), account[3])
+            tick(1)
+        olm = {}
+        for key, (pickle, created, used) in self._db.olm_sessions.items():
+            olm[key] = (rewrap["olm"](pickle), created, used)
+            tick(1)
+        inbound = {}
+        for key, (sender, signing, pickle) in self._db.inbound_group.items():
+            inbound[key] = (sender, signing, rewrap["inbound"](pickle))
+            tick(1)
+        outbound = {}
+        for room, (pickle, state) in self._db.outbound_group.items():
+            outbound[room] = (rewrap["outbound"](pickle), state)
+            tick(1)
+        self._db.account, self._db.olm_sessions = account, olm
+        self._db.inbound_group, self._db.outbound_group = inbound, outbound
+        self._db.key_check = key_check
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         self._db.lock = next_lock_row(self._db.lock, holder, duration, time.time())

@@ -329,6 +329,54 @@ class PostgresStore(CryptoStore):
 
         await self._run(write)
 
+    async def _rekey(
+        self,
+        rewrap: dict[str, Callable[[str], str]],
+        key_check: str,
+        holder: str,
+        generation: int,
+        progress: Callable[[int], object] | None,
+    ) -> None:
+        a = self.account_id
+        tables = {  # kind: (table, the rest of its primary key)
+            "account": ("olmstead_account", ("account_id",)),
+            "olm": ("olmstead_olm_sessions", ("sender_key", "session_id")),
+            "inbound": ("olmstead_inbound_group_sessions", ("room_id", "session_id")),
+            "outbound": ("olmstead_outbound_group_sessions", ("room_id",)),
+        }
+
+        async def rekey(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT holder, generation FROM olmstead_lease WHERE account_id = $1 "
+                    "FOR UPDATE",
+                    a,
+                )
+                if row is None or row[0] != holder or row[1] != generation:
+                    raise StoreLockLost(self.name, f"now held by {row[0] if row else 'nobody'}")
+                for kind, (table, key) in tables.items():
+                    columns = ", ".join(key)
+                    where = " AND ".join(f"{c} = ${i + 3}" for i, c in enumerate(key))
+                    async for found in conn.cursor(
+                        f"SELECT {columns}, pickle FROM {table} WHERE account_id = $1", a
+                    ):
+                        await conn.execute(
+                            f"UPDATE {table} SET pickle = $2 WHERE account_id = $1 AND {where}",
+                            a,
+                            rewrap[kind](found["pickle"]),
+                            *[found[c] for c in key],
+                        )
+                        if progress is not None:
+                            progress(1)
+                await conn.execute(
+                    "UPDATE olmstead_meta SET value = $2 WHERE account_id = $1 AND "
+                    "key = 'key_check'",
+                    a,
+                    key_check,
+                )
+
+        await self._run(rekey)
+
     # --- the lease -----------------------------------------------------------------------------
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:

@@ -270,6 +270,47 @@ class SqliteStore(CryptoStore):
 
         await self._run(_transaction, self._conn, write)
 
+    async def _rekey(
+        self,
+        rewrap: dict[str, Callable[[str], str]],
+        key_check: str,
+        holder: str,
+        generation: int,
+        progress: Callable[[int], object] | None,
+    ) -> None:
+        tables = {
+            "account": "account",
+            "olm": "olm_sessions",
+            "inbound": "inbound_group_sessions",
+            "outbound": "outbound_group_sessions",
+        }
+
+        def rekey(conn: sqlite3.Connection) -> None:
+            row = _lock_row(conn)
+            if row is None or row.holder != holder or row.generation != generation:
+                raise StoreLockLost(self.name, f"now held by {row.holder if row else 'nobody'}")
+            for kind, table in tables.items():
+                last = 0
+                while True:  # a page at a time, by rowid: memory stays flat
+                    page = conn.execute(
+                        f"SELECT rowid, pickle FROM {table} WHERE rowid > ? "
+                        "ORDER BY rowid LIMIT 500",
+                        (last,),
+                    ).fetchall()
+                    for rowid, pickle in page:
+                        conn.execute(
+                            f"UPDATE {table} SET pickle = ? WHERE rowid = ?",
+                            (rewrap[kind](pickle), rowid),
+                        )
+                        if progress is not None:
+                            progress(1)
+                    if len(page) < 500:
+                        break
+                    last = page[-1][0]
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'key_check'", (key_check,))
+
+        await self._run(_transaction, self._conn, rekey)
+
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         def take(conn: sqlite3.Connection) -> LockRow:
             row = _lock_row(conn)
