@@ -29,7 +29,13 @@ from olmstead.errors import KeyFileError
 from olmstead.sessions.group_sessions import MEGOLM_ALGORITHM
 from olmstead.store.base import InboundGroupSessionRecord
 
-__all__ = ["decrypt_key_file", "encrypt_key_file", "export_entries", "import_entries"]
+__all__ = [
+    "decrypt_key_file",
+    "encrypt_key_file",
+    "export_entries",
+    "import_entries",
+    "read_key_file",
+]
 
 HEADER = "-----BEGIN MEGOLM SESSION DATA-----"
 FOOTER = "-----END MEGOLM SESSION DATA-----"
@@ -128,6 +134,15 @@ def import_entries(entries: Any) -> tuple[list[InboundGroupSessionRecord], int]:
         except (KeyError, TypeError, ValueError):
             skipped += 1
     return records, skipped
+
+
+def read_key_file(armoured: str, passphrase: str) -> tuple[list[InboundGroupSessionRecord], int]:
+    """The sessions a key file holds, and how many of its entries were unusable."""
+    try:
+        entries = json.loads(decrypt_key_file(armoured, passphrase))
+    except ValueError as exc:
+        raise KeyFileError(f"the key file decrypts, but not to JSON: {exc}") from None
+    return import_entries(entries)
 
 
 def entries_json(entries: list[dict[str, Any]]) -> bytes:

@@ -17,7 +17,6 @@ the server saw is missing from it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -30,7 +29,6 @@ import vodozemac
 from olmstead import key_export
 from olmstead.errors import (
     DecryptionError,
-    KeyFileError,
     KeyStateError,
     LocalProtocolError,
     OlmSessionError,
@@ -444,32 +442,38 @@ class OlmMachine:
         *,
         progress: Callable[[int], object] | None = None,
     ) -> tuple[int, int]:
-        """Import a key export file; how many sessions were new or better, and how many skipped.
+        """Import a key export file; how many sessions were new or better, and how many skipped."""
+        records, skipped = key_export.read_key_file(armoured, passphrase)
+        return await self.add_room_keys(records, progress=progress), skipped
+
+    async def add_room_keys(
+        self,
+        records: list[InboundGroupSessionRecord],
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Store room keys from elsewhere (an import); how many were new or better.
 
         A session we already hold from an earlier message index is kept as it is.
         """
-        try:
-            entries = json.loads(key_export.decrypt_key_file(armoured, passphrase))
-        except ValueError as exc:
-            raise KeyFileError(f"the key file decrypts, but not to JSON: {exc}") from None
-        records, skipped = key_export.import_entries(entries)
-        imported = 0
+        added = 0
         async with self._mutex:
             await self._refresh()
             for start in range(0, len(records), 500):
-                batch = []
-                for record in records[start : start + 500]:
+                page = records[start : start + 500]
+                better = []
+                for record in page:
                     known = await self.store.get_inbound_group_session(
                         record.room_id, record.session_id
                     )
                     first = record.session.first_known_index
                     if known is None or known.session.first_known_index > first:
-                        batch.append(record)
-                await self._commit(Changes(inbound_group_sessions=batch))
-                imported += len(batch)
+                        better.append(record)
+                await self._commit(Changes(inbound_group_sessions=better))
+                added += len(better)
                 if progress is not None:
-                    progress(len(records[start : start + 500]))
-        return imported, skipped
+                    progress(len(page))
+        return added
 
     # --- Olm sessions and to-device encryption ------------------------------------------------
 

@@ -268,3 +268,10 @@ async def test_rekey_moves_every_secret_to_the_new_key(backend: Backend) -> None
     reopened = await backend.open(OTHER_KEY)
     assert reopened.fingerprint == fingerprint
     await assert_intact(reopened, secrets)
+
+
+async def test_secrets_are_counted_by_kind(backend: Backend) -> None:
+    store = await backend.open()
+    assert await store.count_secrets() == {"account": 0, "olm": 0, "inbound": 0, "outbound": 0}
+    await fill(store, count=3)
+    assert await store.count_secrets() == {"account": 1, "olm": 3, "inbound": 3, "outbound": 1}

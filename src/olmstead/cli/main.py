@@ -1,12 +1,36 @@
-"""The ``olmstead`` command."""
+"""The ``olmstead`` command: the demo, and the store tools an operator needs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from olmstead.cli.stores import existing, open_store, pickle_key
+from olmstead.errors import OlmsteadError
+
 __all__ = ["main"]
+
+T = TypeVar("T")
+
+STORE = click.option(
+    "--store",
+    required=True,
+    callback=lambda _ctx, _param, value: existing(value),
+    help="An existing SQLite store file, or a postgresql:// DSN.",
+)
+ACCOUNT = click.option(
+    "--account", default="default", show_default=True, help="The device's account in PostgreSQL."
+)
+KEY_FILE = click.option(
+    "--key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A raw pickle key file; otherwise $OLMSTEAD_PICKLE_KEY, otherwise a prompt.",
+)
 
 
 @click.group()
@@ -25,3 +49,123 @@ def demo() -> None:
     from olmstead.demo import run_demo
 
     run_demo(click.echo)
+
+
+@main.group()
+def store() -> None:
+    """Work on a crypto store."""
+
+
+@store.command()
+@STORE
+@ACCOUNT
+@KEY_FILE
+@click.option(
+    "--new-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The new raw key file; otherwise $OLMSTEAD_NEW_PICKLE_KEY, otherwise a prompt.",
+)
+def rekey(store: str, account: str, key_file: Path | None, new_key_file: Path | None) -> None:
+    """Re-encrypt every secret of a store under a new pickle key, in one transaction."""
+    old = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Current pickle key")
+    new = pickle_key("OLMSTEAD_NEW_PICKLE_KEY", new_key_file, "New pickle key")
+
+    async def run() -> None:
+        opened = await open_store(store, account, old)
+        try:
+            total = sum((await opened.count_secrets()).values())
+            click.echo(f"{opened.name}: {total} secrets under key {opened.fingerprint}")
+            with click.progressbar(length=total, label="Re-encrypting") as bar:
+                fingerprint = await opened.rekey(new, progress=bar.update)
+            click.echo(f"Done: the store now opens with key {fingerprint} only.")
+        finally:
+            await opened.close()
+
+    _run(run)
+
+
+@main.group()
+def keys() -> None:
+    """Room keys in and out of a store, in the key export file format Element uses."""
+
+
+@keys.command("export")
+@STORE
+@ACCOUNT
+@KEY_FILE
+@click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
+def export_keys(store: str, account: str, key_file: Path | None, out: Path) -> None:
+    """Write every room key of the store to OUT, encrypted with a passphrase."""
+    from olmstead.machine import OlmMachine
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    passphrase = _passphrase(confirm=True)
+
+    async def run() -> tuple[str, int]:
+        opened = await open_store(store, account, key)
+        try:
+            machine = await _machine(opened, OlmMachine)
+            total = (await opened.count_secrets())["inbound"]
+            with click.progressbar(length=total, label="Exporting room keys") as bar:
+                return await machine.export_room_keys(passphrase, progress=bar.update), total
+        finally:
+            await opened.close()
+
+    armoured, total = _run(run)
+    out.write_text(armoured)
+    out.chmod(0o600)
+    click.echo(f"Exported {total} room keys to {out}.")
+
+
+@keys.command("import")
+@STORE
+@ACCOUNT
+@KEY_FILE
+@click.argument("infile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def import_keys(store: str, account: str, key_file: Path | None, infile: Path) -> None:
+    """Add the room keys in INFILE to the store (better copies of known ones only)."""
+    from olmstead.key_export import read_key_file
+    from olmstead.machine import OlmMachine
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    armoured = infile.read_text()
+    try:
+        records, skipped = read_key_file(armoured, _passphrase(confirm=False))
+    except OlmsteadError as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
+
+    async def run() -> int:
+        opened = await open_store(store, account, key)
+        try:
+            machine = await _machine(opened, OlmMachine)
+            with click.progressbar(length=len(records), label="Importing room keys") as bar:
+                return int(await machine.add_room_keys(records, progress=bar.update))
+        finally:
+            await opened.close()
+
+    added = _run(run)
+    click.echo(f"Imported {added} room keys; skipped {skipped} unusable entries.")
+
+
+def _passphrase(confirm: bool) -> str:
+    import os
+
+    value = os.environ.get("OLMSTEAD_EXPORT_PASSPHRASE")
+    if value is None:
+        value = click.prompt("Key file passphrase", hide_input=True, confirmation_prompt=confirm)
+    return value
+
+
+async def _machine(store: Any, machine_type: Any) -> Any:
+    record = await store.load_account()
+    if record is None:
+        raise click.ClickException(f"{store.name} holds no device account yet")
+    return await machine_type.open(store, record.user_id, record.device_id)
+
+
+def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command; olmstead's errors become a message and exit code 1, not a traceback."""
+    try:
+        return asyncio.run(coroutine())
+    except OlmsteadError as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error

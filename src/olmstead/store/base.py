@@ -317,6 +317,10 @@ class CryptoStore(ABC):
         key check with ``key_check``; call ``progress(1)`` after each row."""
 
     @abstractmethod
+    async def count_secrets(self) -> dict[str, int]:
+        """How many pickles of each kind (``account``, ``olm``, ``inbound``, ``outbound``)."""
+
+    @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         """Take or extend the lease for ``holder`` if it is free, expired or its own.
 

@@ -139,6 +139,14 @@ class MemoryStore(CryptoStore):
                 (session_id, index), MessageIndex(session_id, index, event_id, origin_ts)
             )
 
+    async def count_secrets(self) -> dict[str, int]:
+        return {
+            "account": int(self._db.account is not None),
+            "olm": len(self._db.olm_sessions),
+            "inbound": len(self._db.inbound_group),
+            "outbound": len(self._db.outbound_group),
+        }
+
     async def _rekey(
         self,
         rewrap: dict[str, Callable[[str], str]],

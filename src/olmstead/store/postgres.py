@@ -329,6 +329,26 @@ class PostgresStore(CryptoStore):
 
         await self._run(write)
 
+    async def count_secrets(self) -> dict[str, int]:
+        tables = {
+            "account": "olmstead_account",
+            "olm": "olmstead_olm_sessions",
+            "inbound": "olmstead_inbound_group_sessions",
+            "outbound": "olmstead_outbound_group_sessions",
+        }
+
+        async def count(conn: asyncpg.Connection) -> dict[str, int]:
+            return {
+                kind: int(
+                    await conn.fetchval(
+                        f"SELECT count(*) FROM {table} WHERE account_id = $1", self.account_id
+                    )
+                )
+                for kind, table in tables.items()
+            }
+
+        return await self._run(count)
+
     async def _rekey(
         self,
         rewrap: dict[str, Callable[[str], str]],

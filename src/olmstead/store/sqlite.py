@@ -270,6 +270,22 @@ class SqliteStore(CryptoStore):
 
         await self._run(_transaction, self._conn, write)
 
+    async def count_secrets(self) -> dict[str, int]:
+        tables = {
+            "account": "account",
+            "olm": "olm_sessions",
+            "inbound": "inbound_group_sessions",
+            "outbound": "outbound_group_sessions",
+        }
+
+        def count() -> dict[str, int]:
+            return {
+                kind: int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for kind, table in tables.items()
+            }
+
+        return await self._run(count)
+
     async def _rekey(
         self,
         rewrap: dict[str, Callable[[str], str]],

@@ -1,0 +1,50 @@
+"""How the operator commands find a store and its pickle key, without secrets on the command line.
+
+A store is an SQLite path or a ``postgresql://`` DSN (with ``--account``). A pickle
+key comes from an environment variable (a string, as bridge configs hold it), a
+key file (32 raw bytes, base64, as ``load_or_create_key_file`` writes it), or a
+hidden prompt — never from an argument, which other users could read in ``ps``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import click
+
+from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
+
+__all__ = ["existing", "open_store", "pickle_key"]
+
+
+def pickle_key(env: str, key_file: Path | None, prompt: str) -> PickleKey:
+    """The pickle key from ``key_file``, else the environment variable ``env``, else a prompt."""
+    if key_file is not None:
+        raw = base64.b64decode(key_file.read_bytes().strip(), validate=True)
+        return PickleKey(raw)
+    value = os.environ.get(env)
+    if value is None:
+        value = click.prompt(prompt, hide_input=True)
+    return PickleKey(value)
+
+
+def is_postgres(store: str) -> bool:
+    return store.startswith(("postgresql://", "postgres://"))
+
+
+def existing(store: str) -> str:
+    """``store``, if it names a DSN or an SQLite file that exists: the tools never create one."""
+    if not is_postgres(store) and not Path(store).exists():
+        raise click.UsageError(f"no store at {store}: give an existing SQLite file or a DSN")
+    return store
+
+
+async def open_store(store: str, account: str, key: PickleKey) -> CryptoStore:
+    lease = LeaseSettings(wait=30.0)
+    if is_postgres(store):
+        from olmstead.store.postgres import PostgresStore
+
+        return await PostgresStore.open(store, key, account=account, lease=lease)
+    return await SqliteStore.open(store, key, lease=lease)
