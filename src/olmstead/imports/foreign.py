@@ -1,0 +1,148 @@
+"""What a foreign store holds once read, and how it becomes an olmstead device.
+
+Readers (``mautrix.py``) turn another library's store into a ``ForeignStore``:
+vodozemac objects unpickled from libolm pickles, with the pickle key that opened
+them. ``import_into`` commits it to an empty olmstead store in one transaction.
+
+libolm accounts need one repair on the way in. vodozemac 0.10 restores a libolm
+account's one-time key counter one short: the next key it makes takes the ID of
+the last key the account already has, replacing it. Uploaded, that is a second
+key under an ID the server may already hold (the seed failure again). So right
+after unpickling, ``burn_reused_key_id`` makes one key and checks where it
+landed: the counter is then past every imported ID, and every key made after it
+has an ID the device never used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import vodozemac
+
+from olmstead.errors import StoreError, StoreMismatch
+from olmstead.store.base import (
+    AccountRecord,
+    Changes,
+    CryptoStore,
+    InboundGroupSessionRecord,
+    OlmSessionRecord,
+)
+
+__all__ = [
+    "KNOWN_DEFAULT_KEYS",
+    "ForeignStore",
+    "UnknownForeignKey",
+    "burn_reused_key_id",
+    "import_into",
+    "unpickle_libolm_account",
+]
+
+log = logging.getLogger(__name__)
+
+#: pickle keys that bridges and bots shipped as defaults (see docs/keys-and-stores.md)
+KNOWN_DEFAULT_KEYS = (
+    "mautrix.bridge.e2ee",
+    "maunium.net/go/mautrix-whatsapp",
+    "go.mau.fi/mautrix-gmessages",
+    "maunium.net/go/mautrix-signal",
+    "go.mau.fi/meowlnir",
+    "DEFAULT_KEY",
+)
+
+
+class UnknownForeignKey(StoreError):
+    """None of the candidate pickle keys opens a foreign store's account."""
+
+    def __init__(self, store: str, tried: int, defaults: Iterable[str]) -> None:
+        self.store = store
+        self.tried = tried
+        super().__init__(
+            f"no candidate opens the account in {store}: tried {tried} keys you gave and the "
+            f"known defaults ({', '.join(defaults)}). Find the pickle key the bridge or bot "
+            "was configured with (its config file, an old backup of it, its environment) and "
+            "pass it as a candidate. Nothing was imported."
+        )
+
+
+@dataclass
+class ForeignStore:
+    """A foreign store's device, read and unpickled."""
+
+    kind: str
+    source: str
+    user_id: str
+    device_id: str
+    shared: bool
+    account: vodozemac.Account
+    #: which candidate opened it: "default: <key>" for a known default, else "candidate #n"
+    key_used: str
+    olm_sessions: list[OlmSessionRecord] = field(default_factory=list)
+    inbound: list[InboundGroupSessionRecord] = field(default_factory=list)
+    skipped: int = 0
+
+
+def unpickle_libolm_account(
+    pickle: str, candidates: Iterable[str], source: str
+) -> tuple[vodozemac.Account, str, str]:
+    """The account, the key that opened it, and how to name that key to the operator."""
+    given = list(candidates)
+    for n, key in enumerate([*given, *KNOWN_DEFAULT_KEYS]):
+        try:
+            account = vodozemac.Account.from_libolm_pickle(pickle, key.encode())
+        except ValueError:
+            continue
+        label = f"candidate #{n + 1}" if n < len(given) else f"the known default {key!r}"
+        return account, key, label
+    raise UnknownForeignKey(source, len(given), KNOWN_DEFAULT_KEYS)
+
+
+def burn_reused_key_id(account: vodozemac.Account) -> str | None:
+    """Move the key counter past every imported ID; the ID of a key replaced on the way, if any.
+
+    The replaced key can only be an unpublished one (published private keys are not
+    in ``one_time_keys`` before and after), and an unpublished key never left the
+    old library: it saved its account only after uploading.
+    """
+    before = {key_id: key.to_base64() for key_id, key in account.one_time_keys.items()}
+    account.generate_one_time_keys(1)
+    after = {key_id: key.to_base64() for key_id, key in account.one_time_keys.items()}
+    replaced = [key_id for key_id, key in before.items() if after.get(key_id) != key]
+    if replaced:
+        log.warning("import: one-time key %s was replaced to repair the key counter", replaced[0])
+    return replaced[0] if replaced else None
+
+
+async def import_into(foreign: ForeignStore, store: CryptoStore) -> None:
+    """Commit a foreign device into an olmstead store that holds no device yet (or this one)."""
+    existing = await store.load_account()
+    if existing is not None:
+        if (existing.user_id, existing.device_id) != (foreign.user_id, foreign.device_id):
+            raise StoreMismatch(
+                store.name,
+                (existing.user_id, existing.device_id),
+                (foreign.user_id, foreign.device_id),
+            )
+        if existing.account.ed25519_key != foreign.account.ed25519_key:
+            raise StoreError(
+                f"{store.name} already holds device {foreign.device_id} with other identity "
+                "keys than the store being imported; import into an empty store."
+            )
+    record = AccountRecord(foreign.user_id, foreign.device_id, foreign.account, foreign.shared)
+    await store.save_changes(
+        Changes(
+            account=record,
+            olm_sessions=foreign.olm_sessions,
+            inbound_group_sessions=foreign.inbound,
+        )
+    )
+    log.info(
+        "imported %s device %s of %s: %d Olm sessions, %d room keys (%d skipped)",
+        foreign.kind,
+        foreign.device_id,
+        foreign.user_id,
+        len(foreign.olm_sessions),
+        len(foreign.inbound),
+        foreign.skipped,
+    )

@@ -1,0 +1,143 @@
+"""Read a mautrix crypto store (mautrix-python or mautrix-go; SQLite or PostgreSQL).
+
+The tables (``crypto_account``, ``crypto_olm_session``,
+``crypto_megolm_inbound_session``) hold libolm pickles made with the bridge's
+pickle key. The store is only read: nothing in it is changed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from contextlib import closing
+from datetime import datetime
+from typing import Any
+
+import vodozemac
+
+from olmstead.errors import StoreCorrupt
+from olmstead.imports.foreign import ForeignStore, burn_reused_key_id, unpickle_libolm_account
+from olmstead.store.base import InboundGroupSessionRecord, OlmSessionRecord
+
+__all__ = ["read_mautrix_postgres", "read_mautrix_sqlite"]
+
+_ACCOUNT = "SELECT account_id, device_id, shared, account FROM crypto_account"
+_OLM = (
+    "SELECT sender_key, session, created_at, last_decrypted FROM crypto_olm_session "
+    "WHERE account_id = {p}"
+)
+_MEGOLM = (
+    "SELECT room_id, sender_key, signing_key, session FROM crypto_megolm_inbound_session "
+    "WHERE account_id = {p} AND session IS NOT NULL"
+)
+
+
+def read_mautrix_sqlite(
+    path: str, candidates: Iterable[str], user_id: str | None = None
+) -> ForeignStore:
+    """Read the (only, or ``user_id``'s) device of a mautrix SQLite crypto store, read-only."""
+    source = f"mautrix store {path}"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreCorrupt(source, str(exc)) from exc
+    with closing(conn):
+        try:
+            accounts = conn.execute(_ACCOUNT).fetchall()
+            account_id, device_id, shared, pickle = _pick(accounts, user_id, source)
+            olm = conn.execute(_OLM.format(p="?"), (account_id,)).fetchall()
+            megolm = conn.execute(_MEGOLM.format(p="?"), (account_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreCorrupt(source, f"not a mautrix crypto store: {exc}") from exc
+    return _unpickle(
+        "mautrix", source, account_id, device_id, shared, pickle, olm, megolm, candidates
+    )
+
+
+async def read_mautrix_postgres(
+    dsn: str, candidates: Iterable[str], user_id: str | None = None
+) -> ForeignStore:
+    """The same for a mautrix store in PostgreSQL (needs the ``postgres`` extra)."""
+    import asyncpg
+
+    source = "mautrix store in PostgreSQL"
+    conn = await asyncpg.connect(dsn)
+    try:
+        accounts = [tuple(r) for r in await conn.fetch(_ACCOUNT)]
+        account_id, device_id, shared, pickle = _pick(accounts, user_id, source)
+        olm = [tuple(r) for r in await conn.fetch(_OLM.format(p="$1"), account_id)]
+        megolm = [tuple(r) for r in await conn.fetch(_MEGOLM.format(p="$1"), account_id)]
+    except asyncpg.PostgresError as exc:
+        raise StoreCorrupt(source, f"not a mautrix crypto store: {exc}") from exc
+    finally:
+        await conn.close()
+    return _unpickle(
+        "mautrix", source, account_id, device_id, shared, pickle, olm, megolm, candidates
+    )
+
+
+def _pick(rows: list[Any], user_id: str | None, source: str) -> tuple[str, str, bool, Any]:
+    if user_id is not None:
+        rows = [r for r in rows if r[0] == user_id]
+    if len(rows) != 1:
+        ids = ", ".join(str(r[0]) for r in rows) or "none"
+        raise StoreCorrupt(
+            source, f"expected one device account, found {len(rows)} ({ids}): name the user ID"
+        )
+    account_id, device_id, shared, pickle = rows[0]
+    return str(account_id), str(device_id), bool(shared), pickle
+
+
+def _text(pickle: Any) -> str:
+    if isinstance(pickle, bytes | bytearray | memoryview):
+        return bytes(pickle).decode()
+    return str(pickle)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return 0.0
+    return float(value or 0)
+
+
+def _unpickle(
+    kind: str,
+    source: str,
+    account_id: str,
+    device_id: str,
+    shared: bool,
+    pickle: Any,
+    olm_rows: list[Any],
+    megolm_rows: list[Any],
+    candidates: Iterable[str],
+) -> ForeignStore:
+    account, key, label = unpickle_libolm_account(_text(pickle), candidates, source)
+    burn_reused_key_id(account)
+    foreign = ForeignStore(kind, source, account_id, device_id, shared, account, label)
+    secret = key.encode()
+    for sender_key, session, created, used in olm_rows:
+        try:
+            restored = vodozemac.Session.from_libolm_pickle(_text(session), secret)
+        except ValueError:
+            foreign.skipped += 1
+            continue
+        foreign.olm_sessions.append(
+            OlmSessionRecord(str(sender_key), restored, _seconds(created), _seconds(used))
+        )
+    for room_id, sender_key, signing_key, session in megolm_rows:
+        try:
+            inbound = vodozemac.InboundGroupSession.from_libolm_pickle(_text(session), secret)  # type: ignore[attr-defined]
+        except ValueError:
+            foreign.skipped += 1
+            continue
+        foreign.inbound.append(
+            InboundGroupSessionRecord(
+                str(room_id), str(sender_key), str(signing_key or ""), inbound
+            )
+        )
+    return foreign

@@ -1,0 +1,83 @@
+"""libolm accounts moved to olmstead: no key ID is ever issued twice, published keys still work.
+
+vodozemac 0.10 restores a libolm account's key counter one short; without the
+repair the first new key replaces the last imported one under the same ID.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import olm
+import vodozemac
+
+from olmstead import KeysUploadRequest, MemoryDatabase, MemoryStore, OlmMachine
+from olmstead.imports.foreign import ForeignStore, burn_reused_key_id, import_into
+from tests.conftest import FAST_LEASE, KEY
+
+
+def libolm_account() -> tuple[olm.Account, dict[str, str]]:
+    """A libolm account with five published keys and two not yet uploaded."""
+    account = olm.Account()
+    account.generate_one_time_keys(5)
+    published = dict(account.one_time_keys["curve25519"])
+    account.mark_keys_as_published()
+    account.generate_one_time_keys(2)
+    return account, published
+
+
+def test_the_vodozemac_import_bug_is_real_and_repaired() -> None:
+    account, _published = libolm_account()
+    pickle = account.pickle("k").decode()
+
+    naive = vodozemac.Account.from_libolm_pickle(pickle, b"k")
+    imported = {k: v.to_base64() for k, v in naive.one_time_keys.items()}
+    naive.generate_one_time_keys(1)
+    clobbered = [k for k, v in imported.items() if naive.one_time_keys[k].to_base64() != v]
+    assert clobbered  # the bug: a new key took an imported key's ID
+
+    repaired = vodozemac.Account.from_libolm_pickle(pickle, b"k")
+    burn_reused_key_id(repaired)
+    before = {k: v.to_base64() for k, v in repaired.one_time_keys.items()}
+    repaired.generate_one_time_keys(10)
+    after = {k: v.to_base64() for k, v in repaired.one_time_keys.items()}
+    assert all(after[k] == v for k, v in before.items())  # nothing replaced any more
+    assert len(after) == len(before) + 10
+
+
+async def test_an_imported_account_never_reuses_a_key_id() -> None:
+    account, published = libolm_account()
+    restored = vodozemac.Account.from_libolm_pickle(account.pickle("k").decode(), b"k")
+    burn_reused_key_id(restored)
+    db = MemoryDatabase()
+    store = await MemoryStore.open(KEY, db, lease=FAST_LEASE)
+    await import_into(
+        ForeignStore("mautrix", "test", "@bridge:x", "BRIDGEDEV", True, restored, "test"), store
+    )
+    machine = await OlmMachine.open(store, "@bridge:x", "BRIDGEDEV")
+
+    uploads: list[dict[str, Any]] = []
+    for count in (None, 10, 3):  # the pending keys, then two refills
+        if count is not None:
+            await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": count})
+        (upload,) = await machine.outgoing_requests()
+        assert isinstance(upload, KeysUploadRequest)
+        uploads.append(upload.one_time_keys)
+        await machine.mark_request_as_sent(upload.request_id, {"one_time_key_counts": {}})
+
+    seen: dict[str, str] = {}
+    for batch in uploads:
+        for key_id, key in batch.items():
+            assert seen.setdefault(key_id, key["key"]) == key["key"], f"{key_id} reused"
+    # the keys libolm had published still open sessions with the imported account
+    stored = await store.load_account()
+    assert stored is not None
+    for public in published.values():
+        peer = vodozemac.Account()
+        session = peer.create_outbound_session(
+            stored.account.curve25519_key, vodozemac.Curve25519PublicKey.from_base64(public)
+        )
+        message = session.encrypt(b"to the old key").to_pre_key()
+        assert message is not None
+        _, plaintext = stored.account.create_inbound_session(peer.curve25519_key, message)
+        assert plaintext == b"to the old key"
