@@ -16,8 +16,10 @@ has an ID the device never used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
 
 import vodozemac
 
@@ -35,11 +37,16 @@ __all__ = [
     "ForeignStore",
     "UnknownForeignKey",
     "burn_reused_key_id",
+    "first_key_that_opens",
     "import_into",
+    "pickle_text",
+    "seconds",
     "unpickle_libolm_account",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: pickle keys that bridges and bots shipped as defaults (see docs/keys-and-stores.md)
 KNOWN_DEFAULT_KEYS = (
@@ -83,19 +90,48 @@ class ForeignStore:
     skipped: int = 0
 
 
+def first_key_that_opens(
+    candidates: Iterable[str], source: str, attempt: Callable[[str], T]
+) -> tuple[T, str, str]:
+    """``attempt(key)`` for the operator's candidates, then the known defaults, until one
+    does not raise ``ValueError``: its result, the key, and how to name the key."""
+    given = list(candidates)
+    for n, key in enumerate([*given, *KNOWN_DEFAULT_KEYS]):
+        try:
+            result = attempt(key)
+        except ValueError:
+            continue
+        label = f"candidate #{n + 1}" if n < len(given) else f"the known default {key!r}"
+        return result, key, label
+    raise UnknownForeignKey(source, len(given), KNOWN_DEFAULT_KEYS)
+
+
 def unpickle_libolm_account(
     pickle: str, candidates: Iterable[str], source: str
 ) -> tuple[vodozemac.Account, str, str]:
     """The account, the key that opened it, and how to name that key to the operator."""
-    given = list(candidates)
-    for n, key in enumerate([*given, *KNOWN_DEFAULT_KEYS]):
+    return first_key_that_opens(
+        candidates, source, lambda key: vodozemac.Account.from_libolm_pickle(pickle, key.encode())
+    )
+
+
+def pickle_text(pickle: Any) -> str:
+    """A pickle as stored (text, bytes or a database buffer) as text."""
+    if isinstance(pickle, bytes | bytearray | memoryview):
+        return bytes(pickle).decode()
+    return str(pickle)
+
+
+def seconds(value: Any) -> float:
+    """A stored timestamp (datetime, ISO text or a number) as seconds since the epoch."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
         try:
-            account = vodozemac.Account.from_libolm_pickle(pickle, key.encode())
+            return datetime.fromisoformat(value).timestamp()
         except ValueError:
-            continue
-        label = f"candidate #{n + 1}" if n < len(given) else f"the known default {key!r}"
-        return account, key, label
-    raise UnknownForeignKey(source, len(given), KNOWN_DEFAULT_KEYS)
+            return 0.0
+    return float(value or 0)
 
 
 def burn_reused_key_id(account: vodozemac.Account) -> str | None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from contextlib import closing
-from datetime import datetime
 from typing import Any
 
 import vodozemac
 
 from olmstead.errors import StoreCorrupt
-from olmstead.imports.foreign import ForeignStore, burn_reused_key_id, unpickle_libolm_account
+from olmstead.imports.foreign import (
+    ForeignStore,
+    burn_reused_key_id,
+    pickle_text,
+    seconds,
+    unpickle_libolm_account,
+)
 from olmstead.store.base import InboundGroupSessionRecord, OlmSessionRecord
 
 __all__ = ["read_mautrix_postgres", "read_mautrix_sqlite"]
@@ -88,23 +93,6 @@ def _pick(rows: list[Any], user_id: str | None, source: str) -> tuple[str, str, 
     return str(account_id), str(device_id), bool(shared), pickle
 
 
-def _text(pickle: Any) -> str:
-    if isinstance(pickle, bytes | bytearray | memoryview):
-        return bytes(pickle).decode()
-    return str(pickle)
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return 0.0
-    return float(value or 0)
-
-
 def _unpickle(
     kind: str,
     source: str,
@@ -116,22 +104,22 @@ def _unpickle(
     megolm_rows: list[Any],
     candidates: Iterable[str],
 ) -> ForeignStore:
-    account, key, label = unpickle_libolm_account(_text(pickle), candidates, source)
+    account, key, label = unpickle_libolm_account(pickle_text(pickle), candidates, source)
     burn_reused_key_id(account)
     foreign = ForeignStore(kind, source, account_id, device_id, shared, account, label)
     secret = key.encode()
     for sender_key, session, created, used in olm_rows:
         try:
-            restored = vodozemac.Session.from_libolm_pickle(_text(session), secret)
+            restored = vodozemac.Session.from_libolm_pickle(pickle_text(session), secret)
         except ValueError:
             foreign.skipped += 1
             continue
         foreign.olm_sessions.append(
-            OlmSessionRecord(str(sender_key), restored, _seconds(created), _seconds(used))
+            OlmSessionRecord(str(sender_key), restored, seconds(created), seconds(used))
         )
     for room_id, sender_key, signing_key, session in megolm_rows:
         try:
-            inbound = vodozemac.InboundGroupSession.from_libolm_pickle(_text(session), secret)  # type: ignore[attr-defined]
+            inbound = vodozemac.InboundGroupSession.from_libolm_pickle(pickle_text(session), secret)  # type: ignore[attr-defined]
         except ValueError:
             foreign.skipped += 1
             continue
