@@ -6,12 +6,25 @@ repair the first new key replaces the last imported one under the same ID.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import olm
 import vodozemac
+from click.testing import CliRunner
 
-from olmstead import KeysUploadRequest, MemoryDatabase, MemoryStore, OlmMachine
+from olmstead import (
+    KeysUploadRequest,
+    MemoryDatabase,
+    MemoryStore,
+    OlmMachine,
+    PickleKey,
+    SqliteStore,
+)
+from olmstead.cli.main import main
 from olmstead.imports.foreign import ForeignStore, burn_reused_key_id, import_into
 from tests.conftest import FAST_LEASE, KEY
 
@@ -81,3 +94,48 @@ async def test_an_imported_account_never_reuses_a_key_id() -> None:
         assert message is not None
         _, plaintext = stored.account.create_inbound_session(peer.curve25519_key, message)
         assert plaintext == b"to the old key"
+
+
+def test_the_import_command_names_the_key_and_writes_a_new_store(tmp_path: Path) -> None:
+    account, _published = libolm_account()
+    source = tmp_path / "mautrix.db"
+    with closing(sqlite3.connect(source)) as conn:
+        conn.execute(
+            "CREATE TABLE crypto_account (account_id TEXT PRIMARY KEY, device_id TEXT, "
+            "shared BOOLEAN, sync_token TEXT, account BLOB)"
+        )
+        conn.execute(
+            "CREATE TABLE crypto_olm_session (account_id TEXT, session_id TEXT, "
+            "sender_key TEXT, session BLOB, created_at TEXT, last_decrypted TEXT, "
+            "last_encrypted TEXT)"
+        )
+        conn.execute(
+            "CREATE TABLE crypto_megolm_inbound_session (account_id TEXT, "
+            "session_id TEXT, sender_key TEXT, signing_key TEXT, room_id TEXT, "
+            "session BLOB)"
+        )
+        conn.execute(
+            "INSERT INTO crypto_account VALUES (?, ?, ?, ?, ?)",
+            ("@bridge:x", "BRIDGEDEV", True, "", account.pickle("go.mau.fi/meowlnir")),
+        )
+        conn.commit()
+    target = tmp_path / "olmstead.db"
+    env = {"OLMSTEAD_CANDIDATE_KEYS": "wrong\nalso wrong", "OLMSTEAD_PICKLE_KEY": "new key"}
+    result = CliRunner().invoke(
+        main, ["import", "mautrix", str(source), "--into", str(target)], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "the known default 'go.mau.fi/meowlnir'" in result.output
+    assert "Imported device BRIDGEDEV of @bridge:x" in result.output
+
+    async def identity() -> str:
+        store = await SqliteStore.open(target, PickleKey("new key"), lease=FAST_LEASE)
+        try:
+            record = await store.load_account()
+            assert record is not None
+            assert record.shared
+            return record.account.ed25519_key.to_base64()
+        finally:
+            await store.close()
+
+    assert asyncio.run(identity()) == account.identity_keys["ed25519"]

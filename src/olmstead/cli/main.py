@@ -147,6 +147,61 @@ def import_keys(store: str, account: str, key_file: Path | None, infile: Path) -
     click.echo(f"Imported {added} room keys; skipped {skipped} unusable entries.")
 
 
+@main.command("import")
+@click.argument("kind", type=click.Choice(["mautrix", "matrix-nio"]))
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--into",
+    "target",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The olmstead SQLite store to create (it must not exist yet).",
+)
+@click.option("--user-id", help="Whose device, when the source holds several.")
+@KEY_FILE
+def import_store(
+    kind: str, source: str, target: Path, user_id: str | None, key_file: Path | None
+) -> None:
+    """Move the device in another library's SQLite store to a new olmstead store.
+
+    Candidate pickle keys for SOURCE come from $OLMSTEAD_CANDIDATE_KEYS, one per line;
+    the known defaults (mautrix's, nio's) are tried after them. The new store's key
+    comes from --key-file, $OLMSTEAD_PICKLE_KEY or a prompt. SOURCE is only read.
+    """
+    import os
+
+    from olmstead.imports.foreign import import_into
+    from olmstead.imports.mautrix import read_mautrix_sqlite
+    from olmstead.imports.nio import read_nio_sqlite
+    from olmstead.store import SqliteStore
+
+    if target.exists():
+        raise click.UsageError(f"{target} exists: import into a new store")
+    candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
+    reader = read_mautrix_sqlite if kind == "mautrix" else read_nio_sqlite
+    try:
+        foreign = reader(source, candidates, user_id)
+    except OlmsteadError as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
+    click.echo(f"{foreign.source} opened with {foreign.key_used}.")
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store")
+
+    async def run() -> str:
+        store = await SqliteStore.open(target, key)
+        try:
+            await import_into(foreign, store)
+            return store.fingerprint
+        finally:
+            await store.close()
+
+    fingerprint = _run(run)
+    click.echo(
+        f"Imported device {foreign.device_id} of {foreign.user_id}: "
+        f"{len(foreign.olm_sessions)} Olm sessions, {len(foreign.inbound)} room keys, "
+        f"{foreign.skipped} unreadable entries skipped. New store key: {fingerprint}."
+    )
+
+
 def _passphrase(confirm: bool) -> str:
     import os
 
