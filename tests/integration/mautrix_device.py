@@ -13,9 +13,13 @@ from mautrix.util.async_db import Database
 BRIDGE_KEY = "mautrix.bridge.e2ee"  # the pickle key mautrix-python bridges hard-code
 
 
-async def mautrix_device(url: str, user: dict[str, Any], path: Path, key: str = BRIDGE_KEY) -> str:
-    """Create the account in a mautrix store at ``path`` and upload its keys; its ed25519."""
-    db = Database.create(f"sqlite:{path}", upgrade_table=PgCryptoStore.upgrade_table)
+async def mautrix_device(
+    url: str, user: dict[str, Any], where: Path | str, key: str = BRIDGE_KEY
+) -> str:
+    """Create the account in a mautrix store (an SQLite path, or a postgres:// DSN) and
+    upload its keys; its ed25519 key."""
+    location = where if isinstance(where, str) else f"sqlite:{where}"
+    db = Database.create(location, upgrade_table=PgCryptoStore.upgrade_table)
     await db.start()
     store = PgCryptoStore(account_id=user["user_id"], pickle_key=key, db=db)
     await store.open()

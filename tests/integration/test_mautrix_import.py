@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from olmstead import SqliteStore
 from olmstead.client.rooms import RoomEvent
 from olmstead.imports.foreign import UnknownForeignKey, import_into
-from olmstead.imports.mautrix import read_mautrix_sqlite
+from olmstead.imports.mautrix import read_mautrix_postgres, read_mautrix_sqlite
+from tests.conftest import POSTGRES_DSN, postgres_or_skip
 from tests.integration.harness import KEY, LEASE, close_client, open_client, session_of
 from tests.integration.mautrix_device import mautrix_device
 
@@ -90,3 +93,23 @@ async def test_a_key_nobody_gave_is_reported_without_importing(
     assert "a bridge's own secret" not in str(caught.value)
     found = read_mautrix_sqlite(str(mautrix_db), ["wrong one", "a bridge's own secret"])
     assert found.key_used == "candidate #2"
+
+
+async def test_a_mautrix_store_in_postgres_is_read_too(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    await postgres_or_skip()
+    database = f"mautrix_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(POSTGRES_DSN)
+    await admin.execute(f"CREATE DATABASE {database}")
+    dsn = POSTGRES_DSN.rsplit("/", 1)[0] + f"/{database}"
+    try:
+        bridge = new_user()
+        ed25519 = await mautrix_device(homeserver.base_url, bridge, dsn)
+        foreign = await read_mautrix_postgres(dsn, [], user_id=bridge["user_id"])
+        assert foreign.key_used == "the known default 'mautrix.bridge.e2ee'"
+        assert foreign.account.ed25519_key.to_base64() == ed25519
+        assert foreign.device_id == bridge["device_id"]
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        await admin.close()
