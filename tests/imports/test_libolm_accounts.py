@@ -1,7 +1,7 @@
 """libolm accounts moved to olmstead: no key ID is ever issued twice, published keys still work.
 
-vodozemac 0.10 restores a libolm account's key counter one short; without the
-repair the first new key replaces the last imported one under the same ID.
+vodozemac 0.10 reads libolm's "last issued key ID" as "next ID to issue": without
+the repair its first new key replaces the newest key the account holds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from olmstead import (
     SqliteStore,
 )
 from olmstead.cli.main import main
-from olmstead.imports.foreign import ForeignStore, burn_reused_key_id, import_into
+from olmstead.imports.foreign import ForeignStore, import_into, open_libolm_account
 from tests.conftest import FAST_LEASE, KEY
 
 
@@ -39,29 +39,51 @@ def libolm_account() -> tuple[olm.Account, dict[str, str]]:
     return account, published
 
 
+def opens_session(account: vodozemac.Account, public_key: str) -> bool:
+    peer = vodozemac.Account()
+    session = peer.create_outbound_session(
+        account.curve25519_key, vodozemac.Curve25519PublicKey.from_base64(public_key)
+    )
+    message = session.encrypt(b"to an old key").to_pre_key()
+    assert message is not None
+    try:
+        _, plaintext = account.create_inbound_session(peer.curve25519_key, message)
+    except ValueError:
+        return False
+    return plaintext == b"to an old key"
+
+
 def test_the_vodozemac_import_bug_is_real_and_repaired() -> None:
-    account, _published = libolm_account()
+    account = olm.Account()
+    account.generate_one_time_keys(5)
+    published = dict(account.one_time_keys["curve25519"])
+    account.mark_keys_as_published()
+    newest = published[max(published)]
     pickle = account.pickle("k").decode()
 
     naive = vodozemac.Account.from_libolm_pickle(pickle, b"k")
-    imported = {k: v.to_base64() for k, v in naive.one_time_keys.items()}
     naive.generate_one_time_keys(1)
-    clobbered = [k for k, v in imported.items() if naive.one_time_keys[k].to_base64() != v]
-    assert clobbered  # the bug: a new key took an imported key's ID
+    assert not opens_session(naive, newest)  # the bug: the newest published key is gone
 
-    repaired = vodozemac.Account.from_libolm_pickle(pickle, b"k")
-    burn_reused_key_id(repaired)
+    repaired = open_libolm_account(pickle, "k")
+    repaired.generate_one_time_keys(10)
+    assert opens_session(repaired, newest)
+    assert all(opens_session(open_libolm_account(pickle, "k"), key) for key in published.values())
+
+
+def test_pending_imported_keys_survive_new_ones() -> None:
+    account, _published = libolm_account()
+    repaired = open_libolm_account(account.pickle("k").decode(), "k")
     before = {k: v.to_base64() for k, v in repaired.one_time_keys.items()}
     repaired.generate_one_time_keys(10)
     after = {k: v.to_base64() for k, v in repaired.one_time_keys.items()}
-    assert all(after[k] == v for k, v in before.items())  # nothing replaced any more
+    assert all(after[k] == v for k, v in before.items())
     assert len(after) == len(before) + 10
 
 
 async def test_an_imported_account_never_reuses_a_key_id() -> None:
     account, published = libolm_account()
-    restored = vodozemac.Account.from_libolm_pickle(account.pickle("k").decode(), b"k")
-    burn_reused_key_id(restored)
+    restored = open_libolm_account(account.pickle("k").decode(), "k")
     db = MemoryDatabase()
     store = await MemoryStore.open(KEY, db, lease=FAST_LEASE)
     await import_into(
@@ -86,14 +108,7 @@ async def test_an_imported_account_never_reuses_a_key_id() -> None:
     stored = await store.load_account()
     assert stored is not None
     for public in published.values():
-        peer = vodozemac.Account()
-        session = peer.create_outbound_session(
-            stored.account.curve25519_key, vodozemac.Curve25519PublicKey.from_base64(public)
-        )
-        message = session.encrypt(b"to the old key").to_pre_key()
-        assert message is not None
-        _, plaintext = stored.account.create_inbound_session(peer.curve25519_key, message)
-        assert plaintext == b"to the old key"
+        assert opens_session(stored.account, public)
 
 
 def test_the_import_command_names_the_key_and_writes_a_new_store(tmp_path: Path) -> None:

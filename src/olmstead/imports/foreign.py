@@ -4,13 +4,9 @@ Readers (``mautrix.py``) turn another library's store into a ``ForeignStore``:
 vodozemac objects unpickled from libolm pickles, with the pickle key that opened
 them. ``import_into`` commits it to an empty olmstead store in one transaction.
 
-libolm accounts need one repair on the way in. vodozemac 0.10 restores a libolm
-account's one-time key counter one short: the next key it makes takes the ID of
-the last key the account already has, replacing it. Uploaded, that is a second
-key under an ID the server may already hold (the seed failure again). So right
-after unpickling, ``burn_reused_key_id`` makes one key and checks where it
-landed: the counter is then past every imported ID, and every key made after it
-has an ID the device never used.
+libolm accounts need one repair on the way in (``libolm_pickle.bump_key_counter``):
+vodozemac 0.10 would otherwise issue its first new one-time key under the ID of the
+newest key the account already holds, replacing it.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from typing import Any, TypeVar
 import vodozemac
 
 from olmstead.errors import StoreError, StoreMismatch
+from olmstead.imports.libolm_pickle import bump_key_counter
 from olmstead.store.base import (
     AccountRecord,
     Changes,
@@ -36,9 +33,9 @@ __all__ = [
     "KNOWN_DEFAULT_KEYS",
     "ForeignStore",
     "UnknownForeignKey",
-    "burn_reused_key_id",
     "first_key_that_opens",
     "import_into",
+    "open_libolm_account",
     "pickle_text",
     "seconds",
     "unpickle_libolm_account",
@@ -110,8 +107,13 @@ def unpickle_libolm_account(
     pickle: str, candidates: Iterable[str], source: str
 ) -> tuple[vodozemac.Account, str, str]:
     """The account, the key that opened it, and how to name that key to the operator."""
-    return first_key_that_opens(
-        candidates, source, lambda key: vodozemac.Account.from_libolm_pickle(pickle, key.encode())
+    return first_key_that_opens(candidates, source, lambda key: open_libolm_account(pickle, key))
+
+
+def open_libolm_account(pickle: str, key: str) -> vodozemac.Account:
+    """A libolm account pickle as a vodozemac account, its key counter repaired first."""
+    return vodozemac.Account.from_libolm_pickle(
+        bump_key_counter(pickle, key.encode()), key.encode()
     )
 
 
@@ -132,22 +134,6 @@ def seconds(value: Any) -> float:
         except ValueError:
             return 0.0
     return float(value or 0)
-
-
-def burn_reused_key_id(account: vodozemac.Account) -> str | None:
-    """Move the key counter past every imported ID; the ID of a key replaced on the way, if any.
-
-    The replaced key can only be an unpublished one (published private keys are not
-    in ``one_time_keys`` before and after), and an unpublished key never left the
-    old library: it saved its account only after uploading.
-    """
-    before = {key_id: key.to_base64() for key_id, key in account.one_time_keys.items()}
-    account.generate_one_time_keys(1)
-    after = {key_id: key.to_base64() for key_id, key in account.one_time_keys.items()}
-    replaced = [key_id for key_id, key in before.items() if after.get(key_id) != key]
-    if replaced:
-        log.warning("import: one-time key %s was replaced to repair the key counter", replaced[0])
-    return replaced[0] if replaced else None
 
 
 async def import_into(foreign: ForeignStore, store: CryptoStore) -> None:

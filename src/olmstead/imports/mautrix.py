@@ -17,7 +17,6 @@ import vodozemac
 from olmstead.errors import StoreCorrupt
 from olmstead.imports.foreign import (
     ForeignStore,
-    burn_reused_key_id,
     pickle_text,
     seconds,
     unpickle_libolm_account,
@@ -105,7 +104,6 @@ def _unpickle(
     candidates: Iterable[str],
 ) -> ForeignStore:
     account, key, label = unpickle_libolm_account(pickle_text(pickle), candidates, source)
-    burn_reused_key_id(account)
     foreign = ForeignStore(kind, source, account_id, device_id, shared, account, label)
     secret = key.encode()
     for sender_key, session, created, used in olm_rows:

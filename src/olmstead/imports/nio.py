@@ -18,8 +18,8 @@ import vodozemac
 from olmstead.errors import StoreCorrupt
 from olmstead.imports.foreign import (
     ForeignStore,
-    burn_reused_key_id,
     first_key_that_opens,
+    open_libolm_account,
     pickle_text,
     seconds,
 )
@@ -59,11 +59,9 @@ def read_nio_sqlite(
         except sqlite3.Error as exc:
             raise StoreCorrupt(source, f"not a matrix-nio store: {exc}") from exc
 
-    (account, libolm), key, label = first_key_that_opens(
-        candidates, source, lambda key: _either(vodozemac.Account, pickle_text(pickle), key)
+    (account, _libolm), key, label = first_key_that_opens(
+        candidates, source, lambda key: _account(pickle_text(pickle), key)
     )
-    if libolm:
-        burn_reused_key_id(account)
     foreign = ForeignStore("matrix-nio", source, owner, device_id, bool(shared), account, label)
     for sender_key, session, created, used in olm:
         try:
@@ -82,6 +80,14 @@ def read_nio_sqlite(
             continue
         foreign.inbound.append(InboundGroupSessionRecord(room_id, sender_key, signing_key, inbound))
     return foreign
+
+
+def _account(pickle: str, key: str) -> tuple[vodozemac.Account, bool]:
+    """nio's account: a vodozemac pickle, or a libolm one (its key counter repaired)."""
+    try:
+        return vodozemac.Account.from_pickle(pickle, hashlib.sha256(key.encode()).digest()), False
+    except ValueError:
+        return open_libolm_account(pickle, key), True
 
 
 def _either(kind: Any, pickle: str, key: str) -> tuple[Any, bool]:
