@@ -51,6 +51,44 @@ def demo() -> None:
     run_demo(click.echo)
 
 
+@main.command()
+@click.option(
+    "--store",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The SQLite store to diagnose.",
+)
+@KEY_FILE
+@click.option(
+    "--homeserver",
+    help="Also check the device on this homeserver; the access token comes from "
+    "$OLMSTEAD_ACCESS_TOKEN or a prompt.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(path: Path, key_file: Path | None, homeserver: str | None, as_json: bool) -> None:
+    """Say what is wrong with a device's keys, how we know, and what to do.
+
+    Exit code 0: all well; 1: warnings; 2: errors. Candidate pickle keys to try when
+    the given one is wrong come from $OLMSTEAD_CANDIDATE_KEYS, one per line.
+    """
+    import os
+
+    from olmstead.doctor import Credentials, diagnose_sqlite
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    credentials = None
+    if homeserver is not None:
+        token = os.environ.get("OLMSTEAD_ACCESS_TOKEN") or click.prompt(
+            "Access token", hide_input=True
+        )
+        credentials = Credentials(homeserver, token)
+    candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
+    report = asyncio.run(diagnose_sqlite(path, key, candidates=candidates, server=credentials))
+    click.echo(report.to_json() if as_json else report.to_text())
+    raise SystemExit(report.exit_code)
+
+
 @main.group()
 def store() -> None:
     """Work on a crypto store."""

@@ -40,6 +40,7 @@ __all__ = [
     "OlmSessionRecord",
     "OutboundGroupSessionRecord",
     "SerializedChanges",
+    "account_from_row",
     "new_holder_name",
     "next_lock_row",
 ]
@@ -232,6 +233,27 @@ class LeaseSettings:
             raise LocalProtocolError("the lease must be renewed more often than it lasts")
 
 
+def account_from_row(row: tuple[str, str, str, str], key: bytes, store: str) -> AccountRecord:
+    """The account a store row holds (user_id, device_id, pickle, state JSON)."""
+    user_id, device_id, pickle, state_json = row
+    try:
+        account = vodozemac.Account.from_pickle(pickle, key)
+        state: dict[str, Any] = json.loads(state_json)
+    except (ValueError, TypeError) as exc:
+        raise StoreCorrupt(
+            store, f"the account does not unpickle although the pickle key matches ({exc})"
+        ) from None
+    return AccountRecord(
+        user_id,
+        device_id,
+        account,
+        shared=bool(state.get("shared", False)),
+        server_key_count=state.get("server_key_count"),
+        fallback_supported=bool(state.get("fallback_supported", False)),
+        fallback_created_at=state.get("fallback_created_at"),
+    )
+
+
 def new_holder_name() -> str:
     """Who holds a lease: host, process and a random tag, readable in error messages."""
     return f"{socket.gethostname()}:pid {os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -355,26 +377,7 @@ class CryptoStore(ABC):
 
     async def load_account(self) -> AccountRecord | None:
         row = await self._load_account_row()
-        if row is None:
-            return None
-        user_id, device_id, pickle, state_json = row
-        try:
-            account = vodozemac.Account.from_pickle(pickle, self._key.key)
-            state: dict[str, Any] = json.loads(state_json)
-        except (ValueError, TypeError) as exc:
-            raise StoreCorrupt(
-                self.name,
-                f"the account does not unpickle although the pickle key matches ({exc})",
-            ) from None
-        return AccountRecord(
-            user_id,
-            device_id,
-            account,
-            shared=bool(state.get("shared", False)),
-            server_key_count=state.get("server_key_count"),
-            fallback_supported=bool(state.get("fallback_supported", False)),
-            fallback_created_at=state.get("fallback_created_at"),
-        )
+        return None if row is None else account_from_row(row, self._key.key, self.name)
 
     async def get_devices(self, user_id: str) -> dict[str, Device]:
         """The stored devices of ``user_id`` (deleted ones included, flagged), by device ID."""

@@ -23,11 +23,13 @@ from typing import TypeVar
 
 from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
 from olmstead.store.base import (
+    AccountRecord,
     CryptoStore,
     LeaseSettings,
     LockRow,
     MessageIndex,
     SerializedChanges,
+    account_from_row,
     new_holder_name,
     next_lock_row,
 )
@@ -91,6 +93,29 @@ class SqliteStore(CryptoStore):
             await store.close()
             raise
         return store
+
+    @staticmethod
+    def inspect(path: str | Path, pickle_key: PickleKey) -> tuple[DerivedKey, AccountRecord | None]:
+        """Prove ``pickle_key`` and read the account, writing nothing: no lease, no migration.
+
+        For diagnosis: it neither waits for nor disturbs a process that holds the
+        store. Raises ``WrongPickleKey`` or ``StoreCorrupt`` as ``open`` does.
+        """
+        path = Path(path)
+        name = f"SQLite store {path}"
+        if not path.exists():
+            raise StoreCorrupt(name, "there is no such file")
+        conn, derived = _open_and_check(path, name, pickle_key)
+        try:
+            row = conn.execute(
+                "SELECT user_id, device_id, pickle, state FROM account WHERE id = 1"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(name, str(exc)) from exc
+        finally:
+            conn.close()
+        record = None if row is None else account_from_row(tuple(row), derived.key, name)
+        return derived, record
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
