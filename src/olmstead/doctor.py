@@ -3,8 +3,8 @@
 Checks are read-only: the store is inspected without taking its lease (a process
 holding it is neither waited for nor disturbed, a stale lease stays as found), and
 the server is asked only questions that change nothing there (``whoami``,
-``/keys/query``, a ``/keys/upload`` without keys to read the counts). Each check gives a ``Finding``: a verdict (ok, warning,
-error), what was seen, and what to do.
+``/keys/query``, a ``/keys/upload`` without keys to read the counts). Each check
+gives a ``Finding``: a verdict (ok, warning, error), what was seen, what to do.
 """
 
 from __future__ import annotations
