@@ -110,6 +110,7 @@ class OlmMachine:
         self._unwedged_at: dict[str, float] = {}
         self._unwedge_claims: set[str] = set()
         self._pending_to_device: list[ToDeviceRequest] = []
+        self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._generation = generation
@@ -137,7 +138,7 @@ class OlmMachine:
         record = await store.load_account()
         if record is None:
             record = AccountRecord(user_id, device_id, vodozemac.Account())
-            await store.save_changes(Changes(account=record))
+            await store.save_changes(Changes(account=record), generation=generation)
             log.info("created a new Olm account for %s %s", user_id, device_id)
         elif (record.user_id, record.device_id) != (user_id, device_id):
             raise StoreMismatch(
@@ -291,13 +292,19 @@ class OlmMachine:
             )
 
     async def _commit(self, changes: Changes) -> None:
-        """Commit, dropping cached sessions that the failed commit would leave ahead."""
+        """Commit, fenced by the generation our state was read under.
+
+        If the commit fails or is cancelled, whether it landed is unknown: the next
+        operation reloads everything from the store, so memory never runs ahead of it.
+        """
         unique = {(r.sender_key, r.session_id): r for r in changes.olm_sessions}
         changes.olm_sessions = list(unique.values())
         try:
-            await self.store.save_changes(changes)
+            await self.store.save_changes(changes, generation=self._generation)
         except BaseException:
-            self.olm.forget({r.sender_key for r in changes.olm_sessions})
+            self._generation = -1  # forces _refresh to reload
+            self.olm.forget()
+            self._outbound.clear()
             raise
 
     # --- Megolm: room keys and room events ------------------------------------------------------
@@ -526,7 +533,7 @@ class OlmMachine:
         """Follow the devices of ``user_ids`` (members of our encrypted rooms) from now on."""
         async with self._mutex:
             await self._refresh()
-            await self.store.save_changes(Changes(tracked_users=self.devices.track(user_ids)))
+            await self._commit(Changes(tracked_users=self.devices.track(user_ids)))
 
     async def get_user_devices(self, user_id: str) -> dict[str, Device]:
         """The known, current devices of ``user_id`` (checked keys only), by device ID."""
@@ -571,7 +578,7 @@ class OlmMachine:
                 if self.keys_upload.wanted(self._record, now) != (0, False):
                     record = self._record.copy(self.store.pickle_key)
                     self.keys_upload.top_up(record, now)
-                    await self.store.save_changes(Changes(account=record))
+                    await self._commit(Changes(account=record))
                     self._record = record
                 upload = self.keys_upload.pending_request(self._record)
                 if upload is not None:
@@ -605,7 +612,7 @@ class OlmMachine:
             if self.devices.owns(request_id):
                 stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
                 outcome = self.devices.on_response(response, stored)
-                await self.store.save_changes(
+                await self._commit(
                     Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
                 )
                 return
@@ -627,8 +634,13 @@ class OlmMachine:
                     raise
                 self.upload_guard.on_upload_success()
             elif isinstance(request, KeysUploadRequest):
-                # Another holder of the store published these keys meanwhile.
-                log.warning("ignoring a response to %s: its keys are no longer pending", request_id)
+                # The keys are no longer pending here (published by another holder of the
+                # store, or reloaded state): the server has them, nothing to record.
+                log.warning("a response to %s came after its keys stopped pending", request_id)
+                self.upload_guard.on_upload_success()
+            elif request_id in self._stale_requests:
+                self._stale_requests.discard(request_id)
+                log.warning("dropped the answer to %s: it was sent before a reload", request_id)
             else:
                 raise LocalProtocolError(
                     f"no request {request_id!r} is waiting for a response; pass the "
@@ -642,7 +654,11 @@ class OlmMachine:
         (or raises ``DeviceIdentityConflict``); any failure slows later uploads down.
         """
         async with self._mutex:
+            await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if request is None and request_id in self._stale_requests:
+                self._stale_requests.discard(request_id)
+                return
             wedged = self._session_claims.pop(request_id, None)
             if wedged is not None and request_id in self._unwedge_claims:
                 self._unwedge_claims.discard(request_id)
@@ -668,7 +684,7 @@ class OlmMachine:
     async def _mark_keys_uploaded(self, response: Mapping[str, Any]) -> None:
         record = self._record.copy(self.store.pickle_key)
         self.keys_upload.on_upload_response(record, response)
-        await self.store.save_changes(Changes(account=record))
+        await self._commit(Changes(account=record))
         self._record = record
 
     # --- the store may have moved on ------------------------------------------------------------
@@ -691,10 +707,18 @@ class OlmMachine:
         )
         self._record = record
         self._generation = generation
+        # requests handed out before belong to state that may be gone: answers to them
+        # are logged and dropped, and whatever is still needed is asked for again
+        self._stale_requests |= set(self._in_flight) | set(self._session_claims)
         self._in_flight.clear()
         self._session_claims.clear()
+        self._unwedge_claims.clear()
+        self._pending_to_device.clear()
         self._outbound.clear()
         self.olm.forget()
+        self.devices = DeviceTracker(
+            record.user_id, record.device_id, await self.store.get_tracked_users()
+        )
 
 
 def _user_ids(value: Any) -> list[str]:

@@ -55,10 +55,10 @@ def install_hooks(store: CryptoStore, args: argparse.Namespace) -> None:
         original_top_up(self, record, now)
         crash_if("after_generate", args)
 
-    async def save_changes(changes: Any) -> None:
+    async def save_changes(changes: Any, *, generation: int | None = None) -> None:
         if state["phase"] == "mark":
             crash_if("before_commit_response", args)
-        await original_save(changes)
+        await original_save(changes, generation=generation)
         crash_if(
             "after_commit_generated" if state["phase"] == "outgoing" else "after_commit_response",
             args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -260,3 +261,39 @@ async def test_custom_target_is_respected(backend: Backend) -> None:
     )
     await pass_device_check(machine)
     assert len((await only_upload(machine)).one_time_keys) == 10
+
+
+async def test_a_writer_paused_mid_operation_cannot_overwrite_the_next_holder(
+    backend: Backend,
+) -> None:
+    first = await open_machine(backend)
+    upload = await only_upload(first)
+    store = first.store
+    original_save = store.save_changes
+    second_identity: list[str] = []
+
+    async def paused_then_save(changes: Any, *, generation: int | None = None) -> None:
+        # first froze after reading its state: its lease runs out, another process
+        # takes the store, publishes the keys and exits; first's renewer (still
+        # running) then takes the lease back under a new generation
+        await backend.expire_lease()
+        second = await OlmMachine.open(await backend.open(), USER, DEVICE)
+        await pass_device_check(second)
+        (theirs,) = await second.outgoing_requests()
+        await second.mark_request_as_sent(theirs.request_id, ok(37))
+        second_identity.append(second.identity_keys["ed25519"])
+        await second.store.close()
+        await asyncio.sleep(0.5)  # > renew_every: first's renewer re-adopts the lease
+        assert store._lock is not None
+        await original_save(changes, generation=generation)
+
+    store.save_changes = paused_then_save  # type: ignore[method-assign]
+    with pytest.raises(StoreLockLost):
+        await first.mark_request_as_sent(upload.request_id, ok(50))
+    store.save_changes = original_save  # type: ignore[method-assign]
+
+    stored = await store.load_account()
+    assert stored is not None
+    assert stored.server_key_count == 37  # the second holder's write stands
+    assert await first.outgoing_requests() == []  # first reloaded: nothing pending
+    assert first.server_key_count == 37

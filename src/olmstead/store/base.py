@@ -488,8 +488,13 @@ class CryptoStore(ABC):
         self._key = derived
         return derived.fingerprint
 
-    async def save_changes(self, changes: Changes) -> None:
-        """Commit ``changes`` in one transaction, fenced by this handle's lease."""
+    async def save_changes(self, changes: Changes, *, generation: int | None = None) -> None:
+        """Commit ``changes`` in one transaction, fenced by this handle's lease.
+
+        ``generation`` is the lease generation the caller read its state under (the
+        machine passes its own): if the lease passed through other hands since, the
+        write is refused even if this handle has taken the lease back meanwhile.
+        """
         if self._closed:
             raise LocalProtocolError(f"{self.name} is closed")
         if changes.is_empty():
@@ -507,7 +512,7 @@ class CryptoStore(ABC):
         # passed through other hands meanwhile, refuse rather than overwrite theirs.
         if self._lock is None:
             raise StoreLockLost(self.name, "it expired before this write")
-        known = self._lock.generation
+        known = self._lock.generation if generation is None else generation
         now = await self.ensure_lease()
         if now != known:
             raise StoreLockLost(self.name, f"generation moved from {known} to {now}")
@@ -598,6 +603,14 @@ class CryptoStore(ABC):
                 log.exception("%s: renewing the lease failed", self.name)
                 continue
             if row.holder == self.holder:
+                if self._lock is not None and row.generation != self._lock.generation:
+                    log.warning(
+                        "%s: the lease was lost and taken back (generation %d -> %d); "
+                        "writes of state read before are refused",
+                        self.name,
+                        self._lock.generation,
+                        row.generation,
+                    )
                 self._lock = row
             else:
                 log.error("%s: lease lost to %s", self.name, row.holder)
