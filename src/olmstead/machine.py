@@ -202,6 +202,7 @@ class OlmMachine:
         unused_fallback_key_types: Sequence[str] | None = None,
         device_lists: Mapping[str, Any] | None = None,
         to_device_events: Sequence[Mapping[str, Any]] = (),
+        sync_token: str | None = None,
     ) -> list[ToDeviceResult]:
         """Take what a ``/sync`` response says about keys, and its to-device events.
 
@@ -212,7 +213,10 @@ class OlmMachine:
 
         Returns the to-device events in order: Olm-encrypted ones decrypted
         (``DecryptedToDevice``) or refused (``UndecryptableToDevice``), the rest as
-        they came. Every ratchet step is committed before this returns.
+        they came. Every ratchet step is committed before this returns, in the same
+        transaction as ``sync_token`` (the response's ``next_batch``) when it is given:
+        a crash never leaves the sessions stepped but the token behind, which would
+        bring the same messages back to sessions that already used them.
         """
         async with self._mutex:
             await self._refresh()
@@ -229,6 +233,8 @@ class OlmMachine:
                 changes.tracked_users, changes.untracked_users = marked, dropped
             if changes.olm_sessions:
                 changes.account = record  # an inbound session may have used a one-time key
+            if sync_token is not None:
+                changes.values["sync_token"] = sync_token
             await self._commit(changes)
             self._record = record
             return results
@@ -665,8 +671,13 @@ class OlmMachine:
                 for device in wedged:  # try again when it next fails, past the interval
                     self._unwedged_at.pop(device.curve25519, None)
                 return
-            if wedged is not None or isinstance(request, ToDeviceRequest):
-                return  # claimed again or re-encrypted by the caller's next attempt
+            if isinstance(request, ToDeviceRequest):
+                # its ciphertext was made from committed ratchets and its recipients are
+                # recorded as served: it must reach them, so it goes out again, same txn ID
+                self._pending_to_device.append(request)
+                return
+            if wedged is not None:
+                return  # the devices are still missing a session: claimed again when asked
             if self.devices.owns(request_id):
                 self.devices.on_failure(self._clock())
             elif self.upload_guard.owns(request_id):

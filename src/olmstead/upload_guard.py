@@ -91,6 +91,7 @@ class UploadGuard:
         self._attempts = self._new_attempts()
         self._waiting: KeysQueryRequest | KeysClaimRequest | None = None
         self._guard_backoff = Backoff(policy.first_delay, policy.max_delay)
+        self._waiting_since = 0.0
 
     # --- what to send ------------------------------------------------------------------------
 
@@ -102,7 +103,12 @@ class UploadGuard:
             self._mode = "ready"  # the server confirmed our keys once: nothing to check
         if self._mode == "ready" or not self._guard_backoff.ready(now):
             return None
+        if self._waiting is not None:
+            if now - self._waiting_since < self.policy.in_flight_timeout:
+                return None  # never two at once: a second claim would use up a key
+            self._waiting = None  # nobody reported on it: ask again
         if self._waiting is None:
+            self._waiting_since = now
             request_id = f"{self._mode}-{uuid.uuid4().hex[:12]}"
             if self._mode == "check_device":
                 self._waiting = KeysQueryRequest(request_id, {self.user_id: [self.device_id]})

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from olmstead import LocalProtocolError
+from olmstead import LocalProtocolError, MatrixHttpError
 from olmstead.errors import (
     MegolmDecryptionFailed,
     ReplayedMessage,
@@ -199,3 +199,45 @@ async def test_sessions_rotate_after_the_room_s_period() -> None:
     await deliver_room_keys(requests, alice, bob)
     later = await alice.machine.encrypt_room_event(ROOM, "m.text", {})
     assert later["session_id"] != first["session_id"]
+
+
+async def test_a_room_key_send_that_failed_goes_out_again_unchanged() -> None:
+    alice = await new_peer(ALICE, "ALICEDEV")
+    bob = await new_peer(BOB, "BOBDEV")
+    await open_session(alice, bob)
+    (keys,) = await alice.machine.share_room_key(ROOM, [BOB])
+    down = MatrixHttpError("PUT", "/sendToDevice", 502, None, "bad gateway")
+    await alice.machine.mark_request_as_failed(keys.request_id, down)
+    assert await alice.machine.share_room_key(ROOM, [BOB]) == []  # bob counts as served...
+    (again,) = await alice.machine.outgoing_requests()  # ...so the very request comes back
+    assert again == keys
+    await deliver_room_keys([again], alice, bob)
+    content = await alice.machine.encrypt_room_event(ROOM, "m.text", {"n": 1})
+    got = await bob.machine.decrypt_room_event(ROOM, Timeline().event(alice, content))
+    assert got.content == {"n": 1}
+
+
+async def test_the_sync_token_commits_with_the_messages_it_brought() -> None:
+    alice = await new_peer(ALICE, "ALICEDEV")
+    bob = await new_peer(BOB, "BOBDEV")
+    await open_session(alice, bob)
+    (keys,) = await alice.machine.share_room_key(ROOM, [BOB])
+    event = deliveries(keys, alice, bob)
+    session_id = await alice.machine.encrypt_room_event(ROOM, "m.text", {})
+
+    # the commit fails: neither the room key nor the token may land
+    store, original = bob.machine.store, bob.machine.store.save_changes
+
+    async def failing(changes: Any, *, generation: int | None = None) -> None:
+        raise OSError("disk full")
+
+    store.save_changes = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        await bob.machine.receive_sync_changes(to_device_events=[event], sync_token="s42")
+    store.save_changes = original  # type: ignore[method-assign]
+    assert await store.get_value("sync_token") is None
+    assert await store.get_inbound_group_session(ROOM, session_id["session_id"]) is None
+
+    await bob.machine.receive_sync_changes(to_device_events=[event], sync_token="s42")
+    assert await store.get_value("sync_token") == "s42"
+    assert await store.get_inbound_group_session(ROOM, session_id["session_id"]) is not None

@@ -206,3 +206,15 @@ async def test_retry_after_is_honoured() -> None:
     assert await machine.outgoing_requests() == []
     clock.now += 0.2
     assert await machine.outgoing_requests() == [upload]
+
+
+async def test_a_device_check_in_flight_is_not_handed_out_twice() -> None:
+    clock = Clock()
+    machine = await machine_on(MemoryDatabase(), clock)
+    (query,) = await machine.outgoing_requests()
+    assert isinstance(query, KeysQueryRequest)
+    assert await machine.outgoing_requests() == []  # a second copy would be answered twice
+    clock.now += UploadPolicy().in_flight_timeout  # nobody reported on it: asked again
+    (again,) = await machine.outgoing_requests()
+    assert isinstance(again, KeysQueryRequest)
+    assert again.request_id != query.request_id

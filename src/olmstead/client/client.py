@@ -34,6 +34,8 @@ from olmstead.errors import (
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
+    OlmsteadError,
+    RemoteProtocolError,
     TransportError,
     UnknownRoomKey,
 )
@@ -174,10 +176,12 @@ class Client:
             for request in requests:
                 try:
                     answer = await self.http.send(request)
-                except TransportError as error:
+                    await machine.mark_request_as_sent(request.request_id, answer)
+                except (TransportError, RemoteProtocolError) as error:
+                    # one bad answer fails one request; the rest of the round goes on
+                    log.warning("%s failed: %s", request.request_id, error)
                     await machine.mark_request_as_failed(request.request_id, error)
                     continue
-                await machine.mark_request_as_sent(request.request_id, answer)
                 for report in machine.take_reports():
                     for callback in self._drained_callbacks:
                         callback(report)
@@ -356,6 +360,7 @@ class Client:
         )
         if answer is None:  # stop() during the long-poll: nothing was received
             return {}
+        next_batch = answer.get("next_batch")
         rooms = answer.get("rooms", {})
         joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
         timeline = await self._take_rooms(joined if isinstance(joined, Mapping) else {})
@@ -366,10 +371,12 @@ class Client:
             )
             to_device = answer.get("to_device", {})
             results = await self.machine.receive_sync_changes(
-                one_time_key_counts=answer.get("device_one_time_keys_count", {}),
+                # an absent field is no news, not zero: guessing zero would upload more keys
+                one_time_key_counts=answer.get("device_one_time_keys_count"),
                 unused_fallback_key_types=fallback_types,
                 device_lists=answer.get("device_lists"),
                 to_device_events=_events(to_device),
+                sync_token=next_batch if isinstance(next_batch, str) else None,
             )
             new_keys = self._dispatch_to_device(results)
             await self._decrypt_timeline(timeline)
@@ -378,8 +385,8 @@ class Client:
         else:
             for room_id, event in timeline:
                 self._emit(_plain(room_id, event))
-        if self.store is not None and isinstance(answer.get("next_batch"), str):
-            await self.store.save_changes(Changes(values={SYNC_TOKEN: answer["next_batch"]}))
+        if self.machine is None and self.store is not None and isinstance(next_batch, str):
+            await self.store.save_changes(Changes(values={SYNC_TOKEN: next_batch}))
         if self.machine is not None:
             try:
                 await self.process_outgoing()
@@ -398,7 +405,9 @@ class Client:
                     limit=initial_sync_limit if first else None,
                 )
                 first = False
-            except TransportError as error:  # the HTTP layer already retried with backoff
+            except KeyStateError as problem:
+                self._report(problem)
+            except OlmsteadError as error:  # the HTTP layer already retried with backoff
                 log.warning("sync failed: %s", error)
                 await asyncio.sleep(5)
 
