@@ -22,3 +22,11 @@ def test_every_public_error_is_an_olmstead_error() -> None:
     assert all(issubclass(error, olmstead.OlmsteadError) for error in errors)
     assert issubclass(olmstead.OneTimeKeyConflict, olmstead.KeyStateError)
     assert issubclass(olmstead.OneTimeKeyConflict, olmstead.MatrixHttpError)
+
+
+def test_star_import_needs_no_optional_dependency() -> None:
+    namespace: dict[str, object] = {}
+    exec("from olmstead import *", namespace)
+    assert "OlmMachine" in namespace
+    assert "PostgresStore" not in olmstead.__all__
+    assert olmstead.PostgresStore.__name__ == "PostgresStore"  # still there, on first use

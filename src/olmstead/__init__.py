@@ -1,8 +1,9 @@
 """olmstead: Matrix end-to-end encryption on vodozemac, with keys that never drift silently.
 
 The public API is what ``__all__`` lists; everything else may change.
-``PostgresStore`` is imported on first use, so asyncpg is needed only by those who
-use it (the ``postgres`` extra).
+``olmstead.PostgresStore`` is imported on first use, so asyncpg is needed only by
+those who use it (the ``postgres`` extra); it is left out of ``__all__`` so that
+``from olmstead import *`` works without it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from olmstead.errors import (
     UnknownRoomKey,
     WrongPickleKey,
 )
+from olmstead.http.transport import RetryPolicy
 from olmstead.identities.device import Device
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
@@ -51,6 +53,7 @@ from olmstead.requests import (
 from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store import (
+    AccountRecord,
     Changes,
     CryptoStore,
     LeaseSettings,
@@ -60,10 +63,11 @@ from olmstead.store import (
     SqliteStore,
     load_or_create_key_file,
 )
+from olmstead.store.base import InboundGroupSessionRecord
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 if TYPE_CHECKING:
-    from olmstead.store.postgres import PostgresStore
+    from olmstead.store.postgres import PostgresStore as PostgresStore
 
 
 def __getattr__(name: str) -> Any:
@@ -75,6 +79,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AccountRecord",
     "Changes",
     "Client",
     "ConnectionFailed",
@@ -85,6 +90,7 @@ __all__ = [
     "Device",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "InboundGroupSessionRecord",
     "KeyFileError",
     "KeySettings",
     "KeyStateError",
@@ -105,10 +111,10 @@ __all__ = [
     "OneTimeKeysDrained",
     "OutgoingRequest",
     "PickleKey",
-    "PostgresStore",
     "RateLimited",
     "RemoteProtocolError",
     "ReplayedMessage",
+    "RetryPolicy",
     "RoomEvent",
     "RoomSettings",
     "SenderMismatch",

@@ -184,7 +184,6 @@ class UploadGuard:
                 self._mode, self._drained = "drain", 0
             return
         self.problem = DeviceIdentityConflict(self.user_id, self.device_id, _signer(key))
-        self._mode = "ready"
         raise self.problem
 
     def on_response(
@@ -199,9 +198,11 @@ class UploadGuard:
             self._check_device(response, our_ed25519)
             return None
         key = _claimed_key(response, self.user_id, self.device_id)
-        if key is None or key.get("fallback") is True:
+        if key is None:
             return self._drain_done()
         self._judge_stale_key(key, our_ed25519)  # raises if another identity's
+        if key.get("fallback") is True:  # ours, and nothing else is left
+            return self._drain_done()
         self._drained += 1
         if self._drained >= self.policy.max_drain:
             self.problem = StaleKeysRemain(self.user_id, self.device_id, self._drained)

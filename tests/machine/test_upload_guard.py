@@ -125,7 +125,11 @@ async def test_rolled_back_store_drains_its_stale_keys_then_uploads() -> None:
         await machine.mark_request_as_sent(claim.request_id, claim_answer(stale_id, stale_key))
         drained += 1
     (claim,) = await machine.outgoing_requests()
-    fallback = {**foreign_key(), "fallback": True}  # whoever's: a fallback ends the drain
+    stored = await machine.store.load_account()
+    assert stored is not None
+    fallback = own.sign_json(  # our fallback key: nothing else is left, the drain ends
+        stored.account, USER, DEVICE, {"key": foreign_key()["key"], "fallback": True}
+    )
     await machine.mark_request_as_sent(
         claim.request_id, claim_answer("signed_curve25519:F", fallback)
     )
@@ -218,3 +222,17 @@ async def test_a_device_check_in_flight_is_not_handed_out_twice() -> None:
     (again,) = await machine.outgoing_requests()
     assert isinstance(again, KeysQueryRequest)
     assert again.request_id != query.request_id
+
+
+async def test_another_identity_s_fallback_key_is_a_conflict_too() -> None:
+    clock = Clock()
+    machine, upload, stale = await rolled_back_machine(clock)
+    key_id = min(stale)
+    await machine.mark_request_as_failed(upload.request_id, duplicate_error(key_id, stale[key_id]))
+    (claim,) = await machine.outgoing_requests()
+    foreign_fallback = {**foreign_key(), "fallback": True}
+    with pytest.raises(DeviceIdentityConflict):
+        await machine.mark_request_as_sent(
+            claim.request_id, claim_answer("signed_curve25519:F", foreign_fallback)
+        )
+    assert await machine.outgoing_requests() == []
