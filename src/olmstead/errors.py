@@ -106,7 +106,7 @@ class WrongPickleKey(StoreError):
 
     ``expected`` is the fingerprint the store recorded, ``given`` the fingerprint of
     the key passed in. Fingerprints are short digests that reveal nothing usable
-    about the key; compare them with ``olmstead`` fingerprints of the keys you hold.
+    about the key; ``olmstead doctor`` shows the fingerprint of a key you give it.
     """
 
     def __init__(self, store: str, expected: str, given: str) -> None:

@@ -87,12 +87,7 @@ async def test_damaged_file_is_corrupt_not_wrong_key(tmp_path: Path, damage: str
     with pytest.raises(StoreCorrupt) as caught:
         await open_device(path)
     assert "pickle key is not the problem" in str(caught.value)
-    if damage != "pickle_flipped":  # that one is only found after the lease was taken
-        assert snapshot(tmp_path) == before
-    else:
-        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-            (pickle,) = conn.execute("SELECT pickle FROM account").fetchone()
-        assert pickle[len(pickle) // 2 :].encode()[:24] in bytes(data)  # not overwritten
+    assert snapshot(tmp_path) == before  # found before the lease or a migration wrote
 
 
 async def test_a_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
@@ -150,3 +145,25 @@ async def test_a_store_from_a_newer_olmstead_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreMigrationError, match="newer"):
         await SqliteStore.open(path, KEY, lease=FAST_LEASE)
     assert snapshot(tmp_path) == before
+
+
+def test_disk_trouble_is_not_called_corruption() -> None:
+    from olmstead import StoreError
+    from olmstead.store.sqlite import _store_error
+
+    full = _store_error("s", sqlite3.OperationalError("database or disk is full"))
+    assert type(full) is StoreError
+    assert "do not restore an older copy" in str(full)
+    damaged = _store_error("s", sqlite3.DatabaseError("database disk image is malformed"))
+    assert isinstance(damaged, StoreCorrupt)
+
+
+async def test_a_new_store_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "crypto.db"
+    store = await SqliteStore.open(path, KEY, lease=FAST_LEASE)
+    await store.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["crypto.db"]  # no temp file left
+    # a crash mid-build leaves only a temp file beside it, which never blocks a new store
+    (tmp_path / ".other.db.123.abc.building").write_bytes(b"half a database")
+    other = await SqliteStore.open(tmp_path / "other.db", KEY, lease=FAST_LEASE)
+    await other.close()

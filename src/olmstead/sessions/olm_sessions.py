@@ -180,7 +180,7 @@ class OlmSessions:
         self,
         event: Mapping[str, Any],
         own_keys: Mapping[str, str],
-        account_copy: Callable[[], AccountRecord],
+        account: Callable[[], AccountRecord],
         now: float,
     ) -> tuple[DecryptedToDevice | DecryptionError, Changes]:
         """Decrypt and check an Olm to-device event.
@@ -219,9 +219,8 @@ class OlmSessions:
                     sender,
                     sender_key,
                 ), changes
-            copy = account_copy()
             try:
-                session, plaintext = copy.account.create_inbound_session(
+                session, plaintext = account().account.create_inbound_session(
                     vodozemac.Curve25519PublicKey.from_base64(sender_key), pre_key
                 )
             except ValueError as exc:
@@ -231,7 +230,7 @@ class OlmSessions:
                     sender,
                     sender_key,
                 ), changes
-            changes.account = copy  # the one-time key it used is gone now
+            # the one-time key it used is gone from the account the caller commits
             record = OlmSessionRecord(sender_key, session, now, now)
             (await self.sessions_for(sender_key)).insert(0, record)
         assert record is not None

@@ -26,6 +26,7 @@ from olmstead.store.base import (
     LockRow,
     MessageIndex,
     SerializedChanges,
+    account_from_row,
     new_holder_name,
     next_lock_row,
 )
@@ -75,8 +76,11 @@ class PostgresStore(CryptoStore):
         try:
             if pool is None:
                 pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+            # an existing account's key and account are proven before anything is written
+            derived = await _prove_existing(pool, account, pickle_key, name)
             await _migrate(pool, name)
-            derived = await _check_key(pool, account, pickle_key, name)
+            if derived is None:
+                derived = await _check_key(pool, account, pickle_key, name)
         except (asyncpg.PostgresError, OSError) as exc:
             if owns_pool and pool is not None:
                 await pool.close()
@@ -462,6 +466,30 @@ async def _migrate(pool: asyncpg.Pool, name: str) -> None:
             if number > version:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO olmstead_schema (version) VALUES ($1)", number)
+
+
+async def _prove_existing(
+    pool: asyncpg.Pool, account: str, pickle_key: PickleKey, name: str
+) -> DerivedKey | None:
+    """Check the key (and that the account unpickles) of an account that already exists."""
+    async with pool.acquire() as conn:
+        try:
+            record = await conn.fetchval(
+                "SELECT value FROM olmstead_meta WHERE account_id = $1 AND key = 'key_check'",
+                account,
+            )
+        except asyncpg.UndefinedTableError:
+            return None  # a new database: nothing to prove yet
+        if record is None:
+            return None
+        derived = pickle_key.check(record, name)
+        row = await conn.fetchrow(
+            "SELECT user_id, device_id, pickle, state FROM olmstead_account WHERE account_id = $1",
+            account,
+        )
+    if row is not None:
+        account_from_row((row[0], row[1], row[2], row[3]), derived.key, name)
+    return derived
 
 
 async def _check_key(

@@ -14,8 +14,10 @@ since starting a new account there would give the device a new identity.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,13 +124,7 @@ class SqliteStore(CryptoStore):
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                raise StoreError(
-                    f"{self.name} stayed busy for 30 s ({exc}): another process keeps a "
-                    "transaction open on it. Find that process; olmstead itself holds "
-                    "transactions only for milliseconds."
-                ) from exc
-            raise StoreCorrupt(self.name, str(exc)) from exc
+            raise _store_error(self.name, exc) from exc
 
     async def _load_account_row(self) -> tuple[str, str, str, str] | None:
         def read() -> tuple[str, str, str, str] | None:
@@ -379,6 +375,23 @@ class SqliteStore(CryptoStore):
 # --- runs on the store's worker thread -----------------------------------------------------
 
 
+def _store_error(name: str, exc: sqlite3.DatabaseError) -> StoreError:
+    """Damage is ``StoreCorrupt``; a busy, full or read-only disk is not, and says so."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return StoreError(
+            f"{name} stayed busy for 30 s ({text}): another process keeps a transaction "
+            "open on it. Find that process; olmstead holds transactions for milliseconds."
+        )
+    if isinstance(exc, sqlite3.OperationalError) and "malformed" not in text:
+        return StoreError(
+            f"{name} could not be read or written ({text}): check the disk (space, "
+            "permissions, a read-only mount). The store itself is not known to be damaged; "
+            "do not restore an older copy, which would roll its keys back."
+        )
+    return StoreCorrupt(name, text)
+
+
 def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -444,6 +457,12 @@ def _open_and_check(
         if row is None:
             raise StoreCorrupt(name, "the pickle key check record is missing")
         derived = pickle_key.check(row[0], name)
+        # the account too, before the lease or a migration writes anything
+        account = conn.execute(
+            "SELECT user_id, device_id, pickle, state FROM account WHERE id = 1"
+        ).fetchone()
+        if account is not None:
+            account_from_row(tuple(account), derived.key, name)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StoreCorrupt(name, str(exc)) from exc
@@ -458,23 +477,36 @@ def _version(conn: sqlite3.Connection) -> int:
 
 
 def _create(path: Path, name: str, pickle_key: PickleKey) -> tuple[sqlite3.Connection, DerivedKey]:
-    record, derived = pickle_key.new_key_check()
-    conn = _connect(path)
-    conn.execute("PRAGMA journal_mode = WAL")
+    """Build a new store beside ``path`` and link it into place only once it is complete.
 
-    def init(conn: sqlite3.Connection) -> DerivedKey:
-        if _version(conn) != 0:  # another process created it first: check against its key
-            existing = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
-            return pickle_key.check(existing[0], name)
-        _apply(conn, 0)
-        conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (record,))
-        return derived
-
+    A crash while building leaves a stray temp file, never a half-made store at ``path``
+    (which ``open`` would then refuse as not an olmstead store).
+    """
+    record, _derived = pickle_key.new_key_check()
+    building = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.building")
+    conn = _connect(building)
     try:
-        return conn, _transaction(conn, init)
-    except BaseException:
+        conn.execute("PRAGMA journal_mode = WAL")
+
+        def init(conn: sqlite3.Connection) -> None:
+            _apply(conn, 0)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (record,))
+
+        _transaction(conn, init)
+    finally:
         conn.close()
-        raise
+    try:
+        os.link(building, path)  # fails if another process made the store first: use theirs
+    except FileExistsError:
+        pass
+    finally:
+        building.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return _open_and_check(path, name, pickle_key)
 
 
 def _apply(conn: sqlite3.Connection, after: int) -> None:
