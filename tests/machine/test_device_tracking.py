@@ -160,3 +160,20 @@ async def test_our_own_device_is_not_stored_as_another(backend: Backend) -> None
     sibling = keys_of(USER, "SIBLING")
     await answer(machine, query, {USER: {DEVICE: mine, "SIBLING": sibling}})
     assert list(await machine.get_user_devices(USER)) == ["SIBLING"]
+
+
+async def test_a_failed_commit_leaves_the_user_to_be_queried_again(backend: Backend) -> None:
+    machine = await ready_machine(backend)
+    await machine.update_tracked_users([ALICE])
+    query = await only_query(machine)
+    store, original = machine.store, machine.store.save_changes
+
+    async def failing(changes: Any, *, generation: int | None = None) -> None:
+        raise OSError("disk full")
+
+    store.save_changes = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        await answer(machine, query, {ALICE: {"PHONE": keys_of(ALICE, "PHONE")}})
+    store.save_changes = original  # type: ignore[method-assign]
+    assert await machine.get_user_devices(ALICE) == {}
+    assert (await only_query(machine)).device_keys == {ALICE: []}  # still outdated: asked again

@@ -484,7 +484,17 @@ class CryptoStore(ABC):
             return rewrap
 
         rewrap = {name: rewrapper(kind) for name, kind in kinds.items()}
-        await self._rekey(rewrap, record, self.holder, generation, progress)
+        work = asyncio.ensure_future(self._rekey(rewrap, record, self.holder, generation, progress))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # the transaction may be running on: wait for its outcome, so this handle's
+            # key never disagrees with the store's, then let the cancellation go on
+            with contextlib.suppress(Exception):
+                await work
+            if work.done() and not work.cancelled() and work.exception() is None:
+                self._key = derived
+            raise
         self._key = derived
         return derived.fingerprint
 
