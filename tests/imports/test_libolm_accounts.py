@@ -27,6 +27,7 @@ from olmstead import (
 from olmstead.cli.main import main
 from olmstead.imports.foreign import ForeignStore, import_into, open_libolm_account
 from tests.conftest import FAST_LEASE, KEY
+from tests.integration.harness import opens_session
 
 
 def libolm_account() -> tuple[olm.Account, dict[str, str]]:
@@ -37,20 +38,6 @@ def libolm_account() -> tuple[olm.Account, dict[str, str]]:
     account.mark_keys_as_published()
     account.generate_one_time_keys(2)
     return account, published
-
-
-def opens_session(account: vodozemac.Account, public_key: str) -> bool:
-    peer = vodozemac.Account()
-    session = peer.create_outbound_session(
-        account.curve25519_key, vodozemac.Curve25519PublicKey.from_base64(public_key)
-    )
-    message = session.encrypt(b"to an old key").to_pre_key()
-    assert message is not None
-    try:
-        _, plaintext = account.create_inbound_session(peer.curve25519_key, message)
-    except ValueError:
-        return False
-    return plaintext == b"to an old key"
 
 
 def test_the_vodozemac_import_bug_is_real_and_repaired() -> None:

@@ -12,6 +12,7 @@ newest key the account already holds, replacing it.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import vodozemac
 
-from olmstead.errors import StoreError, StoreMismatch
+from olmstead.errors import StoreCorrupt, StoreError, StoreMismatch
 from olmstead.imports.libolm_pickle import bump_key_counter
 from olmstead.store.base import (
     AccountRecord,
@@ -36,6 +37,7 @@ __all__ = [
     "first_key_that_opens",
     "import_into",
     "open_libolm_account",
+    "open_read_only",
     "pickle_text",
     "seconds",
     "unpickle_libolm_account",
@@ -115,6 +117,14 @@ def open_libolm_account(pickle: str, key: str) -> vodozemac.Account:
     return vodozemac.Account.from_libolm_pickle(
         bump_key_counter(pickle, key.encode()), key.encode()
     )
+
+
+def open_read_only(path: str, source: str) -> sqlite3.Connection:
+    """A foreign SQLite store, opened so that nothing in it can change."""
+    try:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreCorrupt(source, str(exc)) from exc
 
 
 def pickle_text(pickle: Any) -> str:

@@ -17,6 +17,7 @@ import vodozemac
 from olmstead.errors import StoreCorrupt
 from olmstead.imports.foreign import (
     ForeignStore,
+    open_read_only,
     pickle_text,
     seconds,
     unpickle_libolm_account,
@@ -41,11 +42,7 @@ def read_mautrix_sqlite(
 ) -> ForeignStore:
     """Read the (only, or ``user_id``'s) device of a mautrix SQLite crypto store, read-only."""
     source = f"mautrix store {path}"
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise StoreCorrupt(source, str(exc)) from exc
-    with closing(conn):
+    with closing(open_read_only(path, source)) as conn:
         try:
             accounts = conn.execute(_ACCOUNT).fetchall()
             account_id, device_id, shared, pickle = _pick(accounts, user_id, source)

@@ -20,6 +20,7 @@ from olmstead.imports.foreign import (
     ForeignStore,
     first_key_that_opens,
     open_libolm_account,
+    open_read_only,
     pickle_text,
     seconds,
 )
@@ -32,11 +33,7 @@ def read_nio_sqlite(
     path: str, candidates: Iterable[str], user_id: str | None = None
 ) -> ForeignStore:
     source = f"matrix-nio store {path}"
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise StoreCorrupt(source, str(exc)) from exc
-    with closing(conn):
+    with closing(open_read_only(path, source)) as conn:
         try:
             accounts = conn.execute(
                 "SELECT id, account, user_id, device_id, shared FROM accounts"

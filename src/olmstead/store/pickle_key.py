@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from olmstead.errors import LocalProtocolError, StoreCorrupt, WrongPickleKey
+from olmstead.store.files import link_into_place
 
 __all__ = ["DerivedKey", "PickleKey", "load_or_create_key_file"]
 
@@ -133,16 +134,6 @@ def load_or_create_key_file(path: str | os.PathLike[str]) -> PickleKey:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, target)  # fails if another process created it meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        link_into_place(tmp, target)  # a key another process wrote first wins
     raw = base64.b64decode(target.read_bytes().strip(), validate=True)
     return PickleKey(raw)

@@ -35,6 +35,7 @@ from olmstead.store.base import (
     new_holder_name,
     next_lock_row,
 )
+from olmstead.store.files import link_into_place
 from olmstead.store.migrations.sqlite import MIGRATIONS
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
@@ -495,17 +496,7 @@ def _create(path: Path, name: str, pickle_key: PickleKey) -> tuple[sqlite3.Conne
         _transaction(conn, init)
     finally:
         conn.close()
-    try:
-        os.link(building, path)  # fails if another process made the store first: use theirs
-    except FileExistsError:
-        pass
-    finally:
-        building.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    link_into_place(building, path)  # another process's store, if it was first, stays
     return _open_and_check(path, name, pickle_key)
 
 
