@@ -214,9 +214,10 @@ class OlmMachine:
         Returns the to-device events in order: Olm-encrypted ones decrypted
         (``DecryptedToDevice``) or refused (``UndecryptableToDevice``), the rest as
         they came. Every ratchet step is committed before this returns, in the same
-        transaction as ``sync_token`` (the response's ``next_batch``) when it is given:
-        a crash never leaves the sessions stepped but the token behind, which would
-        bring the same messages back to sessions that already used them.
+        transaction as ``sync_token`` (the response's ``next_batch``) when it is given.
+        A caller with a room timeline to deliver passes the token in a second call,
+        once the timeline reached the application: a crash then brings the sync back
+        rather than losing its events.
         """
         async with self._mutex:
             await self._refresh()

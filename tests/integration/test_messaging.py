@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from olmstead import Client
 from olmstead.client.rooms import RoomEvent
 from tests.integration.harness import close_client, open_client, session_of
@@ -104,5 +106,30 @@ async def test_an_event_waits_for_its_late_room_key(
         await machine.mark_request_as_sent(request.request_id, await alice.http.send(request))
     await bob.sync_once()
     assert messages(bob_seen) == [(a_user["user_id"], "early bird", True)]
+    await close_client(alice)
+    await close_client(bob)
+
+
+async def test_events_are_delivered_again_if_the_application_did_not_finish(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    a_user, b_user = new_user(), new_user()
+    (alice, _), (bob, _), room = await two_in_a_room(homeserver.base_url, tmp_path, a_user, b_user)
+    await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "important"})
+
+    def crash(event: RoomEvent) -> None:
+        if event.type == "m.room.message":
+            raise RuntimeError("the application died handling it")
+
+    bob._room_callbacks.clear()
+    bob.on_room_event(crash)
+    with pytest.raises(RuntimeError):
+        await bob.sync_once()
+
+    got: list[RoomEvent] = []
+    bob._room_callbacks.clear()
+    bob.on_room_event(got.append)
+    await bob.sync_once()  # the token was not saved: the same batch comes again
+    assert [e.content["body"] for e in got if e.type == "m.room.message"] == ["important"]
     await close_client(alice)
     await close_client(bob)

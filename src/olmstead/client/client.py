@@ -376,12 +376,16 @@ class Client:
                 unused_fallback_key_types=fallback_types,
                 device_lists=answer.get("device_lists"),
                 to_device_events=_events(to_device),
-                sync_token=next_batch if isinstance(next_batch, str) else None,
             )
             new_keys = self._dispatch_to_device(results)
             await self._decrypt_timeline(timeline)
             if new_keys and self._waiting:
                 await self._retry_waiting()
+            if isinstance(next_batch, str):
+                # only once the timeline reached the callbacks: after a crash the same
+                # events come again (harmless: replay checks accept the same event) rather
+                # than never; through the machine, so the write is fenced by its lease
+                await self.machine.receive_sync_changes(sync_token=next_batch)
         else:
             for room_id, event in timeline:
                 self._emit(_plain(room_id, event))
