@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from olmstead.cli.stores import existing, open_store, pickle_key
+from olmstead.cli.stores import existing, open_device, open_store, pickle_key
 from olmstead.errors import OlmsteadError
 
 __all__ = ["main"]
@@ -134,20 +134,14 @@ def keys() -> None:
 @click.argument("out", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 def export_keys(store: str, account: str, key_file: Path | None, out: Path) -> None:
     """Write every room key of the store to OUT, encrypted with a passphrase."""
-    from olmstead.machine import OlmMachine
-
     key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
     passphrase = _passphrase(confirm=True)
 
     async def run() -> tuple[str, int]:
-        opened = await open_store(store, account, key)
-        try:
-            machine = await _machine(opened, OlmMachine)
+        async with open_device(store, account, key) as (opened, machine):
             total = (await opened.count_secrets())["inbound"]
             with click.progressbar(length=total, label="Exporting room keys") as bar:
                 return await machine.export_room_keys(passphrase, progress=bar.update), total
-        finally:
-            await opened.close()
 
     armoured, total = _run(run)
     out.write_text(armoured)
@@ -163,7 +157,6 @@ def export_keys(store: str, account: str, key_file: Path | None, out: Path) -> N
 def import_keys(store: str, account: str, key_file: Path | None, infile: Path) -> None:
     """Add the room keys in INFILE to the store (better copies of known ones only)."""
     from olmstead.key_export import read_key_file
-    from olmstead.machine import OlmMachine
 
     key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
     armoured = infile.read_text()
@@ -173,13 +166,9 @@ def import_keys(store: str, account: str, key_file: Path | None, infile: Path) -
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
 
     async def run() -> int:
-        opened = await open_store(store, account, key)
-        try:
-            machine = await _machine(opened, OlmMachine)
+        async with open_device(store, account, key) as (_opened, machine):
             with click.progressbar(length=len(records), label="Importing room keys") as bar:
-                return int(await machine.add_room_keys(records, progress=bar.update))
-        finally:
-            await opened.close()
+                return await machine.add_room_keys(records, progress=bar.update)
 
     added = _run(run)
     click.echo(f"Imported {added} room keys; skipped {skipped} unusable entries.")
@@ -247,13 +236,6 @@ def _passphrase(confirm: bool) -> str:
     if value is None:
         value = click.prompt("Key file passphrase", hide_input=True, confirmation_prompt=confirm)
     return value
-
-
-async def _machine(store: Any, machine_type: Any) -> Any:
-    record = await store.load_account()
-    if record is None:
-        raise click.ClickException(f"{store.name} holds no device account yet")
-    return await machine_type.open(store, record.user_id, record.device_id)
 
 
 def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:

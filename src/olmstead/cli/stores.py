@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import click
 
+from olmstead.machine import OlmMachine
 from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
 
-__all__ = ["existing", "open_store", "pickle_key"]
+__all__ = ["existing", "open_device", "open_store", "pickle_key"]
 
 
 def pickle_key(env: str, key_file: Path | None, prompt: str) -> PickleKey:
@@ -48,3 +51,18 @@ async def open_store(store: str, account: str, key: PickleKey) -> CryptoStore:
 
         return await PostgresStore.open(store, key, account=account, lease=lease)
     return await SqliteStore.open(store, key, lease=lease)
+
+
+@asynccontextmanager
+async def open_device(
+    store: str, account: str, key: PickleKey
+) -> AsyncIterator[tuple[CryptoStore, OlmMachine]]:
+    """The store and its device's machine; the store is closed (its lease released) after."""
+    opened = await open_store(store, account, key)
+    try:
+        record = await opened.load_account()
+        if record is None:
+            raise click.ClickException(f"{opened.name} holds no device account yet")
+        yield opened, await OlmMachine.open(opened, record.user_id, record.device_id)
+    finally:
+        await opened.close()

@@ -38,6 +38,13 @@ __all__ = ["PostgresStore"]
 T = TypeVar("T")
 _MIGRATION_LOCK = 0x6F6C6D73  # "olms": one advisory lock for schema changes
 _NOW = "extract(epoch from clock_timestamp())::double precision"
+#: where each kind of pickle lives, and the rest of its primary key (after account_id)
+SECRET_TABLES = {
+    "account": ("olmstead_account", ("account_id",)),
+    "olm": ("olmstead_olm_sessions", ("sender_key", "session_id")),
+    "inbound": ("olmstead_inbound_group_sessions", ("room_id", "session_id")),
+    "outbound": ("olmstead_outbound_group_sessions", ("room_id",)),
+}
 
 
 class PostgresStore(CryptoStore):
@@ -334,13 +341,6 @@ class PostgresStore(CryptoStore):
         await self._run(write)
 
     async def count_secrets(self) -> dict[str, int]:
-        tables = {
-            "account": "olmstead_account",
-            "olm": "olmstead_olm_sessions",
-            "inbound": "olmstead_inbound_group_sessions",
-            "outbound": "olmstead_outbound_group_sessions",
-        }
-
         async def count(conn: asyncpg.Connection) -> dict[str, int]:
             return {
                 kind: int(
@@ -348,7 +348,7 @@ class PostgresStore(CryptoStore):
                         f"SELECT count(*) FROM {table} WHERE account_id = $1", self.account_id
                     )
                 )
-                for kind, table in tables.items()
+                for kind, (table, _key) in SECRET_TABLES.items()
             }
 
         return await self._run(count)
@@ -362,12 +362,6 @@ class PostgresStore(CryptoStore):
         progress: Callable[[int], object] | None,
     ) -> None:
         a = self.account_id
-        tables = {  # kind: (table, the rest of its primary key)
-            "account": ("olmstead_account", ("account_id",)),
-            "olm": ("olmstead_olm_sessions", ("sender_key", "session_id")),
-            "inbound": ("olmstead_inbound_group_sessions", ("room_id", "session_id")),
-            "outbound": ("olmstead_outbound_group_sessions", ("room_id",)),
-        }
 
         async def rekey(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
@@ -378,7 +372,7 @@ class PostgresStore(CryptoStore):
                 )
                 if row is None or row[0] != holder or row[1] != generation:
                     raise StoreLockLost(self.name, f"now held by {row[0] if row else 'nobody'}")
-                for kind, (table, key) in tables.items():
+                for kind, (table, key) in SECRET_TABLES.items():
                     columns = ", ".join(key)
                     where = " AND ".join(f"{c} = ${i + 3}" for i, c in enumerate(key))
                     async for found in conn.cursor(

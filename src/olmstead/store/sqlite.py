@@ -44,6 +44,13 @@ __all__ = ["SqliteStore"]
 T = TypeVar("T")
 LATEST_VERSION = MIGRATIONS[-1][0]
 _LEASE_NAME = "device"
+#: where each kind of pickle lives: what rekey rewrites and count_secrets counts
+SECRET_TABLES = {
+    "account": "account",
+    "olm": "olm_sessions",
+    "inbound": "inbound_group_sessions",
+    "outbound": "outbound_group_sessions",
+}
 
 
 class SqliteStore(CryptoStore):
@@ -293,17 +300,11 @@ class SqliteStore(CryptoStore):
         await self._run(_transaction, self._conn, write)
 
     async def count_secrets(self) -> dict[str, int]:
-        tables = {
-            "account": "account",
-            "olm": "olm_sessions",
-            "inbound": "inbound_group_sessions",
-            "outbound": "outbound_group_sessions",
-        }
 
         def count() -> dict[str, int]:
             return {
                 kind: int(self._conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-                for kind, table in tables.items()
+                for kind, table in SECRET_TABLES.items()
             }
 
         return await self._run(count)
@@ -316,18 +317,12 @@ class SqliteStore(CryptoStore):
         generation: int,
         progress: Callable[[int], object] | None,
     ) -> None:
-        tables = {
-            "account": "account",
-            "olm": "olm_sessions",
-            "inbound": "inbound_group_sessions",
-            "outbound": "outbound_group_sessions",
-        }
 
         def rekey(conn: sqlite3.Connection) -> None:
             row = _lock_row(conn)
             if row is None or row.holder != holder or row.generation != generation:
                 raise StoreLockLost(self.name, f"now held by {row.holder if row else 'nobody'}")
-            for kind, table in tables.items():
+            for kind, table in SECRET_TABLES.items():
                 last = 0
                 while True:  # a page at a time, by rowid: memory stays flat
                     page = conn.execute(
