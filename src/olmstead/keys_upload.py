@@ -119,25 +119,23 @@ class KeysUpload:
         record: AccountRecord,
         one_time_key_counts: Mapping[str, int] | None,
         unused_fallback_key_types: Sequence[str] | None,
-    ) -> bool:
-        """Take the counts a sync reported. True if the record changed in a way worth a commit.
+    ) -> None:
+        """Take the counts a sync reported, into ``record``.
 
         Counts move with every claim and every sync reports them again, so they are
-        kept in memory only; that the server supports fallback keys is committed.
+        kept in memory only. That the server supports fallback keys is worth a commit:
+        the caller passes a copy of the account to commit when that flag is about to
+        turn on.
         """
-        changed = False
         if one_time_key_counts is not None:
             record.server_key_count = _count(one_time_key_counts)
         if unused_fallback_key_types is not None:
-            if not record.fallback_supported:
-                record.fallback_supported = True
-                changed = True
+            record.fallback_supported = True
             published = record.fallback_created_at is not None and not (
                 own.unpublished_fallback_key(record.account)
             )
             if published and SIGNED_CURVE25519 not in unused_fallback_key_types:
                 self._fallback_used = True
-        return changed
 
     @staticmethod
     def on_upload_response(record: AccountRecord, response: Mapping[str, Any]) -> None:
