@@ -26,7 +26,7 @@ from typing import Any
 
 import vodozemac
 
-from olmstead import key_export
+from olmstead import key_export, key_state
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
@@ -42,6 +42,7 @@ from olmstead.identities.tracker import DeviceTracker
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
 from olmstead.requests import (
+    AccountDataRequest,
     KeysClaimRequest,
     KeysUploadRequest,
     OutgoingRequest,
@@ -110,6 +111,8 @@ class OlmMachine:
         self._unwedged_at: dict[str, float] = {}
         self._unwedge_claims: set[str] = set()
         self._pending_to_device: list[ToDeviceRequest] = []
+        # the key-state marker for the server's account data, once an upload succeeded
+        self._pending_marker: AccountDataRequest | None = None
         self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
@@ -188,6 +191,31 @@ class OlmMachine:
         """Repairs done since the last call (stale keys drained), for the application."""
         reports, self._reports = self._reports, []
         return reports
+
+    async def check_key_state(self, marker_content: Any) -> int:
+        """Compare our key-state marker from the server's account data with the store.
+
+        Pass the content of the ``key_state.marker_type(device_id)`` account data
+        event (``None`` if the server has none). If the server was given one-time keys
+        this store never issued, the store was rolled back: the stale keys are drained
+        before anything else goes out. Returns how many published keys the store lacks
+        (0: no sign of a rollback).
+        """
+        async with self._mutex:
+            await self._refresh()
+            if not self._record.shared:
+                return 0
+            marker = key_state.read_marker(marker_content)
+            lost = key_state.keys_lost_to_rollback(marker, self._record.account)
+            if lost:
+                log.warning(
+                    "the server was given one-time keys up to #%d, but this store has issued "
+                    "%d fewer: it was restored from an older copy; draining the stale keys",
+                    marker.published_through if marker else -1,
+                    lost,
+                )
+                self.upload_guard.start_drain()
+            return lost
 
     def device_keys(self) -> dict[str, Any]:
         """Our signed device keys, as ``/keys/upload`` and ``/keys/query`` carry them."""
@@ -582,6 +610,9 @@ class OlmMachine:
             requests: list[OutgoingRequest] = []
             requests.extend(self._pending_to_device)
             self._pending_to_device.clear()
+            if self._pending_marker is not None:
+                requests.append(self._pending_marker)
+                self._pending_marker = None
             if self._to_unwedge and not self._unwedge_claims:
                 claim = self.olm.claim_request(list(self._to_unwedge.values()))
                 self._session_claims[claim.request_id] = list(self._to_unwedge.values())
@@ -616,8 +647,8 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
-            if isinstance(request, ToDeviceRequest):
-                return  # delivered; the sessions were committed before it left
+            if isinstance(request, ToDeviceRequest | AccountDataRequest):
+                return  # delivered; what it carries was committed before it left
             claimed_for = self._session_claims.pop(request_id, None)
             if claimed_for is not None:
                 created = await self.olm.sessions_from_claim(
@@ -642,6 +673,7 @@ class OlmMachine:
                 )
                 if report is not None:
                     self._reports.append(report)
+                    self._record.server_key_count = 0  # a drain claims every key we had
                 return
             current = self.keys_upload.pending_request(self._record)
             if current is not None and current.request_id == request_id:
@@ -653,6 +685,7 @@ class OlmMachine:
                     )
                     raise
                 self.upload_guard.on_upload_success()
+                self._note_published(current)
             elif isinstance(request, KeysUploadRequest):
                 # The keys are no longer pending here (published by another holder of the
                 # store, or reloaded state): the server has them, nothing to record.
@@ -685,6 +718,10 @@ class OlmMachine:
                 for device in wedged:  # try again when it next fails, past the interval
                     self._unwedged_at.pop(device.curve25519, None)
                 return
+            if isinstance(request, AccountDataRequest):
+                if self._pending_marker is None:  # unless a newer marker waits
+                    self._pending_marker = request
+                return
             if isinstance(request, ToDeviceRequest):
                 # its ciphertext was made from committed ratchets and its recipients are
                 # recorded as served: it must reach them, so it goes out again, same txn ID
@@ -705,6 +742,18 @@ class OlmMachine:
                     f"no request {request_id!r} is waiting for a response; pass the "
                     "request_id of a request from outgoing_requests()"
                 )
+
+    def _note_published(self, upload: KeysUploadRequest) -> None:
+        """After a confirmed upload of one-time keys, tell the server how far they got."""
+        if not upload.one_time_keys:
+            return
+        through = max(key_state.key_number(k.split(":", 1)[1]) for k in upload.one_time_keys)
+        self._pending_marker = AccountDataRequest(
+            f"key_state-{uuid.uuid4().hex[:12]}",
+            self.user_id,
+            key_state.marker_type(self.device_id),
+            key_state.marker_content(self.identity_keys["ed25519"], through, self._clock()),
+        )
 
     async def _mark_keys_uploaded(self, response: Mapping[str, Any]) -> None:
         record = self._record.copy(self.store.pickle_key)
@@ -739,6 +788,7 @@ class OlmMachine:
         self._session_claims.clear()
         self._unwedge_claims.clear()
         self._pending_to_device.clear()
+        self._pending_marker = None  # the next holder's uploads may have moved it on
         self._outbound.clear()
         self.olm.forget()
         self.devices = DeviceTracker(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AccountDataRequest",
     "KeysClaimRequest",
     "KeysQueryRequest",
     "KeysUploadRequest",
@@ -77,4 +78,19 @@ class ToDeviceRequest:
         return {"messages": self.messages}
 
 
-OutgoingRequest = KeysUploadRequest | KeysQueryRequest | KeysClaimRequest | ToDeviceRequest
+@dataclass(frozen=True)
+class AccountDataRequest:
+    """``PUT /user/{user_id}/account_data/{event_type}``: ``content`` replaces the old."""
+
+    request_id: str
+    user_id: str
+    event_type: str
+    content: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        return self.content
+
+
+OutgoingRequest = (
+    KeysUploadRequest | KeysQueryRequest | KeysClaimRequest | ToDeviceRequest | AccountDataRequest
+)

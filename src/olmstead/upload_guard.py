@@ -117,6 +117,11 @@ class UploadGuard:
                 self._waiting = KeysClaimRequest(request_id, target)
         return self._waiting
 
+    def start_drain(self) -> None:
+        """Drain our stale keys now: the key-state marker showed the store was rolled back."""
+        if self.problem is None and self._mode != "drain":
+            self._mode, self._drained, self._conflict_key_id = "drain", 0, ""
+
     def owns(self, request_id: str) -> bool:
         return self._waiting is not None and self._waiting.request_id == request_id
 

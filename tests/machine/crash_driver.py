@@ -22,6 +22,7 @@ from olmstead import KeysUploadRequest, LeaseSettings, OlmMachine, SqliteStore
 from olmstead.keys_upload import KeysUpload
 from olmstead.store.base import CryptoStore
 from tests.conftest import KEY
+from tests.machine.test_keys_upload import outgoing
 
 USER, DEVICE = "@crash:example.org", "CRASHDEV"
 POINTS = (
@@ -83,10 +84,10 @@ async def main() -> None:
     )
     machine = await OlmMachine.open(store, USER, DEVICE)
     if not machine.device_keys_shared:  # the server knows no keys for this device
-        (query,) = await machine.outgoing_requests()
+        (query,) = await outgoing(machine)
         await machine.mark_request_as_sent(query.request_id, {"device_keys": {}})
     if args.resume:
-        requests = await machine.outgoing_requests()
+        requests = await outgoing(machine)
         log_sent(args.log, "resume", requests[0].body() if requests else {})
         await store.close()
         return
@@ -94,7 +95,7 @@ async def main() -> None:
     install_hooks(store, args)
     for cycle in (1, 2):
         state["cycle"], state["phase"] = cycle, "outgoing"
-        (upload,) = await machine.outgoing_requests()
+        (upload,) = await outgoing(machine)
         assert isinstance(upload, KeysUploadRequest)
         log_sent(args.log, f"cycle{cycle}", upload.body())
         crash_if("after_handout", args)

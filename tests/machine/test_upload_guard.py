@@ -25,7 +25,7 @@ from olmstead import (
 )
 from olmstead.olm import account as own
 from tests.conftest import FAST_LEASE, KEY
-from tests.machine.test_keys_upload import DEVICE, USER, Clock, ok, pass_device_check
+from tests.machine.test_keys_upload import DEVICE, USER, Clock, ok, outgoing, pass_device_check
 
 
 async def machine_on(db: MemoryDatabase, clock: Clock, **policy: Any) -> OlmMachine:
@@ -53,7 +53,7 @@ def foreign_key() -> dict[str, Any]:
 
 async def test_device_ids_with_foreign_keys_are_refused_before_any_upload() -> None:
     machine = await machine_on(MemoryDatabase(), Clock())
-    (query,) = await machine.outgoing_requests()
+    (query,) = await outgoing(machine)
     assert isinstance(query, KeysQueryRequest)
     foreign = vodozemac.Account().ed25519_key.to_base64()
     answer = {"device_keys": {USER: {DEVICE: {"keys": {f"ed25519:{DEVICE}": foreign}}}}}
@@ -63,26 +63,26 @@ async def test_device_ids_with_foreign_keys_are_refused_before_any_upload() -> N
     assert "Log in without a device ID" in str(caught.value)
     assert machine.key_problem is caught.value
     for _ in range(5):
-        assert await machine.outgoing_requests() == []
+        assert await outgoing(machine) == []
 
 
 async def test_replacing_a_device_takes_an_explicit_opt_in() -> None:
     machine = await machine_on(MemoryDatabase(), Clock(), replace_existing_device=True)
-    (query,) = await machine.outgoing_requests()
+    (query,) = await outgoing(machine)
     foreign = vodozemac.Account().ed25519_key.to_base64()
     answer = {"device_keys": {USER: {DEVICE: {"keys": {f"ed25519:{DEVICE}": foreign}}}}}
     await machine.mark_request_as_sent(query.request_id, answer)
-    (upload,) = await machine.outgoing_requests()
+    (upload,) = await outgoing(machine)
     assert isinstance(upload, KeysUploadRequest)
     assert upload.device_keys is not None
 
 
 async def test_our_own_keys_on_the_server_are_not_a_conflict() -> None:
     machine = await machine_on(MemoryDatabase(), Clock())
-    (query,) = await machine.outgoing_requests()
+    (query,) = await outgoing(machine)
     answer = {"device_keys": {USER: {DEVICE: machine.device_keys()}}}
     await machine.mark_request_as_sent(query.request_id, answer)
-    (upload,) = await machine.outgoing_requests()
+    (upload,) = await outgoing(machine)
     assert isinstance(upload, KeysUploadRequest)
 
 
@@ -91,12 +91,12 @@ async def rolled_back_machine(clock: Clock) -> tuple[OlmMachine, KeysUploadReque
     db = MemoryDatabase()
     machine = await machine_on(db, clock)
     await pass_device_check(machine)
-    (first,) = await machine.outgoing_requests()
+    (first,) = await outgoing(machine)
     await machine.mark_request_as_sent(first.request_id, ok(50))
     backup = copy.deepcopy(db.account)
 
     await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": 20})
-    (second,) = await machine.outgoing_requests()
+    (second,) = await outgoing(machine)
     assert isinstance(second, KeysUploadRequest)
     await machine.mark_request_as_sent(second.request_id, ok(50))
     await machine.store.close()
@@ -104,7 +104,7 @@ async def rolled_back_machine(clock: Clock) -> tuple[OlmMachine, KeysUploadReque
     db.account = backup  # the rollback
     restored = await machine_on(db, clock)
     await restored.receive_sync_changes(one_time_key_counts={"signed_curve25519": 20})
-    (third,) = await restored.outgoing_requests()
+    (third,) = await outgoing(restored)
     assert isinstance(third, KeysUploadRequest)
     assert set(third.one_time_keys) == set(second.one_time_keys)  # the same IDs ...
     assert third.one_time_keys != second.one_time_keys  # ... with other keys
@@ -119,12 +119,12 @@ async def test_rolled_back_store_drains_its_stale_keys_then_uploads() -> None:
 
     drained = 0
     for stale_id, stale_key in stale.items():
-        (claim,) = await machine.outgoing_requests()
+        (claim,) = await outgoing(machine)
         assert isinstance(claim, KeysClaimRequest)
         assert claim.one_time_keys == {USER: {DEVICE: "signed_curve25519"}}
         await machine.mark_request_as_sent(claim.request_id, claim_answer(stale_id, stale_key))
         drained += 1
-    (claim,) = await machine.outgoing_requests()
+    (claim,) = await outgoing(machine)
     stored = await machine.store.load_account()
     assert stored is not None
     fallback = own.sign_json(  # our fallback key: nothing else is left, the drain ends
@@ -137,7 +137,7 @@ async def test_rolled_back_store_drains_its_stale_keys_then_uploads() -> None:
     (report,) = machine.take_reports()
     assert (report.drained, report.conflicting_key_id) == (drained, key_id)
     assert machine.take_reports() == []
-    (retry,) = await machine.outgoing_requests()
+    (retry,) = await outgoing(machine)
     assert retry == upload  # the very same keys, now free to go
     await machine.mark_request_as_sent(retry.request_id, ok(len(upload.one_time_keys)))
     assert machine.key_problem is None
@@ -151,7 +151,7 @@ async def test_stale_keys_of_another_identity_stop_uploads() -> None:
         await machine.mark_request_as_failed(upload.request_id, error)
     assert machine.key_problem is caught.value
     clock.now += 3600
-    assert await machine.outgoing_requests() == []
+    assert await outgoing(machine) == []
 
 
 @pytest.mark.parametrize("whose", ["ours", "theirs"])
@@ -162,7 +162,7 @@ async def test_unparseable_duplicate_error_is_settled_by_a_claim(whose: str) -> 
         "POST", "/keys/upload", 400, "M_UNKNOWN", "key already exists", None, None
     )
     await machine.mark_request_as_failed(upload.request_id, error)
-    (claim,) = await machine.outgoing_requests()
+    (claim,) = await outgoing(machine)
     assert isinstance(claim, KeysClaimRequest)
     key_id, key = next(iter(stale.items()))
     if whose == "theirs":
@@ -170,14 +170,14 @@ async def test_unparseable_duplicate_error_is_settled_by_a_claim(whose: str) -> 
             await machine.mark_request_as_sent(
                 claim.request_id, claim_answer(key_id, foreign_key())
             )
-        assert await machine.outgoing_requests() == []
+        assert await outgoing(machine) == []
     else:
         await machine.mark_request_as_sent(claim.request_id, claim_answer(key_id, key))
-        (next_claim,) = await machine.outgoing_requests()  # draining goes on
+        (next_claim,) = await outgoing(machine)  # draining goes on
         assert isinstance(next_claim, KeysClaimRequest)
         await machine.mark_request_as_sent(next_claim.request_id, claim_answer(None, None))
         assert [r.drained for r in machine.take_reports()] == [1]
-        assert await machine.outgoing_requests() == [upload]
+        assert await outgoing(machine) == [upload]
 
 
 async def test_failing_uploads_never_storm() -> None:
@@ -187,7 +187,7 @@ async def test_failing_uploads_never_storm() -> None:
     sent: list[float] = []
     start = clock.now
     while clock.now - start < 600:  # ten minutes, asking ten times a second
-        for request in await machine.outgoing_requests():
+        for request in await outgoing(machine):
             assert isinstance(request, KeysUploadRequest)
             sent.append(clock.now - start)
             error = MatrixHttpError("POST", "/keys/upload", 500, None, "boom")
@@ -203,23 +203,23 @@ async def test_retry_after_is_honoured() -> None:
     clock = Clock()
     machine = await machine_on(MemoryDatabase(), clock)
     await pass_device_check(machine)
-    (upload,) = await machine.outgoing_requests()
+    (upload,) = await outgoing(machine)
     limited = RateLimited("POST", "/keys/upload", 429, "M_LIMIT_EXCEEDED", "slow", retry_after=30)
     await machine.mark_request_as_failed(upload.request_id, limited)
     clock.now += 29.9
-    assert await machine.outgoing_requests() == []
+    assert await outgoing(machine) == []
     clock.now += 0.2
-    assert await machine.outgoing_requests() == [upload]
+    assert await outgoing(machine) == [upload]
 
 
 async def test_a_device_check_in_flight_is_not_handed_out_twice() -> None:
     clock = Clock()
     machine = await machine_on(MemoryDatabase(), clock)
-    (query,) = await machine.outgoing_requests()
+    (query,) = await outgoing(machine)
     assert isinstance(query, KeysQueryRequest)
-    assert await machine.outgoing_requests() == []  # a second copy would be answered twice
+    assert await outgoing(machine) == []  # a second copy would be answered twice
     clock.now += UploadPolicy().in_flight_timeout  # nobody reported on it: asked again
-    (again,) = await machine.outgoing_requests()
+    (again,) = await outgoing(machine)
     assert isinstance(again, KeysQueryRequest)
     assert again.request_id != query.request_id
 
@@ -229,10 +229,10 @@ async def test_another_identity_s_fallback_key_is_a_conflict_too() -> None:
     machine, upload, stale = await rolled_back_machine(clock)
     key_id = min(stale)
     await machine.mark_request_as_failed(upload.request_id, duplicate_error(key_id, stale[key_id]))
-    (claim,) = await machine.outgoing_requests()
+    (claim,) = await outgoing(machine)
     foreign_fallback = {**foreign_key(), "fallback": True}
     with pytest.raises(DeviceIdentityConflict):
         await machine.mark_request_as_sent(
             claim.request_id, claim_answer("signed_curve25519:F", foreign_fallback)
         )
-    assert await machine.outgoing_requests() == []
+    assert await outgoing(machine) == []

@@ -29,17 +29,19 @@ from urllib.parse import quote
 
 import httpx
 
+from olmstead import key_state
 from olmstead.client.rooms import KEY_STATE_EVENTS, RoomEvent, RoomState
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
+    MatrixHttpError,
     OlmsteadError,
     RemoteProtocolError,
     TransportError,
     UnknownRoomKey,
 )
-from olmstead.http.endpoints import CLIENT_V3
+from olmstead.http.endpoints import CLIENT_V3, account_data_path
 from olmstead.http.transport import MatrixHttp, RetryPolicy
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
@@ -147,7 +149,9 @@ class Client:
         """Open the device's machine and bring its keys on the server up to date.
 
         A new device is looked up on the server first: ``DeviceIdInUse`` if another
-        identity's keys are there, and nothing is uploaded.
+        identity's keys are there, and nothing is uploaded. A device whose keys were
+        published before reads its key-state marker: if the store was rolled back, the
+        stale one-time keys are drained first (``on_keys_drained`` tells).
         """
         session = self._session()
         if self.store is None:
@@ -159,8 +163,19 @@ class Client:
             key_settings=self._key_settings,
             upload_policy=self._upload_policy,
         )
+        if self.machine.device_keys_shared:
+            await self.machine.check_key_state(await self._key_state_marker(session))
         await self.process_outgoing()
         return self.machine
+
+    async def _key_state_marker(self, session: Session) -> dict[str, Any] | None:
+        path = account_data_path(session.user_id, key_state.marker_type(session.device_id))
+        try:
+            return await self.http.request("GET", path)
+        except MatrixHttpError as error:
+            if error.status == 404:
+                return None  # never written: keys from before markers, or none published
+            raise
 
     async def process_outgoing(self) -> None:
         """Send what the machine asks for until it asks for nothing more this round.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from olmstead.requests import (
+    AccountDataRequest,
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
@@ -12,7 +13,7 @@ from olmstead.requests import (
     ToDeviceRequest,
 )
 
-__all__ = ["CLIENT_V3", "route"]
+__all__ = ["CLIENT_V3", "account_data_path", "route"]
 
 CLIENT_V3 = "/_matrix/client/v3"
 
@@ -28,3 +29,9 @@ def route(request: OutgoingRequest) -> tuple[str, str]:
             return "POST", f"{CLIENT_V3}/keys/claim"
         case ToDeviceRequest(request_id=txn_id, event_type=event_type):
             return "PUT", f"{CLIENT_V3}/sendToDevice/{quote(event_type, safe='')}/{txn_id}"
+        case AccountDataRequest(user_id=user_id, event_type=event_type):
+            return "PUT", account_data_path(user_id, event_type)
+
+
+def account_data_path(user_id: str, event_type: str) -> str:
+    return f"{CLIENT_V3}/user/{quote(user_id, safe='')}/account_data/{quote(event_type, safe='')}"
