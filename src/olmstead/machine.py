@@ -113,6 +113,7 @@ class OlmMachine:
         self._pending_to_device: list[ToDeviceRequest] = []
         # the key-state marker for the server's account data, once an upload succeeded
         self._pending_marker: AccountDataRequest | None = None
+        self._latest_marker = ""
         self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
@@ -719,7 +720,7 @@ class OlmMachine:
                     self._unwedged_at.pop(device.curve25519, None)
                 return
             if isinstance(request, AccountDataRequest):
-                if self._pending_marker is None:  # unless a newer marker waits
+                if request.request_id == self._latest_marker:  # an older one is outdated
                     self._pending_marker = request
                 return
             if isinstance(request, ToDeviceRequest):
@@ -754,6 +755,7 @@ class OlmMachine:
             key_state.marker_type(self.device_id),
             key_state.marker_content(self.identity_keys["ed25519"], through, self._clock()),
         )
+        self._latest_marker = self._pending_marker.request_id
 
     async def _mark_keys_uploaded(self, response: Mapping[str, Any]) -> None:
         record = self._record.copy(self.store.pickle_key)
@@ -788,7 +790,7 @@ class OlmMachine:
         self._session_claims.clear()
         self._unwedge_claims.clear()
         self._pending_to_device.clear()
-        self._pending_marker = None  # the next holder's uploads may have moved it on
+        self._pending_marker, self._latest_marker = None, ""  # the next holder's may be newer
         self._outbound.clear()
         self.olm.forget()
         self.devices = DeviceTracker(
