@@ -1,10 +1,14 @@
 """``olmstead doctor``: every key problem of a device named, with its evidence and its fix.
 
-Checks are read-only: the store is inspected without taking its lease (a process
-holding it is neither waited for nor disturbed, a stale lease stays as found), and
+Checks are read-only: a store is inspected without taking its lease (a process
+holding it is neither waited for nor disturbed, a stale lease stays as found) and
+without migrating it; foreign stores (mautrix, matrix-nio) are opened read-only;
 the server is asked only questions that change nothing there (``whoami``,
-``/keys/query``, a ``/keys/upload`` without keys to read the counts). Each check
-gives a ``Finding``: a verdict (ok, warning, error), what was seen, what to do.
+``/keys/query``, our key-state marker in account data, and a ``/sync`` without a
+``since`` token, filtered to nothing but key counts, which acknowledges nothing).
+
+Each check gives a ``Finding``: a verdict (ok, warning, error), a stable cause name
+for tools, what was seen, and what to do. ``olmstead repair`` acts on the causes.
 """
 
 from __future__ import annotations
@@ -12,24 +16,43 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import closing
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import httpx
+import vodozemac
 
-from olmstead.errors import StoreCorrupt, StoreError, WrongPickleKey
-from olmstead.imports.foreign import KNOWN_DEFAULT_KEYS
-from olmstead.store.base import AccountRecord
+from olmstead import key_state
+from olmstead.errors import StoreCorrupt, StoreError, StoreMigrationError, WrongPickleKey
+from olmstead.http.endpoints import CLIENT_V3, account_data_path
+from olmstead.imports.foreign import KNOWN_DEFAULT_KEYS, ForeignStore, UnknownForeignKey
+from olmstead.store.base import Inspection, LockRow
 from olmstead.store.pickle_key import PickleKey
 from olmstead.store.sqlite import SqliteStore
 
-__all__ = ["Credentials", "Finding", "Report", "diagnose_sqlite"]
+__all__ = [
+    "Credentials",
+    "DeviceState",
+    "Finding",
+    "Report",
+    "diagnose",
+    "is_postgres",
+    "store_kind",
+]
 
 Verdict = Literal["ok", "warning", "error"]
+Kind = Literal["olmstead", "mautrix", "matrix-nio"]
 _SEVERITY = {"ok": 0, "warning": 1, "error": 2}
+#: a /sync that returns key counts and nothing of rooms, presence or account data
+_COUNTS_ONLY_FILTER = json.dumps(
+    {
+        "room": {"rooms": []},
+        "presence": {"not_types": ["*"]},
+        "account_data": {"not_types": ["*"]},
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -42,9 +65,25 @@ class Finding:
     fix: str = ""
 
 
+@dataclass(frozen=True)
+class DeviceState:
+    """What a store, whichever library wrote it, says about its device."""
+
+    user_id: str
+    device_id: str
+    account: vodozemac.Account
+    #: the store holds that the server confirmed its device keys
+    shared: bool
+
+
 @dataclass
 class Report:
-    findings: list[Finding]
+    store: str
+    kind: Kind
+    findings: list[Finding] = field(default_factory=list)
+    device: DeviceState | None = None
+    #: the candidate or known default that opens a store the given key does not
+    opener: str | None = field(default=None, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -55,13 +94,21 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"exit_code": self.exit_code, "findings": [asdict(f) for f in self.findings]},
+            {
+                "store": self.store,
+                "kind": self.kind,
+                "device": None
+                if self.device is None
+                else {"user_id": self.device.user_id, "device_id": self.device.device_id},
+                "exit_code": self.exit_code,
+                "findings": [asdict(f) for f in self.findings],
+            },
             indent=2,
         )
 
     def to_text(self) -> str:
         marks = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}
-        lines = []
+        lines = [f"{self.store} ({self.kind} store)"]
         for f in self.findings:
             lines.append(f"[{marks[f.verdict]}] {f.check}: {f.evidence}")
             if f.fix:
@@ -75,102 +122,123 @@ class Credentials:
     access_token: str
 
 
-async def diagnose_sqlite(
-    path: Path,
-    key: PickleKey,
+def is_postgres(store: str) -> bool:
+    return store.startswith(("postgresql://", "postgres://"))
+
+
+def store_kind(store: str) -> Kind:
+    """Which library wrote the store: by its tables (SQLite); a DSN is olmstead's."""
+    if is_postgres(store):
+        return "olmstead"
+    try:
+        with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:
+        return "olmstead"  # the store check says what is wrong with it
+    if "crypto_account" in tables:
+        return "mautrix"
+    if {"accounts", "olmsessions"} <= tables:
+        return "matrix-nio"
+    return "olmstead"
+
+
+async def diagnose(
+    store: str,
+    key: PickleKey | None,
     *,
+    account: str = "default",
+    kind: Kind | None = None,
     candidates: Iterable[str] = (),
     server: Credentials | None = None,
 ) -> Report:
-    """Diagnose the SQLite store at ``path`` and, given credentials, its device on the server."""
-    findings = [_lock_finding(path)]
-    if findings[0].cause == "lock_held":
-        return Report(findings)
-    record, store_findings = await _open_and_read(path, key, candidates)
-    findings.extend(store_findings)
-    if record is not None and server is not None:
-        findings.extend(await _server_findings(record, server))
-    return Report(findings)
+    """Diagnose a store (SQLite path or PostgreSQL DSN) and, given credentials, its device.
+
+    ``key`` is the pickle key the operator believes is right (foreign stores need
+    none: ``candidates`` and the known defaults are tried). ``account`` names the
+    device in a PostgreSQL store.
+    """
+    kind = kind or store_kind(store)
+    if kind == "olmstead":
+        if key is None:
+            raise ValueError("an olmstead store is diagnosed with the pickle key it should have")
+        report = await _olmstead_store(store, key, account, list(candidates))
+    else:
+        report = await _foreign_store(store, kind, account, list(candidates))
+    if report.device is not None and server is not None:
+        report.findings.extend(await _server_findings(report.device, server))
+    return report
 
 
-# --- the lock ------------------------------------------------------------------------------
+# --- olmstead stores ---------------------------------------------------------------------------
 
 
-def _lock_finding(path: Path) -> Finding:
+async def _olmstead_store(
+    store: str, key: PickleKey, account: str, candidates: list[str]
+) -> Report:
+    report = Report(store, "olmstead")
+    lock, now = await _read_lease(store, account)
+    report.findings.append(_lock_finding(lock, now))
+    if report.findings[0].cause == "lock_held":
+        return report
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            row = conn.execute(
-                "SELECT holder, acquired_at, expires_at FROM lease_lock WHERE name = 'device'"
-            ).fetchone()
-    except sqlite3.Error:
-        return Finding("lock", "ok", "lock_unknown", "no lease could be read (see the store check)")
-    now = time.time()
-    if row is None or row[2] == 0:
-        return Finding("lock", "ok", "lock_free", "no process holds the store")
-    holder, since, expires = row
-    if expires > now:
-        return Finding(
-            "lock",
-            "error",
-            "lock_held",
-            f"held by {holder} since {_when(since)}, renewed until {_when(expires)}",
-            "another process drives this device: stop it before diagnosing or repairing",
-        )
-    return Finding(
-        "lock",
-        "warning",
-        "lock_stale",
-        f"last held by {holder}, lease ran out at {_when(expires)}: that process died "
-        "without releasing it",
-        "nothing to do: the next process to open the store takes the lease over "
-        "(`olmstead repair` releases it at once)",
-    )
-
-
-# --- the store and its key -------------------------------------------------------------------
-
-
-async def _open_and_read(
-    path: Path, key: PickleKey, candidates: Iterable[str]
-) -> tuple[AccountRecord | None, list[Finding]]:
-    findings: list[Finding] = []
-    try:
-        derived, record = SqliteStore.inspect(path, key)
+        seen = await _inspect(store, key, account)
     except WrongPickleKey as wrong:
-        opener = _which_key_opens(path, candidates)
+        found = await _which_key_opens(store, account, candidates)
+        report.opener = found[0] if found else None
+        label = found[1] if found else None
         fix = (
-            f"open it with {opener}"
-            if opener
-            else "find the key with fingerprint "
-            f"{wrong.expected}: the bridge or bot config, its backups, its environment"
+            f"open it with {label}"
+            if label
+            else f"find the key with fingerprint {wrong.expected}: the bridge or bot config, "
+            "its backups, its environment"
         )
-        findings.append(
+        report.findings.append(
             Finding(
                 "pickle key",
                 "error",
                 "wrong_pickle_key",
                 f"the store was written with key {wrong.expected}; the key given is "
-                f"{wrong.given}" + (f"; {opener} opens it" if opener else ""),
-                fix + "; then `olmstead store rekey` can move it to the key you want",
+                f"{wrong.given}" + (f"; {label} opens it" if label else ""),
+                fix
+                + (
+                    "; `olmstead repair` moves the store to the key you gave"
+                    if label
+                    else "; then `olmstead store rekey` can move it to the key you want"
+                ),
             )
         )
-        return None, findings
+        return report
+    except StoreMigrationError as newer:
+        report.findings.append(Finding("store", "error", "schema_newer", str(newer)))
+        return report
     except StoreCorrupt as corrupt:
-        findings.append(
+        report.findings.append(
             Finding("store", "error", "store_corrupt", corrupt.detail, "restore it from a backup")
         )
-        return None, findings
+        return report
     except StoreError as other:
-        findings.append(Finding("store", "error", "store_error", str(other)))
-        return None, findings
-    findings.append(Finding("pickle key", "ok", "key_ok", f"opens with key {derived.fingerprint}"))
-    findings.append(Finding("store", "ok", "store_ok", "readable, an olmstead store"))
+        report.findings.append(Finding("store", "error", "store_error", str(other)))
+        return report
+    report.findings.append(
+        Finding("pickle key", "ok", "key_ok", f"opens with key {seen.fingerprint}")
+    )
+    default = None if key.is_raw else await _known_default_opening(store, account)
+    if default is not None:
+        report.findings.append(_legacy_key_finding(default, "olmstead store rekey"))
+    schema = f"schema version {seen.schema_version}"
+    if seen.schema_version < seen.latest_version:
+        schema += f"; olmstead migrates it to {seen.latest_version} when it next opens it"
+    report.findings.append(Finding("store", "ok", "store_ok", f"an olmstead store, {schema}"))
+    record = seen.record
     if record is None:
-        findings.append(Finding("account", "warning", "no_account", "the store holds no device"))
-        return None, findings
+        report.findings.append(
+            Finding("account", "warning", "no_account", "the store holds no device")
+        )
+        return report
+    report.device = DeviceState(record.user_id, record.device_id, record.account, record.shared)
     pending = len(record.account.one_time_keys)
     if not record.shared:
-        findings.append(
+        report.findings.append(
             Finding(
                 "account",
                 "warning",
@@ -180,7 +248,7 @@ async def _open_and_read(
             )
         )
     elif pending:
-        findings.append(
+        report.findings.append(
             Finding(
                 "account",
                 "warning",
@@ -190,7 +258,7 @@ async def _open_and_read(
             )
         )
     else:
-        findings.append(
+        report.findings.append(
             Finding(
                 "account",
                 "ok",
@@ -198,109 +266,319 @@ async def _open_and_read(
                 f"device {record.device_id} of {record.user_id}, keys uploaded",
             )
         )
-    return record, findings
+    return report
 
 
-def _which_key_opens(path: Path, candidates: Iterable[str]) -> str | None:
-    given = list(candidates)
-    for n, text in enumerate([*given, *KNOWN_DEFAULT_KEYS]):
+async def _read_lease(store: str, account: str) -> tuple[LockRow | None, float]:
+    try:
+        if is_postgres(store):
+            from olmstead.store.postgres import PostgresStore
+
+            return await PostgresStore.read_lease(store, account)
+        return SqliteStore.read_lease(store), time.time()
+    except (StoreError, OSError):
+        return None, 0.0  # the store check says what is wrong
+    except Exception as exc:  # asyncpg's errors, without importing it here
+        if type(exc).__module__.startswith("asyncpg"):
+            return None, 0.0
+        raise
+
+
+async def _inspect(store: str, key: PickleKey, account: str) -> Inspection:
+    if is_postgres(store):
+        from olmstead.store.postgres import PostgresStore
+
+        return await PostgresStore.inspect(store, key, account=account)
+    return SqliteStore.inspect(store, key)
+
+
+def _lock_finding(lock: LockRow | None, now: float) -> Finding:
+    if lock is None or lock.expires_at == 0:
+        return Finding("lock", "ok", "lock_free", "no process holds the store")
+    if lock.expires_at > now:
+        return Finding(
+            "lock",
+            "error",
+            "lock_held",
+            f"held by {lock.holder} since {_when(lock.acquired_at)}, renewed until "
+            f"{_when(lock.expires_at)}",
+            "another process drives this device: stop it before diagnosing or repairing",
+        )
+    return Finding(
+        "lock",
+        "warning",
+        "lock_stale",
+        f"last held by {lock.holder}, lease ran out at {_when(lock.expires_at)}: that process "
+        "died without releasing it",
+        "nothing is needed: the next process to open the store takes the lease over "
+        "(`olmstead repair` releases it at once)",
+    )
+
+
+async def _which_key_opens(
+    store: str, account: str, candidates: list[str]
+) -> tuple[str, str] | None:
+    """The candidate or known default that opens the store, and how to name it."""
+    for n, text in enumerate([*candidates, *KNOWN_DEFAULT_KEYS]):
         try:
-            SqliteStore.inspect(path, PickleKey(text))
+            await _inspect(store, PickleKey(text), account)
         except WrongPickleKey:
             continue
         except StoreError:
             return None
-        return f"candidate #{n + 1}" if n < len(given) else f"the known default {text!r}"
+        label = f"candidate #{n + 1}" if n < len(candidates) else f"the known default {text!r}"
+        return text, label
     return None
+
+
+async def _known_default_opening(store: str, account: str) -> str | None:
+    for text in KNOWN_DEFAULT_KEYS:
+        try:
+            await _inspect(store, PickleKey(text), account)
+        except StoreError:
+            continue
+        return text
+    return None
+
+
+def _legacy_key_finding(default: str, tool: str) -> Finding:
+    return Finding(
+        "pickle key",
+        "warning",
+        "legacy_default_key",
+        f"the store is encrypted with the known default key {default!r}, which every copy "
+        "of the software ships: anyone with a copy of the file can read the device's keys",
+        f"move it to a key of your own (`{tool}`; `olmstead repair` does it)",
+    )
+
+
+# --- foreign stores ----------------------------------------------------------------------------
+
+
+async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[str]) -> Report:
+    from olmstead.imports.mautrix import read_mautrix_postgres, read_mautrix_sqlite
+    from olmstead.imports.nio import read_nio_sqlite
+
+    report = Report(store, kind)
+    user = None if account == "default" else account
+    try:
+        if kind == "mautrix" and is_postgres(store):
+            foreign: ForeignStore = await read_mautrix_postgres(store, candidates, user)
+        elif kind == "mautrix":
+            foreign = read_mautrix_sqlite(store, candidates, user)
+        else:
+            foreign = read_nio_sqlite(store, candidates, user)
+    except UnknownForeignKey as unknown:
+        report.findings.append(
+            Finding(
+                "pickle key",
+                "error",
+                "wrong_pickle_key",
+                f"no key given and no known default opens the {kind} store's account",
+                "find the pickle key from the bridge or bot's config (or its backups) and "
+                f"pass it in $OLMSTEAD_CANDIDATE_KEYS ({unknown.tried} tried)",
+            )
+        )
+        return report
+    except StoreError as error:
+        detail = error.detail if isinstance(error, StoreCorrupt) else str(error)
+        report.findings.append(Finding("store", "error", "store_corrupt", detail))
+        return report
+    if foreign.key_used.startswith("the known default"):
+        default = foreign.key_used.split("'")[1]
+        report.findings.append(_legacy_key_finding(default, f"olmstead import {kind}"))
+    else:
+        report.findings.append(
+            Finding("pickle key", "ok", "key_ok", f"opens with {foreign.key_used}")
+        )
+    report.opener = foreign.key_used
+    report.findings.append(
+        Finding(
+            "store",
+            "ok",
+            "store_ok",
+            f"a {kind} store: {len(foreign.olm_sessions)} Olm sessions, "
+            f"{len(foreign.inbound)} room keys, {foreign.skipped} unreadable entries",
+        )
+    )
+    report.device = DeviceState(foreign.user_id, foreign.device_id, foreign.account, foreign.shared)
+    report.findings.append(
+        Finding(
+            "account",
+            "ok" if foreign.shared else "warning",
+            "account_ok" if foreign.shared else "keys_never_uploaded",
+            f"device {foreign.device_id} of {foreign.user_id}, keys "
+            + ("uploaded" if foreign.shared else "never confirmed uploaded"),
+        )
+    )
+    return report
 
 
 # --- the device on the server ------------------------------------------------------------------
 
 
-async def _server_findings(record: AccountRecord, server: Credentials) -> list[Finding]:
+async def _server_findings(device: DeviceState, server: Credentials) -> list[Finding]:
     headers = {"Authorization": f"Bearer {server.access_token}"}
-    ours = record.account.ed25519_key.to_base64()
-    findings = []
     async with httpx.AsyncClient(base_url=server.homeserver, headers=headers, timeout=30) as http:
-        whoami = await http.get("/_matrix/client/v3/account/whoami")
-        if whoami.status_code != 200:
+        try:
+            return await _ask_server(http, device)
+        except (httpx.HTTPError, ValueError) as exc:
             return [
                 Finding(
                     "server",
                     "error",
-                    "token_invalid",
-                    f"the access token is not accepted ({whoami.status_code})",
-                    "log in again; the device's keys are in the store",
+                    "server_unreachable",
+                    f"{server.homeserver} gave no usable answer ({type(exc).__name__}: {exc})",
+                    "check the homeserver URL and that it is up",
                 )
             ]
-        me = whoami.json()
-        if (me.get("user_id"), me.get("device_id")) != (record.user_id, record.device_id):
-            findings.append(
-                Finding(
-                    "server",
-                    "error",
-                    "token_for_other_device",
-                    f"the token belongs to {me.get('user_id')} {me.get('device_id')}, the "
-                    f"store to {record.user_id} {record.device_id}",
-                    "use the access token of the device this store holds",
-                )
+
+
+async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Finding]:
+    ours = device.account.ed25519_key.to_base64()
+    whoami = await http.get(f"{CLIENT_V3}/account/whoami")
+    if whoami.status_code != 200:
+        return [
+            Finding(
+                "server",
+                "error",
+                "token_invalid",
+                f"the access token is not accepted ({whoami.status_code}): the device was "
+                "logged out or deleted, or the token is not this device's",
+                "log in as a new device; `olmstead repair` carries the room keys over",
             )
-            return findings
-        query = await http.post(
-            "/_matrix/client/v3/keys/query",
-            json={"device_keys": {record.user_id: [record.device_id]}},
+        ]
+    me = whoami.json()
+    if (me.get("user_id"), me.get("device_id")) != (device.user_id, device.device_id):
+        return [
+            Finding(
+                "server",
+                "error",
+                "token_for_other_device",
+                f"the token belongs to {me.get('user_id')} {me.get('device_id')}, the "
+                f"store to {device.user_id} {device.device_id}",
+                "use the access token of the device this store holds",
+            )
+        ]
+    query = await http.post(
+        f"{CLIENT_V3}/keys/query", json={"device_keys": {device.user_id: [device.device_id]}}
+    )
+    entry = query.json().get("device_keys", {}).get(device.user_id, {}).get(device.device_id)
+    keys = entry.get("keys", {}) if isinstance(entry, Mapping) else {}
+    server_key = keys.get(f"ed25519:{device.device_id}")
+    marker = await _marker(http, device)
+    if server_key is None:
+        if not device.shared:
+            return [Finding("device", "ok", "device_new", "the server holds no keys yet")]
+        return [
+            Finding(
+                "device",
+                "error",
+                "device_keys_missing",
+                "the server holds no identity keys for the device although it confirmed "
+                "them once: they were deleted on the server",
+                "log in as a new device (`olmstead repair` does, carrying the room keys over)",
+            )
+        ]
+    if server_key != ours:
+        return [_someone_else(device, server_key, ours, marker)]
+    findings = [Finding("device", "ok", "device_ok", "the server holds our identity keys")]
+    lost = key_state.keys_lost_to_rollback(marker, device.account)
+    if lost and marker is not None:
+        findings.append(
+            Finding(
+                "one-time keys",
+                "error",
+                "store_rolled_back",
+                f"this identity published one-time keys up to #{marker.published_through} "
+                f"(at {_when(marker.updated_at)}), but the store has issued only up to "
+                f"#{marker.published_through - lost}: it was restored from an older copy. Up "
+                f"to {lost} keys on the server have no private half here; a peer that claims "
+                "one opens a session that cannot decrypt",
+                "`olmstead repair` drains them and uploads fresh keys (the client also does "
+                "when it starts)",
+            )
         )
-        entry = query.json().get("device_keys", {}).get(record.user_id, {}).get(record.device_id)
-        keys = entry.get("keys", {}) if isinstance(entry, dict) else {}
-        server_key = keys.get(f"ed25519:{record.device_id}")
-        if server_key is None:
-            verdict: Verdict = "error" if record.shared else "ok"
-            findings.append(
-                Finding(
-                    "device",
-                    verdict,
-                    "device_keys_missing" if record.shared else "device_new",
-                    "the server holds no identity keys for the device"
-                    + (
-                        " although they were uploaded once: deleted, or logged out"
-                        if record.shared
-                        else ""
-                    ),
-                    "log in as a new device" if record.shared else "",
-                )
+    findings.extend(await _key_counts(http))
+    return findings
+
+
+def _someone_else(
+    device: DeviceState, server_key: str, ours: str, marker: key_state.KeyStateMarker | None
+) -> Finding:
+    by = ""
+    if marker is not None and marker.ed25519 == server_key:
+        by = f"; they were uploaded by an olmstead store, last at {_when(marker.updated_at)}"
+    if device.shared:
+        return Finding(
+            "device",
+            "error",
+            "device_taken_over",
+            f"the server confirmed this store's identity key {ours} for {device.device_id} "
+            f"once, and now holds {server_key}{by}: another client uploaded its own keys "
+            "over this device (two clients on one access token, or a login that reused the "
+            "device ID). Peers now reject the device",
+            "stop the other client; then log in as a new device (`olmstead repair` does, "
+            "carrying the room keys over, and deletes the old device if you let it)",
+        )
+    return Finding(
+        "device",
+        "error",
+        "device_id_in_use",
+        f"the server's identity key for {device.device_id} is {server_key}, this new "
+        f"store's is {ours}{by}: the device ID belongs to another identity — a lost store "
+        "replaced by this one, a second client on the same access token, or a login that "
+        "reused the device ID. olmstead uploaded nothing over it",
+        "log in as a new device (`olmstead repair` does, carrying the room keys over)",
+    )
+
+
+async def _marker(http: httpx.AsyncClient, device: DeviceState) -> key_state.KeyStateMarker | None:
+    path = account_data_path(device.user_id, key_state.marker_type(device.device_id))
+    answer = await http.get(path)
+    return key_state.read_marker(answer.json()) if answer.status_code == 200 else None
+
+
+async def _key_counts(http: httpx.AsyncClient) -> list[Finding]:
+    answer = await http.get(
+        f"{CLIENT_V3}/sync",
+        params={"timeout": "0", "set_presence": "offline", "filter": _COUNTS_ONLY_FILTER},
+    )
+    sync: dict[str, Any] = answer.json()
+    count = sync.get("device_one_time_keys_count", {}).get("signed_curve25519", 0)
+    findings = []
+    if count == 0:
+        findings.append(
+            Finding(
+                "one-time keys",
+                "warning",
+                "no_one_time_keys",
+                "the server holds no one-time keys for the device: new sessions get the "
+                "fallback key or nothing",
+                "start the client: it uploads a fresh set",
             )
-            return findings
-        if server_key != ours:
-            findings.append(
-                Finding(
-                    "device",
-                    "error",
-                    "device_id_in_use",
-                    f"the server's identity key for {record.device_id} is {server_key}, the "
-                    f"store's is {ours}: another client uploaded over this device ID, or the "
-                    "store was lost and replaced",
-                    "log in as a new device (`olmstead repair` can move there and carry the "
-                    "room keys over)",
-                )
+        )
+    else:
+        findings.append(
+            Finding("one-time keys", "ok", "one_time_keys_ok", f"the server holds {count}")
+        )
+    fallback = sync.get(
+        "device_unused_fallback_key_types",
+        sync.get("org.matrix.msc2732.device_unused_fallback_key_types"),
+    )
+    if isinstance(fallback, list) and "signed_curve25519" not in fallback:
+        findings.append(
+            Finding(
+                "fallback key",
+                "warning",
+                "fallback_key_missing",
+                "the server holds no unused fallback key: once the one-time keys run out, "
+                "peers cannot start sessions with the device",
+                "start the client: it uploads a new fallback key",
             )
-            return findings
-        findings.append(Finding("device", "ok", "device_ok", "the server holds our identity keys"))
-        counts = await http.post("/_matrix/client/v3/keys/upload", json={})
-        count = counts.json().get("one_time_key_counts", {}).get("signed_curve25519", 0)
-        if count == 0:
-            findings.append(
-                Finding(
-                    "one-time keys",
-                    "warning",
-                    "no_one_time_keys",
-                    "the server holds no one-time keys for the device",
-                    "start the client: it uploads a fresh set",
-                )
-            )
-        else:
-            findings.append(
-                Finding("one-time keys", "ok", "one_time_keys_ok", f"the server holds {count}")
-            )
+        )
+    elif isinstance(fallback, list):
+        findings.append(Finding("fallback key", "ok", "fallback_key_ok", "an unused one is there"))
     return findings
 
 

@@ -12,6 +12,7 @@ import click
 
 from olmstead.cli.stores import existing, open_device, open_store, pickle_key
 from olmstead.errors import OlmsteadError
+from olmstead.store import PickleKey
 
 __all__ = ["main"]
 
@@ -51,32 +52,30 @@ def demo() -> None:
     run_demo(click.echo)
 
 
-@main.command()
-@click.option(
-    "--store",
-    "path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The SQLite store to diagnose.",
+KIND = click.option(
+    "--kind",
+    type=click.Choice(["auto", "olmstead", "mautrix", "matrix-nio"]),
+    default="auto",
+    show_default=True,
+    help="Which library wrote the store (auto: by its tables; a DSN is olmstead's).",
 )
-@KEY_FILE
-@click.option(
+HOMESERVER = click.option(
     "--homeserver",
     help="Also check the device on this homeserver; the access token comes from "
     "$OLMSTEAD_ACCESS_TOKEN or a prompt.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-def doctor(path: Path, key_file: Path | None, homeserver: str | None, as_json: bool) -> None:
-    """Say what is wrong with a device's keys, how we know, and what to do.
 
-    Exit code 0: all well; 1: warnings; 2: errors. Candidate pickle keys to try when
-    the given one is wrong come from $OLMSTEAD_CANDIDATE_KEYS, one per line.
-    """
+
+def _diagnosis_inputs(
+    store: str, kind: str, key_file: Path | None, homeserver: str | None
+) -> tuple[Any, PickleKey | None, Any, list[str]]:
+    """The store's kind, the pickle key (olmstead stores), credentials and candidates."""
     import os
 
-    from olmstead.doctor import Credentials, diagnose_sqlite
+    from olmstead.doctor import Credentials, store_kind
 
-    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    found = store_kind(store) if kind == "auto" else kind
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key") if found == "olmstead" else None
     credentials = None
     if homeserver is not None:
         token = os.environ.get("OLMSTEAD_ACCESS_TOKEN") or click.prompt(
@@ -84,9 +83,126 @@ def doctor(path: Path, key_file: Path | None, homeserver: str | None, as_json: b
         )
         credentials = Credentials(homeserver, token)
     candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
-    report = asyncio.run(diagnose_sqlite(path, key, candidates=candidates, server=credentials))
+    return found, key, credentials, candidates
+
+
+@main.command()
+@STORE
+@ACCOUNT
+@KIND
+@KEY_FILE
+@HOMESERVER
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(
+    store: str,
+    account: str,
+    kind: str,
+    key_file: Path | None,
+    homeserver: str | None,
+    as_json: bool,
+) -> None:
+    """Say what is wrong with a device's keys, how we know, and what to do.
+
+    Reads only: the store (olmstead's, mautrix's or matrix-nio's) and, with
+    --homeserver, the device on the server. Exit code 0: all well; 1: warnings;
+    2: errors. Candidate pickle keys to try when the given one is wrong come from
+    $OLMSTEAD_CANDIDATE_KEYS, one per line.
+    """
+    from olmstead.doctor import diagnose
+
+    found, key, credentials, candidates = _diagnosis_inputs(store, kind, key_file, homeserver)
+    report = asyncio.run(
+        diagnose(store, key, account=account, kind=found, candidates=candidates, server=credentials)
+    )
     click.echo(report.to_json() if as_json else report.to_text())
     raise SystemExit(report.exit_code)
+
+
+@main.command()
+@STORE
+@ACCOUNT
+@KIND
+@KEY_FILE
+@HOMESERVER
+@click.option("--yes", is_flag=True, help="Do every repair without asking.")
+@click.option(
+    "--into",
+    help="Where a moved device goes: a new SQLite path (default: in place, the old store "
+    "kept beside it), or the new device's account in a PostgreSQL store.",
+)
+@click.option(
+    "--keep-old-device",
+    is_flag=True,
+    help="After a move, leave the old device on the server instead of deleting it.",
+)
+@click.option(
+    "--session-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where a new login's session is written (mode 0600); default: beside the store.",
+)
+def repair(
+    store: str,
+    account: str,
+    kind: str,
+    key_file: Path | None,
+    homeserver: str | None,
+    yes: bool,
+    into: str | None,
+    keep_old_device: bool,
+    session_file: Path | None,
+) -> None:
+    """Diagnose, then do the safe fixes, each confirmed unless --yes.
+
+    Releases a dead process's lease; re-encrypts a store that opens with a
+    candidate or known default key under the key you give; drains stale one-time
+    keys and uploads what is missing; moves a device whose ID another identity took
+    to a new device (the password from $OLMSTEAD_PASSWORD or a prompt), carrying
+    the room keys over; moves a mautrix or matrix-nio device into a new olmstead
+    store (--into). Ends with a second diagnosis; its exit code is the command's.
+    """
+    import os
+
+    from olmstead.doctor import diagnose
+    from olmstead.repair import RepairOptions, plan_repairs
+
+    found, key, credentials, candidates = _diagnosis_inputs(store, kind, key_file, homeserver)
+    if found != "olmstead" and into is not None:
+        key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store")
+
+    def password() -> str:
+        value = os.environ.get("OLMSTEAD_PASSWORD")
+        return value if value is not None else click.prompt("Account password", hide_input=True)
+
+    report = asyncio.run(
+        diagnose(store, key, account=account, kind=found, candidates=candidates, server=credentials)
+    )
+    click.echo(report.to_text())
+    options = RepairOptions(
+        store, key, account, credentials, password, into, not keep_old_device, session_file
+    )
+    repairs = plan_repairs(report, options)
+    if not repairs:
+        click.echo(
+            "\nNothing olmstead can repair by itself"
+            + (": all is well." if report.exit_code == 0 else "; follow the fixes above.")
+        )
+        raise SystemExit(report.exit_code)
+    where, server, moved_account = store, credentials, account
+    for planned in repairs:
+        click.echo(f"\nrepair ({planned.cause}): {planned.title}")
+        if not yes and not click.confirm("Do it?", default=True):
+            click.echo("  skipped")
+            continue
+        outcome = _run(planned.run)
+        click.echo(f"  done: {outcome.text}")
+        where, server = outcome.store or where, outcome.server or server
+        moved_account = outcome.account or moved_account
+    click.echo("\nAfter repair:")
+    after = asyncio.run(
+        diagnose(where, key, account=moved_account, candidates=candidates, server=server)
+    )
+    click.echo(after.to_text())
+    raise SystemExit(after.exit_code)
 
 
 @main.group()

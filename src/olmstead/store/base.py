@@ -34,6 +34,7 @@ __all__ = [
     "Changes",
     "CryptoStore",
     "InboundGroupSessionRecord",
+    "Inspection",
     "LeaseSettings",
     "LockRow",
     "MessageIndex",
@@ -217,6 +218,21 @@ class LockRow:
     acquired_at: float
     expires_at: float
     generation: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A store as diagnosis sees it: read with no lease, no migration and no write."""
+
+    name: str
+    #: the fingerprint of the key that opened it
+    fingerprint: str
+    record: AccountRecord | None
+    schema_version: int
+    latest_version: int
+    #: the writer lease as it stands, and the store's clock when it was read
+    lock: LockRow | None
+    now: float
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from olmstead.errors import StoreError, StoreLockLost, StoreMigrationError
+from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
 from olmstead.store.base import (
     CryptoStore,
+    Inspection,
     LeaseSettings,
     LockRow,
     MessageIndex,
@@ -111,6 +112,70 @@ class PostgresStore(CryptoStore):
             await store.close()
             raise
         return store
+
+    @staticmethod
+    async def inspect(dsn: str, pickle_key: PickleKey, *, account: str = "default") -> Inspection:
+        """Prove ``pickle_key`` and read ``account``, writing nothing (for diagnosis).
+
+        Raises ``WrongPickleKey``, ``StoreCorrupt`` (no olmstead tables, or no such
+        account) or ``StoreError`` (the database cannot be reached).
+        """
+        name = f"PostgreSQL store {_redacted(dsn)} account {account!r}"
+        try:
+            conn = await asyncpg.connect(dsn)
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise StoreError(f"{name}: {exc}. Is PostgreSQL running and the DSN right?") from exc
+        try:
+            try:
+                version = await conn.fetchval("SELECT max(version) FROM olmstead_schema") or 0
+            except asyncpg.UndefinedTableError:
+                raise StoreCorrupt(name, "the database holds no olmstead store") from None
+            record = await conn.fetchval(
+                "SELECT value FROM olmstead_meta WHERE account_id = $1 AND key = 'key_check'",
+                account,
+            )
+            if record is None:
+                raise StoreCorrupt(name, f"the database holds no account {account!r}")
+            derived = pickle_key.check(record, name)
+            row = await conn.fetchrow(
+                "SELECT user_id, device_id, pickle, state FROM olmstead_account "
+                "WHERE account_id = $1",
+                account,
+            )
+            lock, now = await _read_lease(conn, account)
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"{name}: {exc}") from exc
+        finally:
+            await conn.close()
+        found = None if row is None else account_from_row(tuple(row), derived.key, name)
+        latest = MIGRATIONS[-1][0]
+        return Inspection(name, derived.fingerprint, found, version, latest, lock, now)
+
+    @staticmethod
+    async def read_lease(dsn: str, account: str = "default") -> tuple[LockRow | None, float]:
+        """The account's writer lease and the database's clock, read-only (no key needed)."""
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await _read_lease(conn, account)
+        except asyncpg.UndefinedTableError:
+            return None, 0.0
+        finally:
+            await conn.close()
+
+    @staticmethod
+    async def release_stale_lease(dsn: str, account: str, holder: str) -> bool:
+        """Mark ``holder``'s lease released if it ran out; whether it did."""
+        conn = await asyncpg.connect(dsn)
+        try:
+            result = await conn.execute(
+                "UPDATE olmstead_lease SET expires_at = 0 WHERE account_id = $1 AND holder = $2 "
+                f"AND expires_at > 0 AND expires_at <= {_NOW}",
+                account,
+                holder,
+            )
+        finally:
+            await conn.close()
+        return bool(result == "UPDATE 1")
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         try:
@@ -438,6 +503,17 @@ class PostgresStore(CryptoStore):
     async def _close_backend(self) -> None:
         if self._owns_pool:
             await self._pool.close()
+
+
+async def _read_lease(conn: asyncpg.Connection, account: str) -> tuple[LockRow | None, float]:
+    row = await conn.fetchrow(
+        f"SELECT holder, acquired_at, expires_at, generation, {_NOW} FROM olmstead_lease "
+        "WHERE account_id = $1",
+        account,
+    )
+    if row is None or row[0] == "":
+        return None, 0.0 if row is None else row[4]
+    return LockRow(row[0], row[1], row[2], row[3]), row[4]
 
 
 async def _many(conn: asyncpg.Connection, sql: str, account: str, rows: list[Any]) -> None:

@@ -20,13 +20,14 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
 from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
 from olmstead.store.base import (
-    AccountRecord,
     CryptoStore,
+    Inspection,
     LeaseSettings,
     LockRow,
     MessageIndex,
@@ -105,7 +106,7 @@ class SqliteStore(CryptoStore):
         return store
 
     @staticmethod
-    def inspect(path: str | Path, pickle_key: PickleKey) -> tuple[DerivedKey, AccountRecord | None]:
+    def inspect(path: str | Path, pickle_key: PickleKey) -> Inspection:
         """Prove ``pickle_key`` and read the account, writing nothing: no lease, no migration.
 
         For diagnosis: it neither waits for nor disturbs a process that holds the
@@ -120,12 +121,42 @@ class SqliteStore(CryptoStore):
             row = conn.execute(
                 "SELECT user_id, device_id, pickle, state FROM account WHERE id = 1"
             ).fetchone()
+            version, lock = _version(conn), _lock_row(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(name, str(exc)) from exc
         finally:
             conn.close()
         record = None if row is None else account_from_row(tuple(row), derived.key, name)
-        return derived, record
+        return Inspection(
+            name, derived.fingerprint, record, version, LATEST_VERSION, lock, time.time()
+        )
+
+    @staticmethod
+    def read_lease(path: str | Path) -> LockRow | None:
+        """The writer lease as it stands, read-only (it needs no key)."""
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                return _lock_row(conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"SQLite store {path}", str(exc)) from exc
+
+    @staticmethod
+    def release_stale_lease(path: str | Path, holder: str) -> bool:
+        """Mark ``holder``'s lease released if it ran out (a process that died holding it).
+
+        Whether it did: a lease that was renewed or taken meanwhile is left alone.
+        """
+        with closing(_connect(Path(path))) as conn:
+
+            def release(conn: sqlite3.Connection) -> bool:
+                cursor = conn.execute(
+                    "UPDATE lease_lock SET expires_at = 0 WHERE name = ? AND holder = ? "
+                    "AND expires_at > 0 AND expires_at <= ?",
+                    (_LEASE_NAME, holder, time.time()),
+                )
+                return cursor.rowcount == 1
+
+            return _transaction(conn, release)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
