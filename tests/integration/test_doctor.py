@@ -108,7 +108,7 @@ async def talks(url: str, store: Path, session: Session, key: PickleKey, peer: A
         await close_client(other)
 
 
-def texts(seen: list[Any]) -> list[tuple[str, bool]]:
+def texts(seen: list[Any]) -> list[tuple[Any, bool]]:
     return [
         (e.content.get("body"), e.encrypted)
         for e in seen
