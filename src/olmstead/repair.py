@@ -202,7 +202,8 @@ async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
         raise problem
     text = f"the server now holds {count} one-time keys"
     if drained:
-        text = f"drained {sum(d.drained for d in drained)} stale one-time keys; " + text
+        claimed = sum(d.drained for d in drained)
+        text = f"drained {claimed} one-time keys of ours, the stale ones among them; " + text
     return Outcome(text, options.store, options.server)
 
 

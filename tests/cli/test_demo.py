@@ -9,21 +9,33 @@ from click.testing import CliRunner
 from olmstead.cli.main import main
 
 
-def test_demo_prevents_detects_and_repairs() -> None:
+def test_demo_prevents_diagnoses_and_repairs() -> None:
     result = CliRunner().invoke(main, ["demo"], catch_exceptions=False)
     out = result.output
     assert result.exit_code == 0, out
-    assert "refused, nothing uploaded" in out
-    assert "DeviceIdInUse" in out
+    # two devices talk before anything breaks, and after each repair
+    assert out.count("both decrypted") == 4, out
+    assert "FAILED" not in out
+    # a lost store: refused before any upload, named, moved to a new device
+    assert "refused, nothing uploaded: DeviceIdInUse" in out
     assert "the device's keys on the server are unchanged" in out
-    fingerprints = re.search(r"written with pickle key (\S+), but was opened with key (\S+)\.", out)
+    assert "[error] device_id_in_use" in out
+    moved = re.search(r"done: now device (\S+): .* deleted device (\S+);", out)
+    assert moved is not None
+    assert moved[1] != moved[2]
+    # a wrong pickle key: both fingerprints, the store untouched, the default named, rekeyed
+    fingerprints = re.search(r"WrongPickleKey: written with key (\S+), given (\S+)", out)
     assert fingerprints is not None
     assert fingerprints[1] != fingerprints[2]
-    assert f"pickle key fingerprint {fingerprints[1]}" in out
     assert "byte-for-byte unchanged" in out
-    drained = re.search(r"drained (\d+) stale keys", out)
-    assert drained is not None
-    assert int(drained[1]) >= 1
+    assert "the known default 'mautrix.bridge.e2ee' opens it" in out
+    assert "re-encrypted every secret" in out
+    # a rolled-back store: found from the marker, drained
+    lost = re.search(r"Up to (\d+) keys on the server have no private half", out)
+    assert lost is not None
+    assert int(lost[1]) == 30
+    assert re.search(r"drained (\d+) one-time keys of ours", out)
+    assert out.count("doctor after the repair: all well") == 2
     assert "uploads blocked: False" in out
     assert "this is a bug" not in out
     assert "CHANGED" not in out
