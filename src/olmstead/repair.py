@@ -237,8 +237,8 @@ async def _move_to_new_device(report: Report, options: RepairOptions) -> Outcome
     kept = ""
     if options.into is None:  # in place: the new store takes the old one's path
         kept_at = _beside(options.store, f"replaced-{old_device}-{int(time.time())}")
-        os.replace(options.store, kept_at)
-        os.replace(target, options.store)
+        _move_sqlite(options.store, kept_at)
+        _move_sqlite(target, options.store)
         target = options.store
         kept = f"; the old store is kept at {kept_at}"
     deleted = ""
@@ -325,6 +325,17 @@ async def _open_new(target: str, options: RepairOptions) -> CryptoStore:
     if _exists(target):
         raise LocalProtocolError(f"{target} exists: a new device goes into a new store")
     return await SqliteStore.open(target, options.key)
+
+
+def _move_sqlite(source: str, target: str) -> None:
+    """Move an SQLite database with its write-ahead log: a WAL left behind by a crash
+    holds committed transactions, and a database moved without it loses them."""
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(target + suffix):
+            os.remove(target + suffix)
+    for suffix in ("-wal", "-shm", ""):
+        if os.path.exists(source + suffix):
+            os.replace(source + suffix, target + suffix)
 
 
 def _exists(path: str) -> bool:
