@@ -44,6 +44,7 @@ from olmstead.identities.device import Device
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.requests import (
+    AccountDataRequest,
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
@@ -79,6 +80,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AccountDataRequest",
     "AccountRecord",
     "Changes",
     "Client",
