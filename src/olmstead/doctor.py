@@ -5,7 +5,13 @@ holding it is neither waited for nor disturbed, a stale lease stays as found) an
 without migrating it; foreign stores (mautrix, matrix-nio) are opened read-only;
 the server is asked only questions that change nothing there (``whoami``,
 ``/keys/query``, our key-state marker in account data, and a ``/sync`` without a
-``since`` token, filtered to nothing but key counts, which acknowledges nothing).
+``since`` token, filtered to nothing but key counts: Synapse deletes to-device
+messages only up to a ``since`` token, so none is acknowledged). Like any request,
+they do update the device's "last seen" time.
+
+An answer doctor cannot read (an error status, a body that is not what the spec
+says) is reported as ``server_error`` and concludes nothing about the device: a
+proxy's 502 must never look like a deleted device, which repair would replace.
 
 Each check gives a ``Finding``: a verdict (ok, warning, error), a stable cause name
 for tools, what was seen, and what to do. ``olmstead repair`` acts on the causes.
@@ -16,7 +22,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -29,6 +36,7 @@ from olmstead.errors import StoreCorrupt, StoreError, StoreMigrationError, Wrong
 from olmstead.http.endpoints import CLIENT_V3, account_data_path
 from olmstead.imports.foreign import KNOWN_DEFAULT_KEYS, ForeignStore, UnknownForeignKey
 from olmstead.store.base import Inspection, LockRow
+from olmstead.store.files import read_only_uri
 from olmstead.store.pickle_key import PickleKey
 from olmstead.store.sqlite import SqliteStore
 
@@ -45,14 +53,23 @@ __all__ = [
 Verdict = Literal["ok", "warning", "error"]
 Kind = Literal["olmstead", "mautrix", "matrix-nio"]
 _SEVERITY = {"ok": 0, "warning": 1, "error": 2}
-#: a /sync that returns key counts and nothing of rooms, presence or account data
-_COUNTS_ONLY_FILTER = json.dumps(
-    {
-        "room": {"rooms": []},
-        "presence": {"not_types": ["*"]},
-        "account_data": {"not_types": ["*"]},
-    }
-)
+
+
+def _counts_only_filter() -> str:
+    """A /sync filter that leaves nothing but key counts: no rooms, presence or account data.
+
+    Each one differs (a room that cannot exist is excluded): Synapse answers a sync
+    identical to one of the last two minutes from its cache, and doctor must see the
+    counts as they are now — right after a repair, say.
+    """
+    never = f"!doctor-{uuid.uuid4().hex}:invalid"
+    return json.dumps(
+        {
+            "room": {"rooms": [], "not_rooms": [never]},
+            "presence": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]},
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,8 @@ class DeviceState:
     account: vodozemac.Account
     #: the store holds that the server confirmed its device keys
     shared: bool
+    #: the key-state marker a drain already answered (olmstead stores)
+    drained_marker: str | None = None
 
 
 @dataclass
@@ -131,7 +150,7 @@ def store_kind(store: str) -> Kind:
     if is_postgres(store):
         return "olmstead"
     try:
-        with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as conn:
+        with closing(sqlite3.connect(read_only_uri(store), uri=True)) as conn:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     except sqlite3.Error:
         return "olmstead"  # the store check says what is wrong with it
@@ -150,6 +169,7 @@ async def diagnose(
     kind: Kind | None = None,
     candidates: Iterable[str] = (),
     server: Credentials | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Report:
     """Diagnose a store (SQLite path or PostgreSQL DSN) and, given credentials, its device.
 
@@ -165,7 +185,7 @@ async def diagnose(
     else:
         report = await _foreign_store(store, kind, account, list(candidates))
     if report.device is not None and server is not None:
-        report.findings.extend(await _server_findings(report.device, server))
+        report.findings.extend(await _server_findings(report.device, server, transport))
     return report
 
 
@@ -224,7 +244,11 @@ async def _olmstead_store(
     )
     default = None if key.is_raw else await _known_default_opening(store, account)
     if default is not None:
-        report.findings.append(_legacy_key_finding(default, "olmstead store rekey"))
+        report.findings.append(
+            _legacy_key_finding(
+                default, "`olmstead store rekey` re-encrypts it under a key of your own"
+            )
+        )
     schema = f"schema version {seen.schema_version}"
     if seen.schema_version < seen.latest_version:
         schema += f"; olmstead migrates it to {seen.latest_version} when it next opens it"
@@ -235,7 +259,9 @@ async def _olmstead_store(
             Finding("account", "warning", "no_account", "the store holds no device")
         )
         return report
-    report.device = DeviceState(record.user_id, record.device_id, record.account, record.shared)
+    report.device = DeviceState(
+        record.user_id, record.device_id, record.account, record.shared, seen.drained_marker
+    )
     pending = len(record.account.one_time_keys)
     if not record.shared:
         report.findings.append(
@@ -341,14 +367,21 @@ async def _known_default_opening(store: str, account: str) -> str | None:
     return None
 
 
-def _legacy_key_finding(default: str, tool: str) -> Finding:
+def _key_text(label: str, candidates: list[str]) -> str:
+    """The key behind a reader's label for it (a known default, or candidate #n)."""
+    if label.startswith("the known default"):
+        return label.split("'")[1]
+    return candidates[int(label.rsplit("#", 1)[1]) - 1]
+
+
+def _legacy_key_finding(default: str, fix: str) -> Finding:
     return Finding(
         "pickle key",
         "warning",
         "legacy_default_key",
         f"the store is encrypted with the known default key {default!r}, which every copy "
         "of the software ships: anyone with a copy of the file can read the device's keys",
-        f"move it to a key of your own (`{tool}`; `olmstead repair` does it)",
+        fix,
     )
 
 
@@ -386,12 +419,18 @@ async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[
         return report
     if foreign.key_used.startswith("the known default"):
         default = foreign.key_used.split("'")[1]
-        report.findings.append(_legacy_key_finding(default, f"olmstead import {kind}"))
+        report.findings.append(
+            _legacy_key_finding(
+                default,
+                "`olmstead repair --into NEW.db` moves the device into an olmstead store under "
+                "a key of your own",
+            )
+        )
     else:
         report.findings.append(
             Finding("pickle key", "ok", "key_ok", f"opens with {foreign.key_used}")
         )
-    report.opener = foreign.key_used
+    report.opener = _key_text(foreign.key_used, candidates)
     report.findings.append(
         Finding(
             "store",
@@ -417,38 +456,91 @@ async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[
 # --- the device on the server ------------------------------------------------------------------
 
 
-async def _server_findings(device: DeviceState, server: Credentials) -> list[Finding]:
+async def _server_findings(
+    device: DeviceState, server: Credentials, transport: httpx.AsyncBaseTransport | None
+) -> list[Finding]:
     headers = {"Authorization": f"Bearer {server.access_token}"}
-    async with httpx.AsyncClient(base_url=server.homeserver, headers=headers, timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=server.homeserver, headers=headers, timeout=30, transport=transport
+    ) as http:
         try:
             return await _ask_server(http, device)
-        except (httpx.HTTPError, ValueError) as exc:
+        except httpx.HTTPError as exc:
             return [
                 Finding(
                     "server",
                     "error",
                     "server_unreachable",
-                    f"{server.homeserver} gave no usable answer ({type(exc).__name__}: {exc})",
+                    f"{server.homeserver} gave no answer ({type(exc).__name__}: {exc})",
                     "check the homeserver URL and that it is up",
                 )
             ]
+        except _Unusable as answer:  # an odd answer says nothing about the device
+            return [answer.finding]
+
+
+class _Unusable(Exception):
+    """The server answered something doctor cannot read: a finding, never a diagnosis."""
+
+    def __init__(self, finding: Finding) -> None:
+        self.finding = finding
+
+
+def _object(response: httpx.Response, what: str) -> dict[str, Any]:
+    """The JSON object of a success response, or ``_Unusable``."""
+    try:
+        body = response.json() if response.status_code == 200 else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise _Unusable(
+            Finding(
+                "server",
+                "error",
+                "server_error",
+                f"{what} answered {response.status_code} "
+                f"{response.text[:200]!r}: nothing can be concluded about the device",
+                "try again later; if it persists, look at the homeserver's logs",
+            )
+        )
+    return body
+
+
+def _token_refused(response: httpx.Response) -> Finding | None:
+    """A finding if the server refused the access token itself (401), else ``None``."""
+    if response.status_code != 401:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    if body.get("soft_logout") is True:
+        return Finding(
+            "server",
+            "error",
+            "token_expired",
+            "the access token expired (a soft logout): the device and its keys are intact",
+            "log in again with the same device ID (a password login naming the device "
+            "keeps it); the store needs no repair",
+        )
+    return Finding(
+        "server",
+        "error",
+        "token_invalid",
+        f"the access token is not accepted ({body.get('errcode', 401)}): the device was "
+        "logged out or deleted, or the token is not this device's",
+        "log in as a new device; `olmstead repair` carries the room keys over",
+    )
 
 
 async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Finding]:
     ours = device.account.ed25519_key.to_base64()
     whoami = await http.get(f"{CLIENT_V3}/account/whoami")
-    if whoami.status_code != 200:
-        return [
-            Finding(
-                "server",
-                "error",
-                "token_invalid",
-                f"the access token is not accepted ({whoami.status_code}): the device was "
-                "logged out or deleted, or the token is not this device's",
-                "log in as a new device; `olmstead repair` carries the room keys over",
-            )
-        ]
-    me = whoami.json()
+    refused = _token_refused(whoami)
+    if refused is not None:
+        return [refused]
+    me = _object(whoami, "whoami")
     if (me.get("user_id"), me.get("device_id")) != (device.user_id, device.device_id):
         return [
             Finding(
@@ -460,13 +552,27 @@ async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Find
                 "use the access token of the device this store holds",
             )
         ]
-    query = await http.post(
-        f"{CLIENT_V3}/keys/query", json={"device_keys": {device.user_id: [device.device_id]}}
+    query = _object(
+        await http.post(
+            f"{CLIENT_V3}/keys/query",
+            json={"device_keys": {device.user_id: [device.device_id]}},
+        ),
+        "/keys/query",
     )
-    entry = query.json().get("device_keys", {}).get(device.user_id, {}).get(device.device_id)
-    keys = entry.get("keys", {}) if isinstance(entry, Mapping) else {}
-    server_key = keys.get(f"ed25519:{device.device_id}")
-    marker = await _marker(http, device)
+    if not isinstance(query.get("device_keys"), dict):
+        raise _Unusable(
+            Finding(
+                "server",
+                "error",
+                "server_error",
+                f"/keys/query answered without a device_keys object: {str(query)[:200]}",
+                "try again later; if it persists, look at the homeserver's logs",
+            )
+        )
+    server_key = _path(query, "device_keys", device.user_id, device.device_id, "keys")
+    server_key = server_key.get(f"ed25519:{device.device_id}") if server_key else None
+    findings: list[Finding] = []
+    marker = await _marker(http, device, findings)
     if server_key is None:
         if not device.shared:
             return [Finding("device", "ok", "device_new", "the server holds no keys yet")]
@@ -481,9 +587,9 @@ async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Find
             )
         ]
     if server_key != ours:
-        return [_someone_else(device, server_key, ours, marker)]
-    findings = [Finding("device", "ok", "device_ok", "the server holds our identity keys")]
-    lost = key_state.keys_lost_to_rollback(marker, device.account)
+        return [_someone_else(device, str(server_key), ours, marker)]
+    findings.insert(0, Finding("device", "ok", "device_ok", "the server holds our identity keys"))
+    lost = key_state.keys_lost_to_rollback(marker, device.account, device.drained_marker)
     if lost and marker is not None:
         findings.append(
             Finding(
@@ -501,6 +607,13 @@ async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Find
         )
     findings.extend(await _key_counts(http))
     return findings
+
+
+def _path(body: Any, *keys: str) -> dict[str, Any] | None:
+    """``body[k1][k2]…`` if every step is an object, else ``None``."""
+    for key in keys:
+        body = body.get(key) if isinstance(body, dict) else None
+    return body if isinstance(body, dict) else None
 
 
 def _someone_else(
@@ -533,21 +646,44 @@ def _someone_else(
     )
 
 
-async def _marker(http: httpx.AsyncClient, device: DeviceState) -> key_state.KeyStateMarker | None:
+async def _marker(
+    http: httpx.AsyncClient, device: DeviceState, findings: list[Finding]
+) -> key_state.KeyStateMarker | None:
     path = account_data_path(device.user_id, key_state.marker_type(device.device_id))
     answer = await http.get(path)
-    return key_state.read_marker(answer.json()) if answer.status_code == 200 else None
+    if answer.status_code == 404:
+        return None  # never written: keys from before markers, or from another library
+    if answer.status_code == 200:
+        try:
+            return key_state.read_marker(answer.json())
+        except ValueError:
+            pass
+    findings.append(
+        Finding(
+            "one-time keys",
+            "warning",
+            "marker_unreadable",
+            f"the key-state marker could not be read ({answer.status_code}): whether the "
+            "store was rolled back is not known",
+            "run doctor again later",
+        )
+    )
+    return None
 
 
 async def _key_counts(http: httpx.AsyncClient) -> list[Finding]:
     answer = await http.get(
         f"{CLIENT_V3}/sync",
-        params={"timeout": "0", "set_presence": "offline", "filter": _COUNTS_ONLY_FILTER},
+        params={"timeout": "0", "set_presence": "offline", "filter": _counts_only_filter()},
     )
-    sync: dict[str, Any] = answer.json()
-    count = sync.get("device_one_time_keys_count", {}).get("signed_curve25519", 0)
+    try:
+        sync = _object(answer, "/sync")
+    except _Unusable as unusable:
+        return [Finding("one-time keys", "warning", "server_error", unusable.finding.evidence)]
+    counts = sync.get("device_one_time_keys_count")
+    count = counts.get("signed_curve25519", 0) if isinstance(counts, dict) else 0
     findings = []
-    if count == 0:
+    if not isinstance(count, int) or count <= 0:
         findings.append(
             Finding(
                 "one-time keys",

@@ -10,13 +10,16 @@ the rollback at start-up (the client) or on demand (``olmstead doctor``), before
 next upload happens to collide with a stale key — which may be hundreds of claims
 later.
 
-A marker lags behind when its write failed (it is best effort); a lagging marker
-can only miss a rollback, never report one that did not happen.
+A marker lags behind when its write failed (it is best effort). A lagging marker
+misses a rollback that came after it; and once a drain has cleared the server, the
+marker it answered is recorded in the store (``DRAINED``), so that marker — still
+on the server if the next write failed — is not taken for a second rollback.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -26,6 +29,7 @@ from typing import Any
 import vodozemac
 
 __all__ = [
+    "DRAINED",
     "KeyStateMarker",
     "issued_through",
     "key_number",
@@ -36,6 +40,8 @@ __all__ = [
 ]
 
 MARKER_PREFIX = "org.olmstead.key_state."
+#: the store's named value: the marker whose stale keys a drain already cleared
+DRAINED = "key_state_drained"
 
 
 def marker_type(device_id: str) -> str:
@@ -72,6 +78,10 @@ class KeyStateMarker:
     #: when (seconds since the epoch)
     updated_at: float
 
+    def token(self) -> str:
+        """This marker, exactly, as the store records it once a drain answered it."""
+        return json.dumps([self.ed25519, self.published_through, self.updated_at])
+
 
 def marker_content(
     ed25519: str, published_through: int, now: float | None = None
@@ -98,11 +108,16 @@ def read_marker(content: Any) -> KeyStateMarker | None:
     return KeyStateMarker(ed25519, through, when)
 
 
-def keys_lost_to_rollback(marker: KeyStateMarker | None, account: vodozemac.Account) -> int:
+def keys_lost_to_rollback(
+    marker: KeyStateMarker | None, account: vodozemac.Account, drained: str | None = None
+) -> int:
     """How many published keys ``account`` never issued (0: no sign of a rollback).
 
-    A marker of another identity says nothing about this store's keys: 0.
+    A marker of another identity says nothing about this store's keys, and the
+    marker a drain already answered (``drained``, the store's record) nothing more: 0.
     """
     if marker is None or marker.ed25519 != account.ed25519_key.to_base64():
+        return 0
+    if marker.token() == drained:
         return 0
     return max(0, marker.published_through - issued_through(account))

@@ -112,6 +112,10 @@ class KeysUpload:
             or now - created >= self.settings.fallback_rotation
         )
 
+    def replace_fallback_key(self) -> None:
+        """Make a new fallback key with the next top-up (where the server supports them)."""
+        self._fallback_used = True
+
     # --- what the server said ----------------------------------------------------------------
 
     def on_sync_counts(

@@ -27,10 +27,12 @@ from typing import Any
 import vodozemac
 
 from olmstead import key_export, key_state
+from olmstead.backoff import Backoff
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
+    MatrixHttpError,
     OlmSessionError,
     OlmsteadError,
     RemoteProtocolError,
@@ -114,6 +116,9 @@ class OlmMachine:
         # the key-state marker for the server's account data, once an upload succeeded
         self._pending_marker: AccountDataRequest | None = None
         self._latest_marker = ""
+        self._marker_backoff = Backoff(policy.first_delay, policy.max_delay)
+        #: the marker the server held when we last looked (a drain records it answered)
+        self._marker_seen: key_state.KeyStateMarker | None = None
         self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
@@ -207,7 +212,9 @@ class OlmMachine:
             if not self._record.shared:
                 return 0
             marker = key_state.read_marker(marker_content)
-            lost = key_state.keys_lost_to_rollback(marker, self._record.account)
+            self._marker_seen = marker
+            drained = await self.store.get_value(key_state.DRAINED)
+            lost = key_state.keys_lost_to_rollback(marker, self._record.account, drained)
             if lost:
                 log.warning(
                     "the server was given one-time keys up to #%d, but this store has issued "
@@ -611,7 +618,7 @@ class OlmMachine:
             requests: list[OutgoingRequest] = []
             requests.extend(self._pending_to_device)
             self._pending_to_device.clear()
-            if self._pending_marker is not None:
+            if self._pending_marker is not None and self._marker_backoff.ready(now):
                 requests.append(self._pending_marker)
                 self._pending_marker = None
             if self._to_unwedge and not self._unwedge_claims:
@@ -648,8 +655,11 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
-            if isinstance(request, ToDeviceRequest | AccountDataRequest):
-                return  # delivered; what it carries was committed before it left
+            if isinstance(request, AccountDataRequest):
+                self._marker_backoff.succeeded()
+                return
+            if isinstance(request, ToDeviceRequest):
+                return  # delivered; the sessions were committed before it left
             claimed_for = self._session_claims.pop(request_id, None)
             if claimed_for is not None:
                 created = await self.olm.sessions_from_claim(
@@ -673,8 +683,7 @@ class OlmMachine:
                     request_id, response, self.identity_keys["ed25519"]
                 )
                 if report is not None:
-                    self._reports.append(report)
-                    self._record.server_key_count = 0  # a drain claims every key we had
+                    await self._after_drain(report)
                 return
             current = self.keys_upload.pending_request(self._record)
             if current is not None and current.request_id == request_id:
@@ -720,8 +729,7 @@ class OlmMachine:
                     self._unwedged_at.pop(device.curve25519, None)
                 return
             if isinstance(request, AccountDataRequest):
-                if request.request_id == self._latest_marker:  # an older one is outdated
-                    self._pending_marker = request
+                self._marker_failed(request, error)
                 return
             if isinstance(request, ToDeviceRequest):
                 # its ciphertext was made from committed ratchets and its recipients are
@@ -743,6 +751,31 @@ class OlmMachine:
                     f"no request {request_id!r} is waiting for a response; pass the "
                     "request_id of a request from outgoing_requests()"
                 )
+
+    async def _after_drain(self, report: OneTimeKeysDrained) -> None:
+        """Our stale keys are gone from the server: refill, and remember what was answered."""
+        self._reports.append(report)
+        self._record.server_key_count = 0  # a drain claims every one-time key we had
+        # the fallback key may be as stale as the rest (its claim proves only our
+        # signature, not that the store still has its private half): replace it
+        self.keys_upload.replace_fallback_key()
+        if self._marker_seen is not None:
+            await self._commit(Changes(values={key_state.DRAINED: self._marker_seen.token()}))
+
+    def _marker_failed(self, request: AccountDataRequest, error: OlmsteadError) -> None:
+        """A marker write failed: again after a backoff, unless refused for good or outdated."""
+        status = error.status if isinstance(error, MatrixHttpError) else None
+        if status is not None and 400 <= status < 500 and status != 429:
+            log.warning(
+                "the server refuses our key-state marker (%s): a rolled-back store will be "
+                "found only when an upload collides",
+                error,
+            )
+            return
+        delay = self._marker_backoff.failed(self._clock())
+        if request.request_id == self._latest_marker:  # an older one is outdated
+            self._pending_marker = request
+            log.info("writing the key-state marker failed (%s); again in %.0f s", error, delay)
 
     def _note_published(self, upload: KeysUploadRequest) -> None:
         """After a confirmed upload of one-time keys, tell the server how far they got."""

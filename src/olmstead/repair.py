@@ -18,18 +18,21 @@ confirms it. None of them throws a key away:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from olmstead.client import Client, Session
 from olmstead.doctor import Credentials, Report, is_postgres
-from olmstead.errors import LocalProtocolError, MatrixHttpError
+from olmstead.errors import LocalProtocolError, MatrixHttpError, TransportError
 from olmstead.http.endpoints import CLIENT_V3
 from olmstead.http.transport import MatrixHttp
 from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
@@ -162,13 +165,21 @@ async def _rekey(report: Report, options: RepairOptions) -> Outcome:
     assert report.opener is not None
     assert options.key is not None
     store = await _open(options.store, options.account, PickleKey(report.opener))
+    kept = ""
     try:
         old = store.fingerprint
+        if isinstance(store, SqliteStore):  # should the new key be lost, this one is not
+            copy = _beside(options.store, f"before-rekey-{old}")
+            await store.copy_to(copy)
+            kept = (
+                f"; a copy under the old key is at {copy}: delete it once the bot runs with "
+                "the new key (restored later, it would roll the keys back)"
+            )
         new = await store.rekey(options.key)
     finally:
         await store.close()
     return Outcome(
-        f"re-encrypted every secret from key {old} to key {new}, in one transaction",
+        f"re-encrypted every secret from key {old} to key {new}, in one transaction{kept}",
         options.store,
         options.server,
     )
@@ -213,11 +224,13 @@ async def _move_to_new_device(report: Report, options: RepairOptions) -> Outcome
     assert options.key is not None
     if options.password is None:
         raise LocalProtocolError("moving to a new device needs the account's password")
-    old_device, user_id = report.device.device_id, report.device.user_id
-    password = options.password()
     if options.into is None and is_postgres(options.store):
         raise LocalProtocolError("give the PostgreSQL account for the new device (--into)")
+    old_device, user_id = report.device.device_id, report.device.user_id
+    password = options.password()
     target = options.into or _beside(options.store, "new")
+    if not is_postgres(options.store) and _exists(target):
+        raise LocalProtocolError(f"{target} exists: move it away, a new device needs a new store")
 
     old = await _open(options.store, options.account, options.key)
     try:
@@ -228,36 +241,65 @@ async def _move_to_new_device(report: Report, options: RepairOptions) -> Outcome
     client = Client(options.server.homeserver, store=await _open_new(target, options))
     try:
         session = await client.login(user_id, password, device_name=f"olmstead (was {old_device})")
+        # the new token first: whatever happens next, the new device is never lost
+        default_file = (
+            f"{session.device_id}.session.json"
+            if is_postgres(options.store)
+            else f"{options.into or options.store}.session.json"
+        )
+        saved = _save_session(session, options.session_file or Path(default_file))
         machine = await client.init_crypto()
         carried = await machine.add_room_keys(room_keys)
         await client.sync_once()
     finally:
         await _close(client)
 
-    kept = ""
+    where, placed = target, ""
     if options.into is None:  # in place: the new store takes the old one's path
-        kept_at = _beside(options.store, f"replaced-{old_device}-{int(time.time())}")
-        _move_sqlite(options.store, kept_at)
-        _move_sqlite(target, options.store)
-        target = options.store
-        kept = f"; the old store is kept at {kept_at}"
+        kept = _beside(options.store, f"replaced-{old_device}-{int(time.time())}")
+        if _swap_in(options.store, target, kept):
+            where, placed = options.store, f"; the old store is kept at {kept}"
+        else:
+            placed = (
+                f"; the new store is at {target}: something still has {options.store} open "
+                "(stop it, then move the new store into place)"
+            )
     deleted = ""
     if options.delete_old_device:
         deleted = await _delete_device(session, old_device, password)
-    default_file = Path(
-        f"{session.device_id}.session.json"
-        if is_postgres(options.store)
-        else f"{target}.session.json"
-    )
-    saved = _save_session(session, options.session_file or default_file)
     moved_to_account = target if is_postgres(options.store) else None
     return Outcome(
         f"now device {session.device_id}: {carried} room keys carried over from "
-        f"{old_device}{kept}{deleted}; its session (access token) is in {saved}",
-        options.store if moved_to_account else target,
+        f"{old_device}{placed}{deleted}; its session (access token) is in {saved}",
+        options.store if moved_to_account else where,
         Credentials(session.homeserver, session.access_token),
         moved_to_account,
     )
+
+
+def _swap_in(store: str, new: str, kept: str) -> bool:
+    """Put the SQLite store ``new`` at ``store``, the old one moved to ``kept``.
+
+    Only when nothing holds the old store: its lease is free or dead, and its
+    write-ahead log can be folded in completely (a WAL left behind holds commits a
+    renamed file would lose). Whether the swap happened.
+    """
+    lock = SqliteStore.read_lease(store)
+    if lock is not None and lock.expires_at > time.time():
+        return False
+    for path in (store, new):
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            busy, _log, _folded = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        log = f"{path}-wal"
+        if busy or (os.path.exists(log) and os.path.getsize(log) > 0):
+            return False
+    for path in (store, new):  # empty now: nothing of value, rebuilt on next open
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+    os.replace(store, kept)
+    os.replace(new, store)  # a crash between the two: the new store waits at its name
+    return True
 
 
 async def _import_foreign(report: Report, options: RepairOptions) -> Outcome:
@@ -271,7 +313,7 @@ async def _import_foreign(report: Report, options: RepairOptions) -> Outcome:
     if _exists(options.into):
         raise LocalProtocolError(f"{options.into} exists: a foreign device moves into a new store")
     user = None if options.account == "default" else options.account
-    candidates = [_candidate_text(report.opener, options)]
+    candidates = [report.opener]
     if report.kind == "mautrix" and is_postgres(options.store):
         foreign = await read_mautrix_postgres(options.store, candidates, user)
     elif report.kind == "mautrix":
@@ -284,25 +326,18 @@ async def _import_foreign(report: Report, options: RepairOptions) -> Outcome:
         fingerprint = store.fingerprint
     finally:
         await store.close()
-    return Outcome(
+    text = (
         f"moved device {foreign.device_id} ({len(foreign.inbound)} room keys, "
         f"{len(foreign.olm_sessions)} Olm sessions) into {options.into}, key {fingerprint}; "
-        f"the {report.kind} store was only read: retire it, never run both",
-        options.into,
-        options.server,
+        f"the {report.kind} store was only read: retire it, never run both"
     )
+    if options.server is not None:  # what the other library never uploaded goes up now
+        synced = await _sync_keys(report, replace(options, store=options.into, account="default"))
+        text += f"; {synced.text}"
+    return Outcome(text, options.into, options.server)
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _candidate_text(opener: str, options: RepairOptions) -> str:
-    """The key text behind doctor's label for it (a known default's, or a candidate's)."""
-    if opener.startswith("the known default"):
-        return opener.split("'")[1]
-    candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
-    number = int(opener.rsplit("#", 1)[1]) - 1
-    return candidates[number]
 
 
 async def _open(store: str, account: str, key: PickleKey) -> CryptoStore:
@@ -325,17 +360,6 @@ async def _open_new(target: str, options: RepairOptions) -> CryptoStore:
     if _exists(target):
         raise LocalProtocolError(f"{target} exists: a new device goes into a new store")
     return await SqliteStore.open(target, options.key)
-
-
-def _move_sqlite(source: str, target: str) -> None:
-    """Move an SQLite database with its write-ahead log: a WAL left behind by a crash
-    holds committed transactions, and a database moved without it loses them."""
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(target + suffix):
-            os.remove(target + suffix)
-    for suffix in ("-wal", "-shm", ""):
-        if os.path.exists(source + suffix):
-            os.replace(source + suffix, target + suffix)
 
 
 def _exists(path: str) -> bool:
@@ -373,7 +397,7 @@ async def _delete_device(session: Session, device_id: str, password: str) -> str
         }
         await http.request("DELETE", path, {"auth": auth})
         return f"; deleted device {device_id}"
-    except MatrixHttpError as error:
+    except TransportError as error:
         return f"; device {device_id} was not deleted ({error}): delete it from another client"
     finally:
         await http.close()

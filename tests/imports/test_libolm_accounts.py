@@ -28,6 +28,7 @@ from olmstead.cli.main import main
 from olmstead.imports.foreign import ForeignStore, import_into, open_libolm_account
 from tests.conftest import FAST_LEASE, KEY
 from tests.integration.harness import opens_session
+from tests.machine.test_keys_upload import outgoing
 
 
 def libolm_account() -> tuple[olm.Account, dict[str, str]]:
@@ -82,7 +83,7 @@ async def test_an_imported_account_never_reuses_a_key_id() -> None:
     for count in (None, 10, 3):  # the pending keys, then two refills
         if count is not None:
             await machine.receive_sync_changes(one_time_key_counts={"signed_curve25519": count})
-        (upload,) = await machine.outgoing_requests()
+        (upload,) = await outgoing(machine)  # key-state markers acknowledged
         assert isinstance(upload, KeysUploadRequest)
         uploads.append(upload.one_time_keys)
         await machine.mark_request_as_sent(upload.request_id, {"one_time_key_counts": {}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,7 +68,7 @@ HOMESERVER = click.option(
 
 
 def _diagnosis_inputs(
-    store: str, kind: str, key_file: Path | None, homeserver: str | None
+    store: str, kind: str, key_file: Path | None, homeserver: str | None, confirm: bool = False
 ) -> tuple[Any, PickleKey | None, Any, list[str]]:
     """The store's kind, the pickle key (olmstead stores), credentials and candidates."""
     import os
@@ -75,7 +76,11 @@ def _diagnosis_inputs(
     from olmstead.doctor import Credentials, store_kind
 
     found = store_kind(store) if kind == "auto" else kind
-    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key") if found == "olmstead" else None
+    key = (
+        pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key", confirm)
+        if found == "olmstead"
+        else None
+    )
     credentials = None
     if homeserver is not None:
         token = os.environ.get("OLMSTEAD_ACCESS_TOKEN") or click.prompt(
@@ -111,8 +116,10 @@ def doctor(
     from olmstead.doctor import diagnose
 
     found, key, credentials, candidates = _diagnosis_inputs(store, kind, key_file, homeserver)
-    report = asyncio.run(
-        diagnose(store, key, account=account, kind=found, candidates=candidates, server=credentials)
+    report = _run(
+        lambda: diagnose(
+            store, key, account=account, kind=found, candidates=candidates, server=credentials
+        )
     )
     click.echo(report.to_json() if as_json else report.to_text())
     raise SystemExit(report.exit_code)
@@ -165,16 +172,21 @@ def repair(
     from olmstead.doctor import diagnose
     from olmstead.repair import RepairOptions, plan_repairs
 
-    found, key, credentials, candidates = _diagnosis_inputs(store, kind, key_file, homeserver)
+    # the key may become the store's new one (a rekey, a move): typed twice at a prompt
+    found, key, credentials, candidates = _diagnosis_inputs(
+        store, kind, key_file, homeserver, confirm=True
+    )
     if found != "olmstead" and into is not None:
-        key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store")
+        key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store", True)
 
     def password() -> str:
         value = os.environ.get("OLMSTEAD_PASSWORD")
         return value if value is not None else click.prompt("Account password", hide_input=True)
 
-    report = asyncio.run(
-        diagnose(store, key, account=account, kind=found, candidates=candidates, server=credentials)
+    report = _run(
+        lambda: diagnose(
+            store, key, account=account, kind=found, candidates=candidates, server=credentials
+        )
     )
     click.echo(report.to_text())
     options = RepairOptions(
@@ -198,8 +210,8 @@ def repair(
         where, server = outcome.store or where, outcome.server or server
         moved_account = outcome.account or moved_account
     click.echo("\nAfter repair:")
-    after = asyncio.run(
-        diagnose(where, key, account=moved_account, candidates=candidates, server=server)
+    after = _run(
+        lambda: diagnose(where, key, account=moved_account, candidates=candidates, server=server)
     )
     click.echo(after.to_text())
     raise SystemExit(after.exit_code)
@@ -359,4 +371,6 @@ def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(coroutine())
     except OlmsteadError as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}") from error
+    except (OSError, sqlite3.Error) as error:  # the disk or the database, not olmstead
         raise click.ClickException(f"{type(error).__name__}: {error}") from error

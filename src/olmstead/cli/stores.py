@@ -22,14 +22,15 @@ from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
 __all__ = ["existing", "open_device", "open_store", "pickle_key"]
 
 
-def pickle_key(env: str, key_file: Path | None, prompt: str) -> PickleKey:
-    """The pickle key from ``key_file``, else the environment variable ``env``, else a prompt."""
+def pickle_key(env: str, key_file: Path | None, prompt: str, confirm: bool = False) -> PickleKey:
+    """The pickle key from ``key_file``, else the environment variable ``env``, else a prompt
+    (typed twice with ``confirm``: a store rekeyed to a typo would be lost)."""
     if key_file is not None:
         raw = base64.b64decode(key_file.read_bytes().strip(), validate=True)
         return PickleKey(raw)
     value = os.environ.get(env)
     if value is None:
-        value = click.prompt(prompt, hide_input=True)
+        value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
     return PickleKey(value)
 
 

@@ -29,6 +29,7 @@ from olmstead.store.base import (
     InboundGroupSessionRecord,
     OlmSessionRecord,
 )
+from olmstead.store.files import read_only_uri
 
 __all__ = [
     "KNOWN_DEFAULT_KEYS",
@@ -122,7 +123,7 @@ def open_libolm_account(pickle: str, key: str) -> vodozemac.Account:
 def open_read_only(path: str, source: str) -> sqlite3.Connection:
     """A foreign SQLite store, opened so that nothing in it can change."""
     try:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return sqlite3.connect(read_only_uri(path), uri=True)
     except sqlite3.Error as exc:
         raise StoreCorrupt(source, str(exc)) from exc
 

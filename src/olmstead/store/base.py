@@ -233,6 +233,8 @@ class Inspection:
     #: the writer lease as it stands, and the store's clock when it was read
     lock: LockRow | None
     now: float
+    #: the key-state marker a drain already answered (``key_state.DRAINED``)
+    drained_marker: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""Making a file appear whole: build it beside its place, link it in, fsync the directory."""
+"""Store files: built beside their place and linked in whole; opened read-only by URI."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["link_into_place"]
+__all__ = ["link_into_place", "read_only_uri"]
 
 
 def link_into_place(built: Path, target: Path) -> None:
@@ -25,3 +25,8 @@ def link_into_place(built: Path, target: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_only_uri(path: str | Path) -> str:
+    """An SQLite URI that opens ``path`` read-only (quoted: any file name is safe)."""
+    return f"{Path(path).absolute().as_uri()}?mode=ro"

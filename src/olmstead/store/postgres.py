@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
+from olmstead.key_state import DRAINED
 from olmstead.store.base import (
     CryptoStore,
     Inspection,
@@ -143,13 +144,18 @@ class PostgresStore(CryptoStore):
                 account,
             )
             lock, now = await _read_lease(conn, account)
+            drained = await conn.fetchval(
+                "SELECT value FROM olmstead_kv WHERE account_id = $1 AND key = $2",
+                account,
+                DRAINED,
+            )
         except asyncpg.PostgresError as exc:
             raise StoreError(f"{name}: {exc}") from exc
         finally:
             await conn.close()
         found = None if row is None else account_from_row(tuple(row), derived.key, name)
         latest = MIGRATIONS[-1][0]
-        return Inspection(name, derived.fingerprint, found, version, latest, lock, now)
+        return Inspection(name, derived.fingerprint, found, version, latest, lock, now, drained)
 
     @staticmethod
     async def read_lease(dsn: str, account: str = "default") -> tuple[LockRow | None, float]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
+from olmstead.key_state import DRAINED
 from olmstead.store.base import (
     CryptoStore,
     Inspection,
@@ -36,7 +37,7 @@ from olmstead.store.base import (
     new_holder_name,
     next_lock_row,
 )
-from olmstead.store.files import link_into_place
+from olmstead.store.files import link_into_place, read_only_uri
 from olmstead.store.migrations.sqlite import MIGRATIONS
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
@@ -114,28 +115,34 @@ class SqliteStore(CryptoStore):
         """
         path = Path(path)
         name = f"SQLite store {path}"
-        if not path.exists():
-            raise StoreCorrupt(name, "there is no such file")
-        conn, derived = _open_and_check(path, name, pickle_key)
+        conn, derived = _open_and_check(path, name, pickle_key, read_only=True)
         try:
             row = conn.execute(
                 "SELECT user_id, device_id, pickle, state FROM account WHERE id = 1"
             ).fetchone()
             version, lock = _version(conn), _lock_row(conn)
+            drained = conn.execute("SELECT value FROM kv WHERE key = ?", (DRAINED,)).fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(name, str(exc)) from exc
         finally:
             conn.close()
         record = None if row is None else account_from_row(tuple(row), derived.key, name)
         return Inspection(
-            name, derived.fingerprint, record, version, LATEST_VERSION, lock, time.time()
+            name,
+            derived.fingerprint,
+            record,
+            version,
+            LATEST_VERSION,
+            lock,
+            time.time(),
+            None if drained is None else str(drained[0]),
         )
 
     @staticmethod
     def read_lease(path: str | Path) -> LockRow | None:
         """The writer lease as it stands, read-only (it needs no key)."""
         try:
-            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            with closing(sqlite3.connect(read_only_uri(path), uri=True)) as conn:
                 return _lock_row(conn)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"SQLite store {path}", str(exc)) from exc
@@ -157,6 +164,15 @@ class SqliteStore(CryptoStore):
                 return cursor.rowcount == 1
 
             return _transaction(conn, release)
+
+    async def copy_to(self, target: str | Path) -> None:
+        """A consistent copy of the whole store at ``target`` (mode 0600), under the same key."""
+
+        def copy() -> None:
+            self._conn.execute("VACUUM INTO ?", (str(target),))
+            os.chmod(target, 0o600)
+
+        await self._run(copy)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -448,8 +464,12 @@ def _put_lock_row(conn: sqlite3.Connection, row: LockRow) -> None:
     )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    # read-only: no checkpoint on close, so a dead holder's log stays as it was found
+    target = read_only_uri(path) if read_only else str(path)
+    conn = sqlite3.connect(
+        target, isolation_level=None, check_same_thread=False, timeout=30, uri=read_only
+    )
     try:
         conn.execute("PRAGMA synchronous = FULL")
     except BaseException:
@@ -459,15 +479,18 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _open_and_check(
-    path: Path, name: str, pickle_key: PickleKey
+    path: Path, name: str, pickle_key: PickleKey, *, read_only: bool = False
 ) -> tuple[sqlite3.Connection, DerivedKey]:
-    """Connect and prove the key, writing nothing unless the store is new."""
+    """Connect and prove the key, writing nothing unless the store is new (and not
+    ``read_only``, which never creates one)."""
     if not path.exists():
+        if read_only:
+            raise StoreCorrupt(name, "there is no such file")
         return _create(path, name, pickle_key)
     if path.stat().st_size == 0:
         raise StoreCorrupt(name, "the file is empty")
     try:
-        conn = _connect(path)
+        conn = _connect(path, read_only)
     except sqlite3.DatabaseError as exc:
         raise StoreCorrupt(name, str(exc)) from exc
     try:
