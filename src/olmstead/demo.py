@@ -103,7 +103,9 @@ async def _walk_through(homeserver: ThrowawayHomeserver, work: Path, say: Say) -
     await bot.close()
 
     say("\n2. The bot's store is lost; it restarts with an empty one on the same token")
-    lost_path = work / "empty.crypto.db"
+    for old in work.glob(f"{store_path.name}*"):  # a volume dropped, a container rebuilt
+        old.unlink()
+    lost_path = store_path
     before = await _device_keys(url, session)
     lost = Client(url, store=await SqliteStore.open(lost_path, OLD_DEFAULT))
     lost.restore(session)
@@ -127,7 +129,6 @@ async def _walk_through(homeserver: ThrowawayHomeserver, work: Path, say: Say) -
     outcome = await _doctor_and_repair(options, say)
     assert outcome is not None
     assert outcome.server is not None
-    store_path = lost_path
     moved = _read_session(Path(f"{lost_path}.session.json"))
     bot = await _device(url, store_path, OLD_DEFAULT, moved)
     await peer.client.sync_once()
