@@ -103,8 +103,7 @@ async def _walk_through(homeserver: ThrowawayHomeserver, work: Path, say: Say) -
     await bot.close()
 
     say("\n2. The bot's store is lost; it restarts with an empty one on the same token")
-    for old in work.glob(f"{store_path.name}*"):  # a volume dropped, a container rebuilt
-        old.unlink()
+    _lose(store_path)
     lost_path = store_path
     before = await _device_keys(url, session)
     lost = Client(url, store=await SqliteStore.open(lost_path, OLD_DEFAULT))
@@ -199,6 +198,12 @@ async def _exchange(bot: _Device, peer: _Device, room: str, text: str, say: Say)
     await bot.client.sync_once()
     ok = text in peer.heard and reply in bot.heard
     say(f"  bot -> peer {text!r}, peer -> bot {reply!r}: {'both decrypted' if ok else 'FAILED'}")
+
+
+def _lose(store: Path) -> None:
+    """The store and its log are gone: a volume dropped, a container rebuilt."""
+    for part in store.parent.glob(f"{store.name}*"):
+        part.unlink()
 
 
 def _read_session(path: Path) -> Session:
