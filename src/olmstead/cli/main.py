@@ -91,12 +91,15 @@ def _diagnosis_inputs(
     return found, key, credentials, candidates
 
 
+def _diagnosis_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options doctor and repair share: which store, which key, which server."""
+    for option in reversed((STORE, ACCOUNT, KIND, KEY_FILE, HOMESERVER)):
+        command = option(command)
+    return command
+
+
 @main.command()
-@STORE
-@ACCOUNT
-@KIND
-@KEY_FILE
-@HOMESERVER
+@_diagnosis_options
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def doctor(
     store: str,
@@ -126,11 +129,7 @@ def doctor(
 
 
 @main.command()
-@STORE
-@ACCOUNT
-@KIND
-@KEY_FILE
-@HOMESERVER
+@_diagnosis_options
 @click.option("--yes", is_flag=True, help="Do every repair without asking.")
 @click.option(
     "--into",
