@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from olmstead import (
@@ -24,6 +25,8 @@ from olmstead import (
     KeyStateError,
     OneTimeKeysDrained,
 )
+from olmstead.http.endpoints import account_data_path
+from olmstead.key_state import marker_type
 from tests.integration.harness import (
     Wire,
     claim_one,
@@ -134,9 +137,12 @@ async def test_login_with_a_device_id_that_has_keys_is_refused(
     await close_client(newcomer)
 
 
+@pytest.mark.parametrize("marker", [True, False], ids=["found-at-start", "found-by-collision"])
 async def test_rolled_back_store_heals_itself(
-    homeserver: Any, new_user: Any, tmp_path: Path
+    homeserver: Any, new_user: Any, tmp_path: Path, marker: bool
 ) -> None:
+    """With the key-state marker, the rollback is found at start and drained before any
+    upload; without it (a store from before markers), the first colliding upload finds it."""
     url, user, peer = homeserver.base_url, new_user(), new_user()
     uid, dev, peer_token = user["user_id"], user["device_id"], peer["access_token"]
     path, backup = tmp_path / "device.db", tmp_path / "backup.db"
@@ -154,6 +160,14 @@ async def test_rolled_back_store_heals_itself(
     await close_client(client)
 
     shutil.copy(backup, path)  # the rollback: the store forgets those 30 keys
+    if not marker:  # as if no marker had ever been written
+        async with httpx.AsyncClient(base_url=url) as http:
+            answer = await http.put(
+                account_data_path(uid, marker_type(dev)),
+                json={},
+                headers={"Authorization": f"Bearer {user['access_token']}"},
+            )
+            answer.raise_for_status()
     wire = Wire()
     drains: list[OneTimeKeysDrained] = []
     client = await open_client(url, path, session_of(url, user), wire)
@@ -164,12 +178,20 @@ async def test_rolled_back_store_heals_itself(
     await client.sync_once()
 
     statuses = [status for _t, _b, status in wire.uploads]
-    assert statuses == [400, 200], statuses
     (drained,) = drains
     assert drained.drained >= 1
-    assert drained.conflicting_key_id.startswith("signed_curve25519:")
+    if marker:
+        assert 400 not in statuses, statuses  # drained before anything could collide
+        assert drained.conflicting_key_id == ""
+    else:
+        # the same keys again once drained, then a new fallback key (it may be stale too)
+        assert statuses == [400, 200, 200], statuses
+        assert list(wire.uploads[2][1]) == ["fallback_keys"]
+        assert drained.conflicting_key_id.startswith("signed_curve25519:")
     uploaded = {
-        key["key"] for _t, body, _s in wire.uploads for key in body["one_time_keys"].values()
+        key["key"]
+        for _t, body, _s in wire.uploads
+        for key in body.get("one_time_keys", {}).values()
     }
 
     # every key the server now hands out for the device is one this account can use
@@ -181,7 +203,9 @@ async def test_rolled_back_store_heals_itself(
         if got[1].get("fallback"):
             break
     one_time = [key for _id, key in claimed if not key.get("fallback")]
-    assert len(one_time) == len(uploaded)
+    # after the drain only keys uploaded since sit there: a full set (the refill after a
+    # start-up drain), or exactly the retried keys (after a collision)
+    assert len(one_time) == (50 if marker else len(uploaded))
     for key in one_time:
         assert key["key"] in uploaded
         assert opens_session(account, key["key"])
