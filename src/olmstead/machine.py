@@ -113,6 +113,7 @@ class OlmMachine:
         self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
+        self._identity: dict[str, str] | None = None
         self._generation = generation
         self._clock = clock
         self._in_flight: dict[str, OutgoingRequest] = {}
@@ -167,7 +168,10 @@ class OlmMachine:
     @property
     def identity_keys(self) -> dict[str, str]:
         """Our Curve25519 and Ed25519 public keys, base64."""
-        return own.identity_keys(self._record.account)
+        # kept: every encryption names them, and a device's identity keys never change
+        if self._identity is None:
+            self._identity = own.identity_keys(self._record.account)
+        return self._identity
 
     @property
     def device_keys_shared(self) -> bool:
@@ -324,8 +328,10 @@ class OlmMachine:
         except BaseException:
             self._generation = -1  # forces _refresh to reload
             self.olm.forget()
+            self.megolm.forget()
             self._outbound.clear()
             raise
+        self.megolm.committed(changes.inbound_group_sessions)
 
     # --- Megolm: room keys and room events ------------------------------------------------------
 
@@ -344,8 +350,8 @@ class OlmMachine:
             now = self._clock()
             devices = [
                 device
-                for user_id in dict.fromkeys(user_ids)
-                for device in (await self._current_devices(user_id)).values()
+                for by_id in (await self._current_devices_of(user_ids)).values()
+                for device in by_id.values()
             ]
             record = await self._outbound_session(room_id)
             wanted = {(d.user_id, d.device_id) for d in devices}
@@ -407,6 +413,18 @@ class OlmMachine:
         self, room_id: str, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Megolm-encrypted content for ``room_id``; the ratchet step is committed first."""
+        (encrypted,) = await self.encrypt_room_events(room_id, [(event_type, content)])
+        return encrypted
+
+    async def encrypt_room_events(
+        self, room_id: str, events: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """Megolm-encrypted contents for ``(event_type, content)`` pairs, in order.
+
+        One commit for the batch, before any ciphertext is returned. A batch that
+        would run past the session's rotation limit is refused whole: share a new
+        key (``share_room_key``) or send fewer.
+        """
         async with self._mutex:
             await self._refresh()
             record = await self._outbound_session(room_id)
@@ -414,9 +432,18 @@ class OlmMachine:
                 raise LocalProtocolError(
                     f"no current room key for {room_id}: call share_room_key() before sending"
                 )
-            encrypted = self.megolm.encrypt(
-                record, event_type, content, self.identity_keys, self.device_id
-            )
+            left = record.rotation_msgs - record.session.message_index
+            if len(events) > left:
+                raise LocalProtocolError(
+                    f"the room key for {room_id} has {left} messages left before it must "
+                    f"rotate, fewer than the {len(events)} to encrypt: send fewer, then call "
+                    "share_room_key() for a new key"
+                )
+            own_keys, device_id = self.identity_keys, self.device_id
+            encrypted = [
+                self.megolm.encrypt(record, event_type, content, own_keys, device_id)
+                for event_type, content in events
+            ]
             try:
                 await self._commit(Changes(outbound_group_sessions=[record]))
             except BaseException:
@@ -428,13 +455,25 @@ class OlmMachine:
         self, room_id: str, event: Mapping[str, Any]
     ) -> DecryptedRoomEvent:
         """Decrypt an ``m.room.encrypted`` room event; raises a ``DecryptionError``."""
+        (result,) = await self.decrypt_room_events(room_id, [event])
+        if isinstance(result, DecryptionError):
+            raise result
+        return result
+
+    async def decrypt_room_events(
+        self, room_id: str, events: Sequence[Mapping[str, Any]]
+    ) -> list[DecryptedRoomEvent | DecryptionError]:
+        """Decrypt room events of ``room_id`` in order: each result, or why it failed.
+
+        The message indices of the whole batch are committed once, before any
+        plaintext is returned; an index used twice within the batch by different
+        events is refused as a replay, as one used before it is.
+        """
         async with self._mutex:
             await self._refresh()
-            result, changes = await self.megolm.decrypt(room_id, event)
+            results, changes = await self.megolm.decrypt_many(room_id, events)
             await self._commit(changes)
-            if isinstance(result, DecryptionError):
-                raise result
-            return result
+            return results
 
     async def _outbound_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
         if room_id not in self._outbound:
@@ -509,8 +548,8 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             missing = []
-            for user_id in user_ids:
-                for device in (await self._current_devices(user_id)).values():
+            for by_id in (await self._current_devices_of(user_ids)).values():
+                for device in by_id.values():
                     if not await self.olm.sessions_for(device.curve25519):
                         missing.append(device)
             if not missing:
@@ -560,11 +599,18 @@ class OlmMachine:
         return await self._current_devices(user_id)
 
     async def _current_devices(self, user_id: str) -> dict[str, Device]:
-        devices = await self.store.get_devices(user_id)
+        return (await self._current_devices_of([user_id]))[user_id]
+
+    async def _current_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """The current devices of each user, in one store read."""
+        stored = await self.store.get_devices_of(user_ids)
         return {
-            device_id: device
-            for device_id, device in devices.items()
-            if not device.deleted and (user_id, device_id) != (self.user_id, self.device_id)
+            user_id: {
+                device_id: device
+                for device_id, device in devices.items()
+                if not device.deleted and (user_id, device_id) != (self.user_id, self.device_id)
+            }
+            for user_id, devices in stored.items()
         }
 
     # --- what to send, and what came back --------------------------------------------------------
@@ -630,7 +676,7 @@ class OlmMachine:
                     await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
                 return
             if self.devices.owns(request_id):
-                stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
+                stored = await self.store.get_devices_of(self.devices.queried_users())
                 outcome = self.devices.on_response(response, stored)
                 await self._commit(
                     Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
@@ -741,6 +787,8 @@ class OlmMachine:
         self._pending_to_device.clear()
         self._outbound.clear()
         self.olm.forget()
+        self.megolm.forget()
+        self._identity = None
         self.devices = DeviceTracker(
             record.user_id, record.device_id, await self.store.get_tracked_users()
         )

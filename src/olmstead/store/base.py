@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -385,6 +385,39 @@ class CryptoStore(ABC):
             device_id: Device.from_json(user_id, device_id, data)
             for device_id, data in await self._device_rows(user_id)
         }
+
+    async def get_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """``get_devices`` for many users in one read (a room key share, a query answer)."""
+        wanted = list(dict.fromkeys(user_ids))
+        found: dict[str, dict[str, Device]] = {user_id: {} for user_id in wanted}
+        for user_id, device_id, data in await self._device_rows_of(wanted):
+            found[user_id][device_id] = Device.from_json(user_id, device_id, data)
+        return found
+
+    async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
+        """user_id, device_id and data JSON of every stored device of ``user_ids``.
+
+        One read per user here; backends with a round trip per read answer in one.
+        """
+        return [
+            (user_id, device_id, data)
+            for user_id in user_ids
+            for device_id, data in await self._device_rows(user_id)
+        ]
+
+    async def get_message_indices(
+        self, session_id: str, indices: Collection[int]
+    ) -> dict[int, MessageIndex]:
+        """``get_message_index`` for many indices of one session in one read (a timeline).
+
+        One read per index here; backends with a round trip per read answer in one.
+        """
+        found = {}
+        for index in indices:
+            seen = await self.get_message_index(session_id, index)
+            if seen is not None:
+                found[index] = seen
+        return found
 
     async def get_device_by_curve25519(self, key: str) -> Device | None:
         row = await self._device_row_by_curve25519(key)
