@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only these ({', '.join(NAMES)})",
     )
     parser.add_argument(
-        "--repeat", type=int, help="runs per figure, the best kept (default 3, quick 1)"
+        "--repeat", type=int, help="runs per figure, the best kept (default 5, quick 1)"
     )
     parser.add_argument("--events", type=int, help="room events (default 10,000)")
     parser.add_argument(
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 async def main(argv: list[str] | None = None) -> list[Row]:
     args = _parser().parse_args(argv)
     quick = args.quick
-    repeat = args.repeat or (1 if quick else 3)
+    repeat = args.repeat or (1 if quick else 5)
     events = args.events or (300 if quick else 10_000)
     devices = args.devices or (10 if quick else 150)
     send_devices = args.send_devices or (3 if quick else 50)
@@ -80,7 +80,7 @@ async def main(argv: list[str] | None = None) -> list[Row]:
     backends = [b for b in ("sqlite", "postgres") if f"store-{b}" in args.only]
     if backends:
         cache = args.store_cache.expanduser()
-        rows += await store_size.run(sessions, backends, cache, args.postgres, 3 if quick else 5)
+        rows += await store_size.run(sessions, backends, cache, args.postgres, 3 if quick else 11)
     print(render(rows))
     print(
         f"\n{platform.python_implementation()} {platform.python_version()}, "

@@ -151,6 +151,7 @@ async def _probe(backend: str, where: str, account: str, keys: Path, opens: int)
 
 
 async def _empty(backend: str, directory: Path, dsn: str) -> tuple[str, str]:
+    store: CryptoStore
     if backend == "sqlite":
         path = str(directory / "empty.db")
         store = await SqliteStore.open(path, KEY)

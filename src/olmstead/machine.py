@@ -353,6 +353,7 @@ class OlmMachine:
                 for by_id in (await self._current_devices_of(user_ids)).values()
                 for device in by_id.values()
             ]
+            await self.olm.load(device.curve25519 for device in devices)
             record = await self._outbound_session(room_id)
             wanted = {(d.user_id, d.device_id) for d in devices}
             had = {(u, d) for u, ds in (record.shared_with if record else {}).items() for d in ds}
@@ -548,7 +549,9 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             missing = []
-            for by_id in (await self._current_devices_of(user_ids)).values():
+            current = await self._current_devices_of(user_ids)
+            await self.olm.load(d.curve25519 for by_id in current.values() for d in by_id.values())
+            for by_id in current.values():
                 for device in by_id.values():
                     if not await self.olm.sessions_for(device.curve25519):
                         missing.append(device)

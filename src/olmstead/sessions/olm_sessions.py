@@ -20,7 +20,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,16 @@ class OlmSessions:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return records
+
+    async def load(self, sender_keys: Iterable[str]) -> None:
+        """Bring the sessions of many devices into the cache in one store read."""
+        missing = [key for key in sender_keys if key not in self._cache]
+        if not missing:
+            return
+        for key, records in (await self.store.get_olm_sessions_of(missing)).items():
+            self._cache[key] = records
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def forget(self, sender_keys: set[str] | None = None) -> None:
         """Drop cached sessions (all, or these devices') so they are read from the store again."""

@@ -425,15 +425,36 @@ class CryptoStore(ABC):
 
     async def get_olm_sessions(self, sender_key: str) -> list[OlmSessionRecord]:
         """The Olm sessions with the device of ``sender_key``, the last used first."""
-        records = []
-        for pickle, created_at, last_used in await self._olm_session_rows(sender_key):
+        return (await self.get_olm_sessions_of([sender_key]))[sender_key]
+
+    async def get_olm_sessions_of(
+        self, sender_keys: Iterable[str]
+    ) -> dict[str, list[OlmSessionRecord]]:
+        """``get_olm_sessions`` for many devices in one read (before a room key share)."""
+        wanted = list(dict.fromkeys(sender_keys))
+        found: dict[str, list[OlmSessionRecord]] = {key: [] for key in wanted}
+        for sender_key, pickle, created_at, last_used in await self._olm_session_rows_of(wanted):
             try:
                 session = vodozemac.Session.from_pickle(pickle, self._key.key)
             except ValueError as exc:
                 raise StoreCorrupt(self.name, f"an Olm session does not unpickle: {exc}") from None
-            records.append(OlmSessionRecord(sender_key, session, created_at, last_used))
-        records.sort(key=lambda r: r.last_used, reverse=True)
-        return records
+            found[sender_key].append(OlmSessionRecord(sender_key, session, created_at, last_used))
+        for records in found.values():
+            records.sort(key=lambda r: r.last_used, reverse=True)
+        return found
+
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        """sender_key, pickle, created_at, last_used of each session with ``sender_keys``.
+
+        One read per device here; backends with a round trip per read answer in one.
+        """
+        return [
+            (sender_key, *row)
+            for sender_key in sender_keys
+            for row in await self._olm_session_rows(sender_key)
+        ]
 
     async def get_inbound_group_session(
         self, room_id: str, session_id: str

@@ -194,6 +194,19 @@ class PostgresStore(CryptoStore):
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT sender_key, pickle, created_at, last_used FROM olmstead_olm_sessions "
+                "WHERE account_id = $1 AND sender_key = ANY($2::text[])",
+                self.account_id,
+                sender_keys,
+            )
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
     async def _inbound_group_row(
         self, room_id: str, session_id: str
     ) -> tuple[str, str, str] | None:

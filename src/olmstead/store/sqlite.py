@@ -163,7 +163,7 @@ class SqliteStore(CryptoStore):
 
     async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
         def read() -> list[tuple[str, str, str]]:
-            found = []
+            found: list[tuple[str, str, str]] = []
             for start in range(0, len(user_ids), _IN_CHUNK):
                 chunk = user_ids[start : start + _IN_CHUNK]
                 rows = self._conn.execute(
@@ -199,6 +199,23 @@ class SqliteStore(CryptoStore):
                 (sender_key,),
             ).fetchall()
             return [(row[0], row[1], row[2]) for row in rows]
+
+        return await self._run(read)
+
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        def read() -> list[tuple[str, str, float, float]]:
+            found: list[tuple[str, str, float, float]] = []
+            for start in range(0, len(sender_keys), _IN_CHUNK):
+                chunk = sender_keys[start : start + _IN_CHUNK]
+                rows = self._conn.execute(
+                    "SELECT sender_key, pickle, created_at, last_used FROM olm_sessions "
+                    f"WHERE sender_key IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                found.extend((row[0], row[1], row[2], row[3]) for row in rows)
+            return found
 
         return await self._run(read)
 
