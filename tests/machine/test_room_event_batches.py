@@ -11,7 +11,7 @@ import pytest
 
 from olmstead import Changes, LocalProtocolError, MemoryStore, OlmMachine
 from olmstead.errors import ReplayedMessage, UnknownRoomKey
-from olmstead.identities import device as device_module
+from olmstead.olm.signing import verify_signed_json
 from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
 from olmstead.store.base import InboundGroupSessionRecord
 from tests.conftest import FAST_LEASE, KEY, pause
@@ -152,13 +152,12 @@ async def test_a_device_listed_unchanged_is_not_checked_again(
 ) -> None:
     alice, (bob,) = await room_with(BOB)
     checks: list[str] = []
-    real = device_module.verify_signed_json
 
     def counted(obj: dict[str, Any], user_id: str, key_id: str, key: str) -> bool:
         checks.append(key_id)
-        return real(obj, user_id, key_id, key)
+        return verify_signed_json(obj, user_id, key_id, key)
 
-    monkeypatch.setattr(device_module, "verify_signed_json", counted)
+    monkeypatch.setattr("olmstead.identities.device.verify_signed_json", counted)
 
     async def query_again(answer: dict[str, Any]) -> None:
         await alice.machine.receive_sync_changes(device_lists={"changed": [bob.user_id]})

@@ -299,8 +299,8 @@ async def test_many_devices_olm_sessions_are_read_at_once(backend: Backend) -> N
     records = []
     for n, peer in enumerate(peers):
         peer.generate_one_time_keys(2)
-        for m, key in enumerate(peer.one_time_keys.values()):
-            session = ours.create_outbound_session(peer.curve25519_key, key)
+        for m, one_time_key in enumerate(peer.one_time_keys.values()):
+            session = ours.create_outbound_session(peer.curve25519_key, one_time_key)
             records.append(OlmSessionRecord(peer.curve25519_key.to_base64(), session, n, n + m))
     store = await backend.open()
     await store.save_changes(Changes(olm_sessions=records[:4]))  # the third peer has none
