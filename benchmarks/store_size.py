@@ -132,6 +132,12 @@ async def _ensure_database(dsn: str) -> None:
 
 async def _probe(backend: str, where: str, account: str, keys: Path, opens: int) -> dict[str, Any]:
     """Run the probe in a fresh interpreter: its figures as JSON."""
+    # from the checkout, whatever the caller's directory: the probe is part of this package
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -142,6 +148,8 @@ async def _probe(backend: str, where: str, account: str, keys: Path, opens: int)
         str(keys),
         str(opens),
         stdout=asyncio.subprocess.PIPE,
+        cwd=root,
+        env=env,
     )
     out, _ = await process.communicate()
     if process.returncode != 0:
