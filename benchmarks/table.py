@@ -25,6 +25,8 @@ class Row:
     target: str
     met: bool | None
     higher_is_better: bool = False
+    #: a footnote printed under the table
+    note: str = ""
 
     @property
     def ratio(self) -> float:
@@ -57,6 +59,7 @@ def time_row(
     extra: Callable[[float, float], bool] | None = None,
     extra_words: str = "",
     unit: str = "ms",
+    note: str = "",
 ) -> Row:
     """A time row (milliseconds); its target a maximum, plus an optional check on the ratio."""
     met: bool | None = None
@@ -67,7 +70,7 @@ def time_row(
     if extra is not None:
         met = (met is not False) and extra(figure, baseline)
         words = f"{words}, {extra_words}" if words else extra_words
-    return Row(name, figure, baseline, unit, baseline_name, words, met)
+    return Row(name, figure, baseline, unit, baseline_name, words, met, note=note)
 
 
 def _number(value: float, unit: str) -> str:
@@ -104,4 +107,7 @@ def render(rows: list[Row]) -> str:
 
     out = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out.extend(fmt(line) for line in lines)
+    notes = [f"- {row.name}: {row.note}" for row in rows if row.note]
+    if notes:
+        out += ["", *notes]
     return "\n".join(out)
