@@ -84,8 +84,9 @@ async def main(argv: list[str] | None = None) -> list[Row]:
     print(render(rows))
     print(
         f"\n{platform.python_implementation()} {platform.python_version()}, "
-        f"{platform.machine()}, best of {repeat} (first send: of {min(repeat, 3)}); ratio = olmstead's time / the baseline's "
-        f"time (lower is better); {time.monotonic() - started:.0f} s",
+        f"{platform.machine()}, best of {repeat} (first send: of {min(repeat, 3)}); "
+        "ratio = olmstead's time / the baseline's time (lower is better); "
+        f"{time.monotonic() - started:.0f} s",
     )
     return rows
 
