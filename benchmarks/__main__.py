@@ -80,7 +80,9 @@ async def main(argv: list[str] | None = None) -> list[Row]:
     backends = [b for b in ("sqlite", "postgres") if f"store-{b}" in args.only]
     if backends:
         cache = args.store_cache.expanduser()
-        rows += await store_size.run(sessions, backends, cache, args.postgres, 3 if quick else 11)
+        rows += await store_size.run(
+            sessions, backends, cache, args.postgres, 3 if quick else 11, min(repeat, 3)
+        )
     print(render(rows))
     print(
         f"\n{platform.python_implementation()} {platform.python_version()}, "
