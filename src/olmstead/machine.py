@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,8 @@ ToDeviceResult = DecryptedToDevice | UndecryptableToDevice | Mapping[str, Any]
 
 #: a device whose Olm session broke gets a new one (and an m.dummy) at most this often
 UNWEDGE_INTERVAL = 3600.0
+#: users whose devices are kept in memory (a bridge's busiest rooms)
+DEVICE_CACHE_USERS = 5000
 
 
 class OlmMachine:
@@ -104,6 +107,10 @@ class OlmMachine:
         self.megolm = GroupSessions(store)
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
+        # the stored devices of recent users, whole; _device_epoch moves with every
+        # commit of devices, so a read that raced one is not cached
+        self._device_cache: OrderedDict[str, dict[str, Device]] = OrderedDict()
+        self._device_epoch = 0
         # unwedging: devices whose session broke, when each was last tried, claims for them,
         # and committed m.dummy messages waiting to be handed out
         self._to_unwedge: dict[str, Device] = {}
@@ -329,9 +336,16 @@ class OlmMachine:
             self._generation = -1  # forces _refresh to reload
             self.olm.forget()
             self.megolm.forget()
+            self._forget_devices()
             self._outbound.clear()
             raise
         self.megolm.committed(changes.inbound_group_sessions)
+        if changes.devices:
+            self._device_epoch += 1
+            for device in changes.devices:
+                cached = self._device_cache.get(device.user_id)
+                if cached is not None:  # a user is cached whole: keep it whole
+                    self._device_cache[device.user_id] = {**cached, device.device_id: device}
 
     # --- Megolm: room keys and room events ------------------------------------------------------
 
@@ -368,13 +382,16 @@ class OlmMachine:
                 )
                 changes.inbound_group_sessions.append(own)  # so we read our own messages
             key = self.megolm.room_key_content(record)
+            payload = self.olm.payload(self.identity_keys, "m.room_key", key)
             encrypted: dict[str, dict[str, dict[str, Any]]] = {}
             withheld: dict[str, dict[str, dict[str, Any]]] = {}
             for device in devices:
                 given = record.shared_with.get(device.user_id, {}).get(device.device_id)
                 if given is not None and given >= 0:
                     continue
-                sealed = await self.olm.encrypt(self.identity_keys, device, "m.room_key", key, now)
+                sealed = await self.olm.encrypt(
+                    self.identity_keys, device, "m.room_key", key, now, payload
+                )
                 if sealed is None:
                     if given is None:
                         withheld.setdefault(device.user_id, {})[device.device_id] = {
@@ -575,9 +592,10 @@ class OlmMachine:
             stepped: list[OlmSessionRecord] = []
             without: list[Device] = []
             now = self._clock()
+            payload = self.olm.payload(self.identity_keys, event_type, content)
             for device in devices:
                 encrypted = await self.olm.encrypt(
-                    self.identity_keys, device, event_type, content, now
+                    self.identity_keys, device, event_type, content, now, payload
                 )
                 if encrypted is None:
                     without.append(device)
@@ -602,11 +620,15 @@ class OlmMachine:
         return await self._current_devices(user_id)
 
     async def _current_devices(self, user_id: str) -> dict[str, Device]:
-        return (await self._current_devices_of([user_id]))[user_id]
+        # straight from the store: called outside the mutex, so not through the cache,
+        # which is checked against the lease only under it
+        return self._current(await self.store.get_devices_of([user_id]))[user_id]
 
     async def _current_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
-        """The current devices of each user, in one store read."""
-        stored = await self.store.get_devices_of(user_ids)
+        """The current devices of each user (cached, the rest in one store read)."""
+        return self._current(await self._stored_devices_of(user_ids))
+
+    def _current(self, stored: Mapping[str, dict[str, Device]]) -> dict[str, dict[str, Device]]:
         return {
             user_id: {
                 device_id: device
@@ -615,6 +637,32 @@ class OlmMachine:
             }
             for user_id, devices in stored.items()
         }
+
+    async def _stored_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """Every stored device of each user, deleted ones too: from the cache or one read.
+
+        The cache holds users whole and follows our own commits; what a read returns
+        is cached only if no commit of devices landed while it was under way.
+        """
+        wanted = list(dict.fromkeys(user_ids))
+        found = {u: self._device_cache[u] for u in wanted if u in self._device_cache}
+        missing = [u for u in wanted if u not in found]
+        if missing:
+            epoch = self._device_epoch
+            read = await self.store.get_devices_of(missing)
+            found.update(read)
+            if epoch == self._device_epoch:
+                self._device_cache.update(read)
+                while len(self._device_cache) > DEVICE_CACHE_USERS:
+                    self._device_cache.popitem(last=False)
+        for user_id in found:
+            if user_id in self._device_cache:
+                self._device_cache.move_to_end(user_id)
+        return {u: found[u] for u in wanted}
+
+    def _forget_devices(self) -> None:
+        self._device_cache.clear()
+        self._device_epoch += 1
 
     # --- what to send, and what came back --------------------------------------------------------
 
@@ -679,7 +727,7 @@ class OlmMachine:
                     await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
                 return
             if self.devices.owns(request_id):
-                stored = await self.store.get_devices_of(self.devices.queried_users())
+                stored = await self._stored_devices_of(self.devices.queried_users())
                 outcome = self.devices.on_response(response, stored)
                 await self._commit(
                     Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
@@ -791,6 +839,7 @@ class OlmMachine:
         self._outbound.clear()
         self.olm.forget()
         self.megolm.forget()
+        self._forget_devices()
         self._identity = None
         self.devices = DeviceTracker(
             record.user_id, record.device_id, await self.store.get_tracked_users()
