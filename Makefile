@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo lint
+.PHONY: test demo lint bench
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -15,6 +15,10 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/olmstead demo
+
+# the README's performance table (full sizes; the big stores are built once, then reused)
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

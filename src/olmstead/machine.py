@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,8 @@ ToDeviceResult = DecryptedToDevice | UndecryptableToDevice | Mapping[str, Any]
 
 #: a device whose Olm session broke gets a new one (and an m.dummy) at most this often
 UNWEDGE_INTERVAL = 3600.0
+#: users whose devices are kept in memory (a bridge's busiest rooms)
+DEVICE_CACHE_USERS = 5000
 
 
 class OlmMachine:
@@ -107,6 +110,10 @@ class OlmMachine:
         self.megolm = GroupSessions(store)
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
+        # the stored devices of recent users, whole; _device_epoch moves with every
+        # commit of devices, so a read that raced one is not cached
+        self._device_cache: OrderedDict[str, dict[str, Device]] = OrderedDict()
+        self._device_epoch = 0
         # unwedging: devices whose session broke, when each was last tried, claims for them,
         # and committed m.dummy messages waiting to be handed out
         self._to_unwedge: dict[str, Device] = {}
@@ -122,6 +129,7 @@ class OlmMachine:
         self._stale_requests: set[str] = set()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
+        self._identity: dict[str, str] | None = None
         self._generation = generation
         self._clock = clock
         self._in_flight: dict[str, OutgoingRequest] = {}
@@ -176,7 +184,10 @@ class OlmMachine:
     @property
     def identity_keys(self) -> dict[str, str]:
         """Our Curve25519 and Ed25519 public keys, base64."""
-        return own.identity_keys(self._record.account)
+        # kept: every encryption names them, and a device's identity keys never change
+        if self._identity is None:
+            self._identity = own.identity_keys(self._record.account)
+        return self._identity
 
     @property
     def device_keys_shared(self) -> bool:
@@ -360,8 +371,17 @@ class OlmMachine:
         except BaseException:
             self._generation = -1  # forces _refresh to reload
             self.olm.forget()
+            self.megolm.forget()
+            self._forget_devices()
             self._outbound.clear()
             raise
+        self.megolm.committed(changes.inbound_group_sessions)
+        if changes.devices:
+            self._device_epoch += 1
+            for device in changes.devices:
+                cached = self._device_cache.get(device.user_id)
+                if cached is not None:  # a user is cached whole: keep it whole
+                    self._device_cache[device.user_id] = {**cached, device.device_id: device}
 
     # --- Megolm: room keys and room events ------------------------------------------------------
 
@@ -380,9 +400,10 @@ class OlmMachine:
             now = self._clock()
             devices = [
                 device
-                for user_id in dict.fromkeys(user_ids)
-                for device in (await self._current_devices(user_id)).values()
+                for by_id in (await self._current_devices_of(user_ids)).values()
+                for device in by_id.values()
             ]
+            await self.olm.load(device.curve25519 for device in devices)
             record = await self._outbound_session(room_id)
             wanted = {(d.user_id, d.device_id) for d in devices}
             had = {(u, d) for u, ds in (record.shared_with if record else {}).items() for d in ds}
@@ -397,13 +418,16 @@ class OlmMachine:
                 )
                 changes.inbound_group_sessions.append(own)  # so we read our own messages
             key = self.megolm.room_key_content(record)
+            payload = self.olm.payload(self.identity_keys, "m.room_key", key)
             encrypted: dict[str, dict[str, dict[str, Any]]] = {}
             withheld: dict[str, dict[str, dict[str, Any]]] = {}
             for device in devices:
                 given = record.shared_with.get(device.user_id, {}).get(device.device_id)
                 if given is not None and given >= 0:
                     continue
-                sealed = await self.olm.encrypt(self.identity_keys, device, "m.room_key", key, now)
+                sealed = await self.olm.encrypt(
+                    self.identity_keys, device, "m.room_key", key, now, payload
+                )
                 if sealed is None:
                     if given is None:
                         withheld.setdefault(device.user_id, {})[device.device_id] = {
@@ -443,6 +467,18 @@ class OlmMachine:
         self, room_id: str, event_type: str, content: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Megolm-encrypted content for ``room_id``; the ratchet step is committed first."""
+        (encrypted,) = await self.encrypt_room_events(room_id, [(event_type, content)])
+        return encrypted
+
+    async def encrypt_room_events(
+        self, room_id: str, events: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """Megolm-encrypted contents for ``(event_type, content)`` pairs, in order.
+
+        One commit for the batch, before any ciphertext is returned. A batch that
+        would run past the session's rotation limit is refused whole: share a new
+        key (``share_room_key``) or send fewer.
+        """
         async with self._mutex:
             await self._refresh()
             record = await self._outbound_session(room_id)
@@ -450,9 +486,18 @@ class OlmMachine:
                 raise LocalProtocolError(
                     f"no current room key for {room_id}: call share_room_key() before sending"
                 )
-            encrypted = self.megolm.encrypt(
-                record, event_type, content, self.identity_keys, self.device_id
-            )
+            left = record.rotation_msgs - record.session.message_index
+            if len(events) > left:
+                raise LocalProtocolError(
+                    f"the room key for {room_id} has {left} messages left before it must "
+                    f"rotate, fewer than the {len(events)} to encrypt: send fewer, then call "
+                    "share_room_key() for a new key"
+                )
+            own_keys, device_id = self.identity_keys, self.device_id
+            encrypted = [
+                self.megolm.encrypt(record, event_type, content, own_keys, device_id)
+                for event_type, content in events
+            ]
             try:
                 await self._commit(Changes(outbound_group_sessions=[record]))
             except BaseException:
@@ -464,13 +509,25 @@ class OlmMachine:
         self, room_id: str, event: Mapping[str, Any]
     ) -> DecryptedRoomEvent:
         """Decrypt an ``m.room.encrypted`` room event; raises a ``DecryptionError``."""
+        (result,) = await self.decrypt_room_events(room_id, [event])
+        if isinstance(result, DecryptionError):
+            raise result
+        return result
+
+    async def decrypt_room_events(
+        self, room_id: str, events: Sequence[Mapping[str, Any]]
+    ) -> list[DecryptedRoomEvent | DecryptionError]:
+        """Decrypt room events of ``room_id`` in order: each result, or why it failed.
+
+        The message indices of the whole batch are committed once, before any
+        plaintext is returned; an index used twice within the batch by different
+        events is refused as a replay, as one used before it is.
+        """
         async with self._mutex:
             await self._refresh()
-            result, changes = await self.megolm.decrypt(room_id, event)
+            results, changes = await self.megolm.decrypt_many(room_id, events)
             await self._commit(changes)
-            if isinstance(result, DecryptionError):
-                raise result
-            return result
+            return results
 
     async def _outbound_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
         if room_id not in self._outbound:
@@ -545,8 +602,10 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             missing = []
-            for user_id in user_ids:
-                for device in (await self._current_devices(user_id)).values():
+            current = await self._current_devices_of(user_ids)
+            await self.olm.load(d.curve25519 for by_id in current.values() for d in by_id.values())
+            for by_id in current.values():
+                for device in by_id.values():
                     if not await self.olm.sessions_for(device.curve25519):
                         missing.append(device)
             if not missing:
@@ -569,9 +628,10 @@ class OlmMachine:
             stepped: list[OlmSessionRecord] = []
             without: list[Device] = []
             now = self._clock()
+            payload = self.olm.payload(self.identity_keys, event_type, content)
             for device in devices:
                 encrypted = await self.olm.encrypt(
-                    self.identity_keys, device, event_type, content, now
+                    self.identity_keys, device, event_type, content, now, payload
                 )
                 if encrypted is None:
                     without.append(device)
@@ -596,12 +656,49 @@ class OlmMachine:
         return await self._current_devices(user_id)
 
     async def _current_devices(self, user_id: str) -> dict[str, Device]:
-        devices = await self.store.get_devices(user_id)
+        # straight from the store: called outside the mutex, so not through the cache,
+        # which is checked against the lease only under it
+        return self._current(await self.store.get_devices_of([user_id]))[user_id]
+
+    async def _current_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """The current devices of each user (cached, the rest in one store read)."""
+        return self._current(await self._stored_devices_of(user_ids))
+
+    def _current(self, stored: Mapping[str, dict[str, Device]]) -> dict[str, dict[str, Device]]:
         return {
-            device_id: device
-            for device_id, device in devices.items()
-            if not device.deleted and (user_id, device_id) != (self.user_id, self.device_id)
+            user_id: {
+                device_id: device
+                for device_id, device in devices.items()
+                if not device.deleted and (user_id, device_id) != (self.user_id, self.device_id)
+            }
+            for user_id, devices in stored.items()
         }
+
+    async def _stored_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """Every stored device of each user, deleted ones too: from the cache or one read.
+
+        The cache holds users whole and follows our own commits; what a read returns
+        is cached only if no commit of devices landed while it was under way.
+        """
+        wanted = list(dict.fromkeys(user_ids))
+        found = {u: self._device_cache[u] for u in wanted if u in self._device_cache}
+        missing = [u for u in wanted if u not in found]
+        if missing:
+            epoch = self._device_epoch
+            read = await self.store.get_devices_of(missing)
+            found.update(read)
+            if epoch == self._device_epoch:
+                self._device_cache.update(read)
+                while len(self._device_cache) > DEVICE_CACHE_USERS:
+                    self._device_cache.popitem(last=False)
+        for user_id in found:
+            if user_id in self._device_cache:
+                self._device_cache.move_to_end(user_id)
+        return {u: found[u] for u in wanted}
+
+    def _forget_devices(self) -> None:
+        self._device_cache.clear()
+        self._device_epoch += 1
 
     # --- what to send, and what came back --------------------------------------------------------
 
@@ -672,7 +769,7 @@ class OlmMachine:
                     await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
                 return
             if self.devices.owns(request_id):
-                stored = {u: await self.store.get_devices(u) for u in self.devices.queried_users()}
+                stored = await self._stored_devices_of(self.devices.queried_users())
                 outcome = self.devices.on_response(response, stored)
                 await self._commit(
                     Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
@@ -826,6 +923,9 @@ class OlmMachine:
         self._pending_marker, self._latest_marker = None, ""  # the next holder's may be newer
         self._outbound.clear()
         self.olm.forget()
+        self.megolm.forget()
+        self._forget_devices()
+        self._identity = None
         self.devices = DeviceTracker(
             record.user_id, record.device_id, await self.store.get_tracked_users()
         )

@@ -275,3 +275,62 @@ async def test_secrets_are_counted_by_kind(backend: Backend) -> None:
     assert await store.count_secrets() == {"account": 0, "olm": 0, "inbound": 0, "outbound": 0}
     await fill(store, count=3)
     assert await store.count_secrets() == {"account": 1, "olm": 3, "inbound": 3, "outbound": 1}
+
+
+async def test_many_users_devices_are_read_at_once(backend: Backend) -> None:
+    store = await backend.open()
+    phone, laptop = a_device(device_id="PHONE"), a_device(device_id="LAPTOP")
+    bob = a_device("@bob:example.org", "BOBDEV")
+    carol = a_device("@carol:example.org", "CAROLDEV")
+    await store.save_changes(Changes(devices=[phone, laptop, bob, carol]))
+
+    got = await store.get_devices_of(["@alice:example.org", "@bob:example.org", "@nobody:x"])
+    assert got == {
+        "@alice:example.org": {"PHONE": phone, "LAPTOP": laptop},
+        "@bob:example.org": {"BOBDEV": bob},
+        "@nobody:x": {},
+    }
+    assert await store.get_devices_of([]) == {}
+
+
+async def test_many_devices_olm_sessions_are_read_at_once(backend: Backend) -> None:
+    ours = vodozemac.Account()
+    peers = [vodozemac.Account() for _ in range(3)]
+    records = []
+    for n, peer in enumerate(peers):
+        peer.generate_one_time_keys(2)
+        for m, one_time_key in enumerate(peer.one_time_keys.values()):
+            session = ours.create_outbound_session(peer.curve25519_key, one_time_key)
+            records.append(OlmSessionRecord(peer.curve25519_key.to_base64(), session, n, n + m))
+    store = await backend.open()
+    await store.save_changes(Changes(olm_sessions=records[:4]))  # the third peer has none
+
+    keys = [peer.curve25519_key.to_base64() for peer in peers]
+    got = await store.get_olm_sessions_of(keys)
+    assert list(got) == keys
+    for key in keys:  # the same sessions, in the same order, as one device at a time
+        assert [r.session_id for r in got[key]] == [
+            r.session_id for r in await store.get_olm_sessions(key)
+        ]
+    assert [len(got[key]) for key in keys] == [2, 2, 0]
+    assert [r.last_used for r in got[keys[0]]] == [1.0, 0.0]  # the last used first
+
+
+async def test_many_message_indices_are_read_at_once(backend: Backend) -> None:
+    store = await backend.open()
+    await store.save_changes(
+        Changes(
+            message_indices=[
+                MessageIndex("session", 0, "$zero", 10),
+                MessageIndex("session", 7, "$seven", 17),
+                MessageIndex("other", 1, "$elsewhere", 1),
+            ]
+        )
+    )
+    got = await store.get_message_indices("session", [0, 1, 7, 1000])
+    assert got == {
+        0: MessageIndex("session", 0, "$zero", 10),
+        7: MessageIndex("session", 7, "$seven", 17),
+    }
+    assert await store.get_message_indices("session", []) == {}
+    assert await store.get_message_indices("session", range(600)) == got  # past one IN list

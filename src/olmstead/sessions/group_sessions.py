@@ -10,13 +10,17 @@ Inbound sessions are keyed by room and session ID and remember the sender's
 Curve25519 key and the Ed25519 key it claimed over Olm. A room event's message
 index is recorded with its event ID and timestamp: the same index with another
 event is a replay and is refused.
+
+Inbound sessions are cached (bounded, the last used kept): the machine hands the
+cache what it committed and empties it when it reloads, as it does the Olm cache.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +33,7 @@ from olmstead.errors import (
     SenderMismatch,
     UnknownRoomKey,
 )
+from olmstead.identities.device import Device
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store.base import (
     Changes,
@@ -38,11 +43,24 @@ from olmstead.store.base import (
     OutboundGroupSessionRecord,
 )
 
-__all__ = ["MEGOLM_ALGORITHM", "DecryptedRoomEvent", "GroupSessions", "RoomSettings"]
+__all__ = [
+    "MEGOLM_ALGORITHM",
+    "DecryptedRoomEvent",
+    "GroupSessions",
+    "RoomSettings",
+    "payload_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 MEGOLM_ALGORITHM = "m.megolm.v1.aes-sha2"
+
+
+def payload_bytes(room_id: str, event_type: str, content: Mapping[str, Any]) -> bytes:
+    """The plaintext of a room event, as Megolm encrypts it (compact: fewer bytes to encrypt)."""
+    body = content if isinstance(content, dict) else dict(content)
+    payload = {"type": event_type, "content": body, "room_id": room_id}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -78,8 +96,39 @@ class DecryptedRoomEvent:
 
 
 class GroupSessions:
-    def __init__(self, store: CryptoStore) -> None:
+    def __init__(self, store: CryptoStore, cache_size: int = 10_000) -> None:
         self.store = store
+        self._inbound: OrderedDict[tuple[str, str], InboundGroupSessionRecord] = OrderedDict()
+        self._cache_size = cache_size
+
+    # --- the inbound cache -----------------------------------------------------------------
+
+    async def inbound(self, room_id: str, session_id: str) -> InboundGroupSessionRecord | None:
+        """The inbound session, from the cache (the last used kept) or the store."""
+        key = (room_id, session_id)
+        record = self._inbound.get(key)
+        if record is not None:
+            self._inbound.move_to_end(key)
+            return record
+        record = await self.store.get_inbound_group_session(room_id, session_id)
+        if record is not None:
+            self._remember(record)
+        return record
+
+    def committed(self, records: Sequence[InboundGroupSessionRecord]) -> None:
+        """Sessions just committed replace what the cache held under their keys."""
+        for record in records:
+            self._remember(record)
+
+    def _remember(self, record: InboundGroupSessionRecord) -> None:
+        self._inbound[(record.room_id, record.session_id)] = record
+        self._inbound.move_to_end((record.room_id, record.session_id))
+        if len(self._inbound) > self._cache_size:
+            self._inbound.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop every cached session: read from the store again (after a reload)."""
+        self._inbound.clear()
 
     # --- outbound ------------------------------------------------------------------------------
 
@@ -121,8 +170,7 @@ class GroupSessions:
         device_id: str,
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content; steps the session's ratchet."""
-        payload = {"type": event_type, "content": dict(content), "room_id": record.room_id}
-        message = record.session.encrypt(json.dumps(payload).encode())
+        message = record.session.encrypt(payload_bytes(record.room_id, event_type, content))
         return {
             "algorithm": MEGOLM_ALGORITHM,
             "ciphertext": message.to_base64(),
@@ -150,7 +198,7 @@ class GroupSessions:
         if session.session_id != session_id:
             log.warning("ignored a room key from %s: its session ID does not match", event.sender)
             return None
-        known = await self.store.get_inbound_group_session(room_id, session_id)
+        known = await self.inbound(room_id, session_id)
         if known is not None:
             if known.signing_key != event.sender_ed25519:
                 log.warning(
@@ -166,7 +214,56 @@ class GroupSessions:
     async def decrypt(
         self, room_id: str, event: Mapping[str, Any]
     ) -> tuple[DecryptedRoomEvent | DecryptionError, Changes]:
+        (result,), changes = await self.decrypt_many(room_id, [event])
+        return result, changes
+
+    async def decrypt_many(
+        self, room_id: str, events: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[DecryptedRoomEvent | DecryptionError], Changes]:
+        """Decrypt room events in order; the results and the message indices to commit.
+
+        The replay records of the whole batch are read at once, and an index used
+        twice inside the batch is caught like one used before it.
+        """
         changes = Changes()
+        opened = [await self._open(room_id, event) for event in events]
+        wanted: dict[str, set[int]] = {}
+        for item in opened:
+            if isinstance(item, _Opened):
+                wanted.setdefault(item.session_id, set()).add(item.index)
+        seen = {
+            (session_id, index): first
+            for session_id, indices in wanted.items()
+            for index, first in (await self.store.get_message_indices(session_id, indices)).items()
+        }
+        devices: dict[str, Device | None] = {}
+        results: list[DecryptedRoomEvent | DecryptionError] = []
+        for item in opened:
+            if isinstance(item, DecryptionError):
+                results.append(item)
+                continue
+            first = seen.get((item.session_id, item.index))
+            if first is None:
+                first = MessageIndex(item.session_id, item.index, item.event_id, item.origin_ts)
+                seen[(item.session_id, item.index)] = first
+                changes.message_indices.append(first)
+            elif (first.event_id, first.origin_ts) != (item.event_id, item.origin_ts):
+                results.append(
+                    ReplayedMessage(
+                        f"event {item.event_id} reuses message index {item.index} of session "
+                        f"{item.session_id}, first used by {first.event_id}: a replay, refused",
+                        item.sender,
+                    )
+                )
+                continue
+            sender_key = item.record.sender_key
+            if sender_key not in devices:
+                devices[sender_key] = await self.store.get_device_by_curve25519(sender_key)
+            results.append(self._check(room_id, item, devices[sender_key]))
+        return results, changes
+
+    async def _open(self, room_id: str, event: Mapping[str, Any]) -> _Opened | DecryptionError:
+        """Parse, find the session, decrypt: everything before the replay check."""
         sender, event_id = event.get("sender"), event.get("event_id")
         content, origin_ts = event.get("content"), event.get("origin_server_ts")
         if not (
@@ -175,52 +272,57 @@ class GroupSessions:
             and isinstance(content, Mapping)
             and isinstance(origin_ts, int)
         ):
-            return DecryptionError(
-                "the event lacks a sender, event ID, timestamp or content"
-            ), changes
+            return DecryptionError("the event lacks a sender, event ID, timestamp or content")
         session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
         if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(session_id, str):
-            return DecryptionError("not a Megolm event", sender), changes
-        record = await self.store.get_inbound_group_session(room_id, session_id)
+            return DecryptionError("not a Megolm event", sender)
+        record = await self.inbound(room_id, session_id)
         if record is None:
             return UnknownRoomKey(
                 f"no key for session {session_id} in {room_id} (from {sender}) has arrived",
                 sender,
                 session_id,
-            ), changes
+            )
         try:
             message = vodozemac.MegolmMessage.from_base64(str(ciphertext))
             decrypted = record.session.decrypt(message)
         except ValueError as exc:
             return MegolmDecryptionFailed(
                 f"event {event_id} does not decrypt with session {session_id}: {exc}", sender
-            ), changes
-        index = decrypted.message_index
-        seen = await self.store.get_message_index(session_id, index)
-        if seen is not None and (seen.event_id, seen.origin_ts) != (event_id, origin_ts):
-            return ReplayedMessage(
-                f"event {event_id} reuses message index {index} of session {session_id}, "
-                f"first used by {seen.event_id}: a replay, refused",
-                sender,
-            ), changes
-        changes.message_indices.append(MessageIndex(session_id, index, event_id, origin_ts))
+            )
+        return _Opened(
+            sender,
+            event_id,
+            origin_ts,
+            session_id,
+            decrypted.message_index,
+            decrypted.plaintext,
+            record,
+        )
+
+    @staticmethod
+    def _check(
+        room_id: str, item: _Opened, device: Device | None
+    ) -> DecryptedRoomEvent | DecryptionError:
+        """The payload's checks, once its message index is recorded."""
+        sender, event_id = item.sender, item.event_id
         try:
-            payload = json.loads(decrypted.plaintext)
+            payload = json.loads(item.plaintext)
         except ValueError:
-            return MegolmDecryptionFailed("the decrypted payload is not JSON", sender), changes
+            return MegolmDecryptionFailed("the decrypted payload is not JSON", sender)
         if not isinstance(payload, dict) or payload.get("room_id") != room_id:
             return SenderMismatch(
                 f"event {event_id} was encrypted for another room than {room_id}", sender
-            ), changes
+            )
         if not isinstance(payload.get("type"), str) or not isinstance(payload.get("content"), dict):
-            return MegolmDecryptionFailed("the payload has no type or content", sender), changes
-        device = await self.store.get_device_by_curve25519(record.sender_key)
+            return MegolmDecryptionFailed("the payload has no type or content", sender)
         if device is not None and device.user_id != sender:
             return SenderMismatch(
                 f"event {event_id} claims sender {sender}, but its session was shared by "
                 f"{device.user_id} {device.device_id}",
                 sender,
-            ), changes
+            )
+        record = item.record
         verified = device is not None and device.ed25519 == record.signing_key
         return DecryptedRoomEvent(
             room_id,
@@ -228,9 +330,22 @@ class GroupSessions:
             sender,
             payload["type"],
             payload["content"],
-            session_id,
-            index,
+            item.session_id,
+            item.index,
             record.sender_key,
             record.signing_key,
             verified,
-        ), changes
+        )
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A room event decrypted, its replay check and payload checks still to come."""
+
+    sender: str
+    event_id: str
+    origin_ts: int
+    session_id: str
+    index: int
+    plaintext: bytes
+    record: InboundGroupSessionRecord

@@ -20,7 +20,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import KeysClaimRequest
 from olmstead.store.base import AccountRecord, Changes, CryptoStore, OlmSessionRecord
 
-__all__ = ["OLM_ALGORITHM", "DecryptedToDevice", "OlmSessions"]
+__all__ = ["OLM_ALGORITHM", "DecryptedToDevice", "OlmPayload", "OlmSessions"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,16 @@ class OlmSessions:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return records
+
+    async def load(self, sender_keys: Iterable[str]) -> None:
+        """Bring the sessions of many devices into the cache in one store read."""
+        missing = [key for key in sender_keys if key not in self._cache]
+        if not missing:
+            return
+        for key, records in (await self.store.get_olm_sessions_of(missing)).items():
+            self._cache[key] = records
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def forget(self, sender_keys: set[str] | None = None) -> None:
         """Drop cached sessions (all, or these devices') so they are read from the store again."""
@@ -141,6 +151,20 @@ class OlmSessions:
 
     # --- encryption ----------------------------------------------------------------------------
 
+    def payload(
+        self, own_keys: Mapping[str, str], event_type: str, content: Mapping[str, Any]
+    ) -> OlmPayload:
+        """The payload of one event to many devices, serialised once (see ``OlmPayload``)."""
+        return OlmPayload(
+            {
+                "type": event_type,
+                "content": dict(content),
+                "sender": self.user_id,
+                "sender_device": self.device_id,
+                "keys": {"ed25519": own_keys["ed25519"]},
+            }
+        )
+
     async def encrypt(
         self,
         own_keys: Mapping[str, str],
@@ -148,22 +172,20 @@ class OlmSessions:
         event_type: str,
         content: Mapping[str, Any],
         now: float,
+        payload: OlmPayload | None = None,
     ) -> tuple[dict[str, Any], OlmSessionRecord] | None:
-        """Encrypted content for ``device`` and the session stepped, or ``None`` without one."""
+        """Encrypted content for ``device`` and the session stepped, or ``None`` without one.
+
+        Pass ``payload`` (from ``self.payload`` with the same arguments) when sending
+        one event to many devices.
+        """
         sessions = await self.sessions_for(device.curve25519)
         if not sessions:
             return None
         record = sessions[0]
-        payload = {
-            "type": event_type,
-            "content": dict(content),
-            "sender": self.user_id,
-            "sender_device": self.device_id,
-            "keys": {"ed25519": own_keys["ed25519"]},
-            "recipient": device.user_id,
-            "recipient_keys": {"ed25519": device.ed25519},
-        }
-        message_type, body = record.session.encrypt(json.dumps(payload).encode()).to_parts()
+        if payload is None:
+            payload = self.payload(own_keys, event_type, content)
+        message_type, body = record.session.encrypt(payload.for_device(device)).to_parts()
         record.last_used = now
         encrypted = {
             "algorithm": OLM_ALGORITHM,
@@ -298,6 +320,23 @@ class OlmSessions:
             payload["type"],
             payload["content"],
         )
+
+
+class OlmPayload:
+    """An Olm payload for many recipients: the shared part serialised once.
+
+    Only ``recipient`` and ``recipient_keys`` differ between devices; they are
+    spliced into the closing brace of the shared part's JSON.
+    """
+
+    def __init__(self, shared: dict[str, Any]) -> None:
+        self._head = json.dumps(shared, ensure_ascii=False, separators=(",", ":"))[:-1]
+
+    def for_device(self, device: Device) -> bytes:
+        recipient = json.dumps(device.user_id, ensure_ascii=False)
+        key = json.dumps(device.ed25519)
+        tail = f',"recipient":{recipient},"recipient_keys":{{"ed25519":{key}}}}}'
+        return (self._head + tail).encode()
 
 
 def _b64(data: bytes) -> str:

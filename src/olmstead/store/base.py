@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,21 +404,75 @@ class CryptoStore(ABC):
             for device_id, data in await self._device_rows(user_id)
         }
 
+    async def get_devices_of(self, user_ids: Iterable[str]) -> dict[str, dict[str, Device]]:
+        """``get_devices`` for many users in one read (a room key share, a query answer)."""
+        wanted = list(dict.fromkeys(user_ids))
+        found: dict[str, dict[str, Device]] = {user_id: {} for user_id in wanted}
+        for user_id, device_id, data in await self._device_rows_of(wanted):
+            found[user_id][device_id] = Device.from_json(user_id, device_id, data)
+        return found
+
+    async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
+        """user_id, device_id and data JSON of every stored device of ``user_ids``.
+
+        One read per user here; backends with a round trip per read answer in one.
+        """
+        return [
+            (user_id, device_id, data)
+            for user_id in user_ids
+            for device_id, data in await self._device_rows(user_id)
+        ]
+
+    async def get_message_indices(
+        self, session_id: str, indices: Collection[int]
+    ) -> dict[int, MessageIndex]:
+        """``get_message_index`` for many indices of one session in one read (a timeline).
+
+        One read per index here; backends with a round trip per read answer in one.
+        """
+        found = {}
+        for index in indices:
+            seen = await self.get_message_index(session_id, index)
+            if seen is not None:
+                found[index] = seen
+        return found
+
     async def get_device_by_curve25519(self, key: str) -> Device | None:
         row = await self._device_row_by_curve25519(key)
         return None if row is None else Device.from_json(*row)
 
     async def get_olm_sessions(self, sender_key: str) -> list[OlmSessionRecord]:
         """The Olm sessions with the device of ``sender_key``, the last used first."""
-        records = []
-        for pickle, created_at, last_used in await self._olm_session_rows(sender_key):
+        return (await self.get_olm_sessions_of([sender_key]))[sender_key]
+
+    async def get_olm_sessions_of(
+        self, sender_keys: Iterable[str]
+    ) -> dict[str, list[OlmSessionRecord]]:
+        """``get_olm_sessions`` for many devices in one read (before a room key share)."""
+        wanted = list(dict.fromkeys(sender_keys))
+        found: dict[str, list[OlmSessionRecord]] = {key: [] for key in wanted}
+        for sender_key, pickle, created_at, last_used in await self._olm_session_rows_of(wanted):
             try:
                 session = vodozemac.Session.from_pickle(pickle, self._key.key)
             except ValueError as exc:
                 raise StoreCorrupt(self.name, f"an Olm session does not unpickle: {exc}") from None
-            records.append(OlmSessionRecord(sender_key, session, created_at, last_used))
-        records.sort(key=lambda r: r.last_used, reverse=True)
-        return records
+            found[sender_key].append(OlmSessionRecord(sender_key, session, created_at, last_used))
+        for records in found.values():
+            records.sort(key=lambda r: r.last_used, reverse=True)
+        return found
+
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        """sender_key, pickle, created_at, last_used of each session with ``sender_keys``.
+
+        One read per device here; backends with a round trip per read answer in one.
+        """
+        return [
+            (sender_key, *row)
+            for sender_key in sender_keys
+            for row in await self._olm_session_rows(sender_key)
+        ]
 
     async def get_inbound_group_session(
         self, room_id: str, session_id: str

@@ -13,7 +13,7 @@ written. Needs the ``postgres`` extra (PyPI ``asyncpg``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -223,6 +223,17 @@ class PostgresStore(CryptoStore):
         )
         return [(r[0], r[1]) for r in rows]
 
+    async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT user_id, device_id, data FROM olmstead_devices "
+                "WHERE account_id = $1 AND user_id = ANY($2::text[])",
+                self.account_id,
+                user_ids,
+            )
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
     async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
         row = await self._run(
             lambda c: c.fetchrow(
@@ -253,6 +264,19 @@ class PostgresStore(CryptoStore):
             )
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT sender_key, pickle, created_at, last_used FROM olmstead_olm_sessions "
+                "WHERE account_id = $1 AND sender_key = ANY($2::text[])",
+                self.account_id,
+                sender_keys,
+            )
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def _inbound_group_row(
         self, room_id: str, session_id: str
@@ -307,6 +331,22 @@ class PostgresStore(CryptoStore):
         return None if row is None else MessageIndex(session_id, index, row[0], row[1])
 
     # --- the one write -------------------------------------------------------------------------
+
+    async def get_message_indices(
+        self, session_id: str, indices: Collection[int]
+    ) -> dict[int, MessageIndex]:
+        if not indices:
+            return {}
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT message_index, event_id, origin_ts FROM olmstead_message_indices "
+                "WHERE account_id = $1 AND session_id = $2 AND message_index = ANY($3::bigint[])",
+                self.account_id,
+                session_id,
+                sorted(set(indices)),
+            )
+        )
+        return {r[0]: MessageIndex(session_id, r[0], r[1], r[2]) for r in rows}
 
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         a = self.account_id

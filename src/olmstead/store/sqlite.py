@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -46,6 +46,8 @@ __all__ = ["SqliteStore"]
 T = TypeVar("T")
 LATEST_VERSION = MIGRATIONS[-1][0]
 _LEASE_NAME = "device"
+#: values bound per ``IN (...)`` list: well under SQLite's limit on parameters
+_IN_CHUNK = 500
 #: where each kind of pickle lives: what rekey rewrites and count_secrets counts
 SECRET_TABLES = {
     "account": "account",
@@ -206,6 +208,21 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
+        def read() -> list[tuple[str, str, str]]:
+            found: list[tuple[str, str, str]] = []
+            for start in range(0, len(user_ids), _IN_CHUNK):
+                chunk = user_ids[start : start + _IN_CHUNK]
+                rows = self._conn.execute(
+                    "SELECT user_id, device_id, data FROM devices "
+                    f"WHERE user_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                found.extend((row[0], row[1], row[2]) for row in rows)
+            return found
+
+        return await self._run(read)
+
     async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
         def read() -> tuple[str, str, str] | None:
             row = self._conn.execute(
@@ -229,6 +246,23 @@ class SqliteStore(CryptoStore):
                 (sender_key,),
             ).fetchall()
             return [(row[0], row[1], row[2]) for row in rows]
+
+        return await self._run(read)
+
+    async def _olm_session_rows_of(
+        self, sender_keys: list[str]
+    ) -> list[tuple[str, str, float, float]]:
+        def read() -> list[tuple[str, str, float, float]]:
+            found: list[tuple[str, str, float, float]] = []
+            for start in range(0, len(sender_keys), _IN_CHUNK):
+                chunk = sender_keys[start : start + _IN_CHUNK]
+                rows = self._conn.execute(
+                    "SELECT sender_key, pickle, created_at, last_used FROM olm_sessions "
+                    f"WHERE sender_key IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                found.extend((row[0], row[1], row[2], row[3]) for row in rows)
+            return found
 
         return await self._run(read)
 
@@ -278,6 +312,26 @@ class SqliteStore(CryptoStore):
             return None if row is None else MessageIndex(session_id, index, row[0], row[1])
 
         return await self._run(read)
+
+    async def get_message_indices(
+        self, session_id: str, indices: Collection[int]
+    ) -> dict[int, MessageIndex]:
+        wanted = sorted(set(indices))
+
+        def read() -> dict[int, MessageIndex]:
+            found = {}
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                rows = self._conn.execute(
+                    "SELECT message_index, event_id, origin_ts FROM megolm_message_indices "
+                    f"WHERE session_id = ? AND message_index IN ({','.join('?' * len(chunk))})",
+                    (session_id, *chunk),
+                ).fetchall()
+                for index, event_id, origin_ts in rows:
+                    found[index] = MessageIndex(session_id, index, event_id, origin_ts)
+            return found
+
+        return await self._run(read) if wanted else {}
 
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
