@@ -133,3 +133,29 @@ async def test_events_are_delivered_again_if_the_application_did_not_finish(
     assert [e.content["body"] for e in got if e.type == "m.room.message"] == ["important"]
     await close_client(alice)
     await close_client(bob)
+
+
+async def test_a_sync_s_room_events_are_decrypted_in_one_commit(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    a_user, b_user = new_user(), new_user()
+    (alice, _alice_seen), (bob, bob_seen), room = await two_in_a_room(
+        homeserver.base_url, tmp_path, a_user, b_user
+    )
+    for n in range(5):
+        await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": f"m{n}"})
+    assert bob.store is not None
+    commits: list[int] = []
+    save = bob.store.save_changes
+
+    async def counted(changes: Any, **kwargs: Any) -> None:
+        if changes.message_indices:
+            commits.append(len(changes.message_indices))
+        await save(changes, **kwargs)
+
+    bob.store.save_changes = counted  # type: ignore[method-assign]
+    await bob.sync_once()
+    assert [body for _s, body, _e in messages(bob_seen)][-5:] == [f"m{n}" for n in range(5)]
+    assert commits == [5]  # one commit for the sync's five events, before any reached us
+    await close_client(alice)
+    await close_client(bob)

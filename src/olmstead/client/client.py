@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -46,6 +47,7 @@ from olmstead.http.transport import MatrixHttp, RetryPolicy
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.requests import OutgoingRequest
+from olmstead.sessions.group_sessions import DecryptedRoomEvent
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store.base import Changes, CryptoStore
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
@@ -311,17 +313,28 @@ class Client:
         return timeline
 
     async def _decrypt_timeline(self, events: list[tuple[str, Mapping[str, Any]]]) -> None:
-        for room_id, event in events:
-            if event.get("type") != "m.room.encrypted":
-                self._emit(_plain(room_id, event))
-                continue
-            await self._decrypt_or_wait(room_id, event)
+        """Deliver a sync's timeline in order, each room's encrypted events decrypted in one
+        batch (one commit of their message indices, not one per event)."""
+        for room_id, group in itertools.groupby(events, key=lambda pair: pair[0]):
+            batch = [event for _room, event in group]
+            encrypted = [e for e in batch if e.get("type") == "m.room.encrypted"]
+            results = iter(
+                await self._machine().decrypt_room_events(room_id, encrypted) if encrypted else []
+            )
+            for event in batch:
+                if event.get("type") != "m.room.encrypted":
+                    self._emit(_plain(room_id, event))
+                else:
+                    self._deliver(room_id, event, next(results))
 
-    async def _decrypt_or_wait(self, room_id: str, event: Mapping[str, Any]) -> bool:
-        """Decrypt and emit; keep the event if its key is not here yet. True if emitted."""
-        try:
-            decrypted = await self._machine().decrypt_room_event(room_id, event)
-        except UnknownRoomKey:
+    def _deliver(
+        self,
+        room_id: str,
+        event: Mapping[str, Any],
+        result: DecryptedRoomEvent | DecryptionError,
+    ) -> bool:
+        """Emit a decrypted event, keep one whose room key has not come, report the rest."""
+        if isinstance(result, UnknownRoomKey):
             self._waiting.append((room_id, event))
             if len(self._waiting) > MAX_WAITING_EVENTS:
                 old_room, old_event = self._waiting.pop(0)
@@ -331,18 +344,18 @@ class Client:
                     UnknownRoomKey("gave up waiting for the room key", old_event.get("sender"), ""),
                 )
             return False
-        except DecryptionError as error:
-            self._fail(room_id, event, error)
+        if isinstance(result, DecryptionError):
+            self._fail(room_id, event, result)
             return False
         self._emit(
             RoomEvent(
                 room_id,
-                decrypted.event_id,
-                decrypted.sender,
-                decrypted.type,
-                decrypted.content,
+                result.event_id,
+                result.sender,
+                result.type,
+                result.content,
                 True,
-                decrypted.verified,
+                result.verified,
                 event,
             )
         )
@@ -350,8 +363,7 @@ class Client:
 
     async def _retry_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
-        for room_id, event in waiting:
-            await self._decrypt_or_wait(room_id, event)
+        await self._decrypt_timeline(waiting)  # in their order, a batch per room
 
     def _emit(self, event: RoomEvent) -> None:
         for callback in self._room_callbacks:
