@@ -56,6 +56,7 @@ from olmstead.sessions.group_sessions import (
     DecryptedRoomEvent,
     GroupSessions,
     RoomSettings,
+    payload_bytes,
 )
 from olmstead.sessions.olm_sessions import OLM_ALGORITHM, DecryptedToDevice, OlmSessions
 from olmstead.store.base import (
@@ -494,11 +495,14 @@ class OlmMachine:
                     "share_room_key() for a new key"
                 )
             own_keys, device_id = self.identity_keys, self.device_id
-            encrypted = [
-                self.megolm.encrypt(record, event_type, content, own_keys, device_id)
-                for event_type, content in events
-            ]
+            # every payload first: content that cannot be serialised fails the batch before
+            # a single ratchet step, so the cached session never runs ahead of the store
+            payloads = [payload_bytes(room_id, t, content) for t, content in events]
             try:
+                encrypted = [
+                    self.megolm.encrypt_payload(record, payload, own_keys, device_id)
+                    for payload in payloads
+                ]
                 await self._commit(Changes(outbound_group_sessions=[record]))
             except BaseException:
                 self._outbound.pop(room_id, None)
@@ -587,7 +591,17 @@ class OlmMachine:
                         record.room_id, record.session_id
                     )
                     first = record.session.first_known_index
-                    if known is None or known.session.first_known_index > first:
+                    if known is not None and (known.sender_key, known.signing_key) != (
+                        record.sender_key,
+                        record.signing_key,
+                    ):
+                        log.warning(
+                            "skipped an imported room key for session %s of %s: it names "
+                            "another sharing device than the key we hold",
+                            record.session_id,
+                            record.room_id,
+                        )
+                    elif known is None or known.session.first_known_index > first:
                         better.append(record)
                 await self._commit(Changes(inbound_group_sessions=better))
                 added += len(better)

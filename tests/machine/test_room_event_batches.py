@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from typing import Any
 
 import pytest
 
 from olmstead import Changes, LocalProtocolError, MemoryStore, OlmMachine
-from olmstead.errors import ReplayedMessage, UnknownRoomKey
+from olmstead.errors import MegolmDecryptionFailed, ReplayedMessage, UnknownRoomKey
 from olmstead.olm.signing import verify_signed_json
 from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
-from olmstead.store.base import InboundGroupSessionRecord
+from olmstead.sessions.olm_sessions import DecryptedToDevice
 from tests.conftest import FAST_LEASE, KEY, pause
-from tests.machine.pair import Peer
-from tests.machine.test_megolm import BOB, ROOM, Timeline, room_with
+from tests.machine.pair import Peer, new_peer, open_session, send
+from tests.machine.test_megolm import BOB, CAROL, ROOM, Timeline, deliver_room_keys, room_with
 
 
 def count_commits(peer: Peer) -> list[Changes]:
@@ -114,10 +115,14 @@ async def test_the_session_cache_is_dropped_when_the_store_changed_hands() -> No
     other = await MemoryStore.open(KEY, bob.db, lease=FAST_LEASE)
     stored = await other.get_inbound_group_session(ROOM, first["session_id"])
     assert stored is not None
-    replaced = InboundGroupSessionRecord(
-        ROOM, "another curve25519 key", "another ed25519 key", stored.session
+    # what the store holds now differs from bob's cache (written straight into the
+    # database: through save_changes a session keeps its first sharer's keys)
+    pickle = bob.db.inbound_group[ROOM, first["session_id"]][2]
+    bob.db.inbound_group[ROOM, first["session_id"]] = (
+        "another curve25519 key",
+        "another ed25519 key",
+        pickle,
     )
-    await other.save_changes(Changes(inbound_group_sessions=[replaced]))
     await other.close()
     await asyncio.sleep(FAST_LEASE.duration)  # bob's own view of his lease runs out too
 
@@ -190,3 +195,86 @@ async def test_machine_opened_on_the_store_reads_batched_sessions(tmp_path: Any)
     assert [r.content for r in results if isinstance(r, DecryptedRoomEvent)] == [
         {"n": n} for n in range(3)
     ]
+
+
+async def test_a_lone_surrogate_in_content_is_carried_both_ways() -> None:
+    """Text cut in the middle of an emoji is valid JSON from the network: it must encrypt
+    (as a JSON escape) and come back as it was, over Megolm and over Olm."""
+    alice, (bob,) = await room_with(BOB)
+    cut = json.loads('"half an emoji: \\ud83d"')
+    (content,) = await alice.machine.encrypt_room_events(ROOM, [("m.room.message", {"body": cut})])
+    (got,) = await bob.machine.decrypt_room_events(ROOM, [Timeline().event(alice, content)])
+    assert isinstance(got, DecryptedRoomEvent)
+    assert got.content == {"body": cut}
+    (to_bob,) = await bob.machine.receive_sync_changes(
+        to_device_events=[await send(alice, bob, "m.custom", {"text": cut})]
+    )
+    assert isinstance(to_bob, DecryptedToDevice)
+    assert to_bob.content == {"text": cut}
+
+
+async def test_a_batch_that_cannot_be_serialised_steps_no_ratchet() -> None:
+    alice, (bob,) = await room_with(BOB)
+    with pytest.raises(TypeError):
+        await alice.machine.encrypt_room_events(
+            ROOM, [("m.text", {"n": 1}), ("m.text", {"n": 2}), ("m.text", {"bad": object()})]
+        )
+    stored = await alice.machine.store.get_outbound_group_session(ROOM)
+    assert stored is not None
+    assert stored.session.message_index == 0  # nothing committed: nothing stepped
+    (content,) = await alice.machine.encrypt_room_events(ROOM, [("m.text", {"n": 3})])
+    (got,) = await bob.machine.decrypt_room_events(ROOM, [Timeline().event(alice, content)])
+    assert isinstance(got, DecryptedRoomEvent)
+    assert got.message_index == 0  # memory did not run ahead of the store either
+
+
+async def test_a_payload_nested_thousands_deep_fails_alone() -> None:
+    alice, (bob,) = await room_with(BOB)
+    good, spare = await alice.machine.encrypt_room_events(ROOM, [("m.text", {"n": 1})] * 2)
+    outbound = await alice.machine.store.get_outbound_group_session(ROOM)
+    assert outbound is not None  # a copy at the next index: a valid ciphertext of our own
+    deep = outbound.session.encrypt(b"[" * 50_000 + b"]" * 50_000)
+    crafted = {**spare, "ciphertext": deep.to_base64()}
+    timeline = Timeline()
+    results = await bob.machine.decrypt_room_events(
+        ROOM, [timeline.event(alice, good), timeline.event(alice, crafted)]
+    )
+    assert isinstance(results[0], DecryptedRoomEvent)
+    assert isinstance(results[1], MegolmDecryptionFailed)
+
+
+async def test_a_room_key_shared_again_by_another_device_is_ignored() -> None:
+    alice, (carol,) = await room_with(CAROL)
+    (early,) = await alice.machine.encrypt_room_events(ROOM, [("m.text", {"n": 0})])
+    bob = await new_peer(BOB, "BOBDEV")  # joins later: the key reaches him at index 1
+    await open_session(alice, bob)
+    await deliver_room_keys(await alice.machine.share_room_key(ROOM, [CAROL, BOB]), alice, bob)
+    session_id = early["session_id"]
+    mine = await bob.machine.store.get_inbound_group_session(ROOM, session_id)
+    assert mine is not None
+    assert mine.session.first_known_index == 1
+
+    # carol, who holds the session from index 0, passes it on to bob as if it were hers
+    held = await carol.machine.store.get_inbound_group_session(ROOM, session_id)
+    assert held is not None
+    key = held.session.export_at(0)
+    assert key is not None
+    await open_session(carol, bob)
+    resent = await send(
+        carol,
+        bob,
+        "m.room_key",
+        {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "room_id": ROOM,
+            "session_id": session_id,
+            "session_key": key.to_base64(),
+        },
+    )
+    await bob.machine.receive_sync_changes(to_device_events=[resent])
+    stored = await bob.machine.store.get_inbound_group_session(ROOM, session_id)
+    assert stored is not None
+    assert stored.session.first_known_index == 1  # not taken: another device offered it
+    assert stored.sender_key == alice.machine.identity_keys["curve25519"]
+    (got,) = await bob.machine.decrypt_room_events(ROOM, [Timeline().event(alice, early)])
+    assert isinstance(got, UnknownRoomKey | MegolmDecryptionFailed)  # index 0 stays out

@@ -334,3 +334,21 @@ async def test_many_message_indices_are_read_at_once(backend: Backend) -> None:
     }
     assert await store.get_message_indices("session", []) == {}
     assert await store.get_message_indices("session", range(600)) == got  # past one IN list
+
+
+async def test_a_group_session_keeps_its_first_sharer(backend: Backend) -> None:
+    """A better copy of a session replaces the session, never who shared it: every backend
+    alike, so the machine's cache and the store cannot disagree about it."""
+    store = await backend.open()
+    outbound = vodozemac.GroupSession()
+    first = InboundGroupSessionRecord(
+        "!room:x", "sharer curve", "sharer ed", vodozemac.InboundGroupSession(outbound.session_key)
+    )
+    await store.save_changes(Changes(inbound_group_sessions=[first]))
+    other = InboundGroupSessionRecord(
+        "!room:x", "other curve", "other ed", vodozemac.InboundGroupSession(outbound.session_key)
+    )
+    await store.save_changes(Changes(inbound_group_sessions=[other]))
+    got = await store.get_inbound_group_session("!room:x", outbound.session_id)
+    assert got is not None
+    assert (got.sender_key, got.signing_key) == ("sharer curve", "sharer ed")

@@ -23,11 +23,15 @@ def canonical_json(value: Any) -> bytes:
 def _refuse_floats(value: Any) -> None:
     # a loop over a stack, not recursion: this runs on every signature check
     stack = [value]
+    containers: set[int] = set()
     while stack:
         item = stack.pop()
         kind = type(item)
         if kind is str or kind is int or kind is bool or item is None:
             continue
+        if id(item) in containers:  # walked once: a cycle ends here, json.dumps refuses it
+            continue
+        containers.add(id(item))
         if kind is dict:
             stack.extend(item.values())
         elif kind is list or kind is tuple:

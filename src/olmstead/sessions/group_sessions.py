@@ -60,7 +60,9 @@ def payload_bytes(room_id: str, event_type: str, content: Mapping[str, Any]) -> 
     """The plaintext of a room event, as Megolm encrypts it (compact: fewer bytes to encrypt)."""
     body = content if isinstance(content, dict) else dict(content)
     payload = {"type": event_type, "content": body, "room_id": room_id}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    # ASCII escapes: content may hold a lone surrogate (text cut mid-emoji), which JSON
+    # escapes can carry and UTF-8 cannot
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ class GroupSessions:
         return record
 
     def committed(self, records: Sequence[InboundGroupSessionRecord]) -> None:
-        """Sessions just committed replace what the cache held under their keys."""
+        """Sessions just committed are read from the store next time: what a backend keeps
+        of a record it already held (the first sharer's keys) is the store's to say."""
         for record in records:
-            self._remember(record)
+            self._inbound.pop((record.room_id, record.session_id), None)
 
     def _remember(self, record: InboundGroupSessionRecord) -> None:
         self._inbound[(record.room_id, record.session_id)] = record
@@ -170,7 +173,20 @@ class GroupSessions:
         device_id: str,
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content; steps the session's ratchet."""
-        message = record.session.encrypt(payload_bytes(record.room_id, event_type, content))
+        return GroupSessions.encrypt_payload(
+            record, payload_bytes(record.room_id, event_type, content), own_keys, device_id
+        )
+
+    @staticmethod
+    def encrypt_payload(
+        record: OutboundGroupSessionRecord,
+        payload: bytes,
+        own_keys: Mapping[str, str],
+        device_id: str,
+    ) -> dict[str, Any]:
+        """The ``m.room.encrypted`` content for a payload from ``payload_bytes``; steps the
+        session's ratchet."""
+        message = record.session.encrypt(payload)
         return {
             "algorithm": MEGOLM_ALGORITHM,
             "ciphertext": message.to_base64(),
@@ -200,7 +216,7 @@ class GroupSessions:
             return None
         known = await self.inbound(room_id, session_id)
         if known is not None:
-            if known.signing_key != event.sender_ed25519:
+            if (known.signing_key, known.sender_key) != (event.sender_ed25519, event.sender_key):
                 log.warning(
                     "ignored a room key from %s: session %s is another device's",
                     event.sender,
@@ -308,7 +324,7 @@ class GroupSessions:
         sender, event_id = item.sender, item.event_id
         try:
             payload = json.loads(item.plaintext)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             return MegolmDecryptionFailed("the decrypted payload is not JSON", sender)
         if not isinstance(payload, dict) or payload.get("room_id") != room_id:
             return SenderMismatch(

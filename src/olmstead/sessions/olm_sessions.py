@@ -278,7 +278,7 @@ class OlmSessions:
     ) -> DecryptedToDevice | DecryptionError:
         try:
             payload = json.loads(plaintext)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             return SenderMismatch("the decrypted payload is not JSON", sender, sender_key)
         if not isinstance(payload, dict):
             return SenderMismatch("the decrypted payload is not an object", sender, sender_key)
@@ -330,10 +330,11 @@ class OlmPayload:
     """
 
     def __init__(self, shared: dict[str, Any]) -> None:
-        self._head = json.dumps(shared, ensure_ascii=False, separators=(",", ":"))[:-1]
+        # ASCII escapes: a lone surrogate in the content is valid JSON, not valid UTF-8
+        self._head = json.dumps(shared, separators=(",", ":"))[:-1]
 
     def for_device(self, device: Device) -> bytes:
-        recipient = json.dumps(device.user_id, ensure_ascii=False)
+        recipient = json.dumps(device.user_id)
         key = json.dumps(device.ed25519)
         tail = f',"recipient":{recipient},"recipient_keys":{{"ed25519":{key}}}}}'
         return (self._head + tail).encode()

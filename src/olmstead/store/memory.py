@@ -129,6 +129,9 @@ class MemoryStore(CryptoStore):
         for sender_key, session_id, pickle, created_at, last_used in changes.olm_sessions:
             self._db.olm_sessions[sender_key, session_id] = (pickle, created_at, last_used)
         for room_id, session_id, sender_key, signing_key, pickle in changes.inbound_group_sessions:
+            known = self._db.inbound_group.get((room_id, session_id))
+            if known is not None:  # as the SQL backends: a session keeps its first sharer
+                sender_key, signing_key = known[0], known[1]
             self._db.inbound_group[room_id, session_id] = (sender_key, signing_key, pickle)
         for room_id, pickle, state in changes.outbound_group_sessions:
             self._db.outbound_group[room_id] = (pickle, state)
