@@ -17,7 +17,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from olmstead import CryptoStore, LeaseSettings, MemoryDatabase, MemoryStore, PickleKey, SqliteStore
+from olmstead import (
+    Changes,
+    CryptoStore,
+    LeaseSettings,
+    MemoryDatabase,
+    MemoryStore,
+    PickleKey,
+    SqliteStore,
+)
 from olmstead.store.postgres import PostgresStore
 
 KEY = PickleKey(b"k" * 32)
@@ -71,6 +79,19 @@ class Backend:
         else:
             with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
                 conn.execute("UPDATE lease_lock SET expires_at = 0")
+
+
+def record_commits(store: CryptoStore) -> list[Changes]:
+    """Every ``Changes`` ``store`` commits from now on, in order."""
+    original = store.save_changes
+    seen: list[Changes] = []
+
+    async def recorded(changes: Changes, *, generation: int | None = None) -> None:
+        seen.append(changes)
+        await original(changes, generation=generation)
+
+    store.save_changes = recorded  # type: ignore[method-assign]
+    return seen
 
 
 def pause(store: CryptoStore) -> None:

@@ -30,7 +30,7 @@ from olmstead.client import Client, Session
 from olmstead.client.rooms import RoomEvent
 from olmstead.doctor import Credentials, Report, diagnose
 from olmstead.errors import KeyStateError, WrongPickleKey
-from olmstead.repair import RepairOptions, plan_repairs
+from olmstead.repair import RepairOptions, plan_repairs, read_session_file
 from olmstead.store import PickleKey, SqliteStore
 from olmstead.throwaway_homeserver import ThrowawayHomeserver
 
@@ -128,7 +128,7 @@ async def _walk_through(homeserver: ThrowawayHomeserver, work: Path, say: Say) -
     outcome = await _doctor_and_repair(options, say)
     assert outcome is not None
     assert outcome.server is not None
-    moved = _read_session(Path(f"{lost_path}.session.json"))
+    moved = read_session_file(Path(f"{lost_path}.session.json"))
     bot = await _device(url, store_path, OLD_DEFAULT, moved)
     await peer.client.sync_once()
     await _exchange(bot, peer, room, "back on a new device", say)
@@ -204,13 +204,6 @@ def _lose(store: Path) -> None:
     """The store and its log are gone: a volume dropped, a container rebuilt."""
     for part in store.parent.glob(f"{store.name}*"):
         part.unlink()
-
-
-def _read_session(path: Path) -> Session:
-    import json
-
-    data = json.loads(path.read_text())
-    return Session(data["homeserver"], data["user_id"], data["device_id"], data["access_token"])
 
 
 async def _device_keys(url: str, session: Session) -> Any:

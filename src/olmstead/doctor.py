@@ -37,6 +37,7 @@ from olmstead.http.endpoints import CLIENT_V3, account_data_path
 from olmstead.imports.foreign import KNOWN_DEFAULT_KEYS, ForeignStore, UnknownForeignKey
 from olmstead.store.base import Inspection, LockRow
 from olmstead.store.files import read_only_uri
+from olmstead.store.named import is_postgres
 from olmstead.store.pickle_key import PickleKey
 from olmstead.store.sqlite import SqliteStore
 
@@ -46,7 +47,6 @@ __all__ = [
     "Finding",
     "Report",
     "diagnose",
-    "is_postgres",
     "store_kind",
 ]
 
@@ -139,10 +139,6 @@ class Report:
 class Credentials:
     homeserver: str
     access_token: str
-
-
-def is_postgres(store: str) -> bool:
-    return store.startswith(("postgresql://", "postgres://"))
 
 
 def store_kind(store: str) -> Kind:
@@ -242,11 +238,11 @@ async def _olmstead_store(
     report.findings.append(
         Finding("pickle key", "ok", "key_ok", f"opens with key {seen.fingerprint}")
     )
-    default = None if key.is_raw else await _known_default_opening(store, account)
-    if default is not None:
+    default = None if key.is_raw else await _which_key_opens(store, account, [])
+    if default is not None:  # the key given is itself one every copy ships
         report.findings.append(
             _legacy_key_finding(
-                default, "`olmstead store rekey` re-encrypts it under a key of your own"
+                default[0], "`olmstead store rekey` re-encrypts it under a key of your own"
             )
         )
     schema = f"schema version {seen.schema_version}"
@@ -302,12 +298,8 @@ async def _read_lease(store: str, account: str) -> tuple[LockRow | None, float]:
 
             return await PostgresStore.read_lease(store, account)
         return SqliteStore.read_lease(store), time.time()
-    except (StoreError, OSError):
+    except StoreError:
         return None, 0.0  # the store check says what is wrong
-    except Exception as exc:  # asyncpg's errors, without importing it here
-        if type(exc).__module__.startswith("asyncpg"):
-            return None, 0.0
-        raise
 
 
 async def _inspect(store: str, key: PickleKey, account: str) -> Inspection:
@@ -355,23 +347,6 @@ async def _which_key_opens(
         label = f"candidate #{n + 1}" if n < len(candidates) else f"the known default {text!r}"
         return text, label
     return None
-
-
-async def _known_default_opening(store: str, account: str) -> str | None:
-    for text in KNOWN_DEFAULT_KEYS:
-        try:
-            await _inspect(store, PickleKey(text), account)
-        except StoreError:
-            continue
-        return text
-    return None
-
-
-def _key_text(label: str, candidates: list[str]) -> str:
-    """The key behind a reader's label for it (a known default, or candidate #n)."""
-    if label.startswith("the known default"):
-        return label.split("'")[1]
-    return candidates[int(label.rsplit("#", 1)[1]) - 1]
 
 
 def _legacy_key_finding(default: str, fix: str) -> Finding:
@@ -430,7 +405,7 @@ async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[
         report.findings.append(
             Finding("pickle key", "ok", "key_ok", f"opens with {foreign.key_used}")
         )
-    report.opener = _key_text(foreign.key_used, candidates)
+    report.opener = foreign.key
     report.findings.append(
         Finding(
             "store",
@@ -482,8 +457,18 @@ async def _server_findings(
 class _Unusable(Exception):
     """The server answered something doctor cannot read: a finding, never a diagnosis."""
 
-    def __init__(self, finding: Finding) -> None:
-        self.finding = finding
+    def __init__(self, evidence: str) -> None:
+        self.evidence = f"{evidence}: nothing can be concluded about the device"
+
+    @property
+    def finding(self) -> Finding:
+        return Finding(
+            "server",
+            "error",
+            "server_error",
+            self.evidence,
+            "try again later; if it persists, look at the homeserver's logs",
+        )
 
 
 def _object(response: httpx.Response, what: str) -> dict[str, Any]:
@@ -493,16 +478,7 @@ def _object(response: httpx.Response, what: str) -> dict[str, Any]:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise _Unusable(
-            Finding(
-                "server",
-                "error",
-                "server_error",
-                f"{what} answered {response.status_code} "
-                f"{response.text[:200]!r}: nothing can be concluded about the device",
-                "try again later; if it persists, look at the homeserver's logs",
-            )
-        )
+        raise _Unusable(f"{what} answered {response.status_code} {response.text[:200]!r}")
     return body
 
 
@@ -560,15 +536,7 @@ async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Find
         "/keys/query",
     )
     if not isinstance(query.get("device_keys"), dict):
-        raise _Unusable(
-            Finding(
-                "server",
-                "error",
-                "server_error",
-                f"/keys/query answered without a device_keys object: {str(query)[:200]}",
-                "try again later; if it persists, look at the homeserver's logs",
-            )
-        )
+        raise _Unusable(f"/keys/query answered without a device_keys object: {str(query)[:200]}")
     server_key = _path(query, "device_keys", device.user_id, device.device_id, "keys")
     server_key = server_key.get(f"ed25519:{device.device_id}") if server_key else None
     findings: list[Finding] = []
@@ -679,7 +647,7 @@ async def _key_counts(http: httpx.AsyncClient) -> list[Finding]:
     try:
         sync = _object(answer, "/sync")
     except _Unusable as unusable:
-        return [Finding("one-time keys", "warning", "server_error", unusable.finding.evidence)]
+        return [Finding("one-time keys", "warning", "server_error", unusable.evidence)]
     counts = sync.get("device_one_time_keys_count")
     count = counts.get("signed_curve25519", 0) if isinstance(counts, dict) else 0
     findings = []

@@ -348,8 +348,9 @@ class OlmMachine:
         messages: dict[str, dict[str, dict[str, Any]]] = {}
         stepped = []
         now = self._clock()
+        dummy = self.olm.payload(self.identity_keys, "m.dummy", {})
         for device in devices:
-            sealed = await self.olm.encrypt(self.identity_keys, device, "m.dummy", {}, now)
+            sealed = await self.olm.encrypt(self.identity_keys, device, dummy, now)
             if sealed is not None:
                 messages.setdefault(device.user_id, {})[device.device_id] = sealed[0]
                 stepped.append(sealed[1])
@@ -426,9 +427,7 @@ class OlmMachine:
                 given = record.shared_with.get(device.user_id, {}).get(device.device_id)
                 if given is not None and given >= 0:
                     continue
-                sealed = await self.olm.encrypt(
-                    self.identity_keys, device, "m.room_key", key, now, payload
-                )
+                sealed = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if sealed is None:
                     if given is None:
                         withheld.setdefault(device.user_id, {})[device.device_id] = {
@@ -644,9 +643,7 @@ class OlmMachine:
             now = self._clock()
             payload = self.olm.payload(self.identity_keys, event_type, content)
             for device in devices:
-                encrypted = await self.olm.encrypt(
-                    self.identity_keys, device, event_type, content, now, payload
-                )
+                encrypted = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if encrypted is None:
                     without.append(device)
                     continue

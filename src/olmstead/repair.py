@@ -19,6 +19,7 @@ confirms it. None of them throws a key away:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -31,14 +32,15 @@ from typing import Any
 from urllib.parse import quote
 
 from olmstead.client import Client, Session
-from olmstead.doctor import Credentials, Report, is_postgres
+from olmstead.doctor import Credentials, Report
 from olmstead.errors import LocalProtocolError, MatrixHttpError, TransportError
 from olmstead.http.endpoints import CLIENT_V3
 from olmstead.http.transport import MatrixHttp
-from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
+from olmstead.store import CryptoStore, PickleKey, SqliteStore
+from olmstead.store.named import is_postgres, open_store
 from olmstead.upload_guard import OneTimeKeysDrained
 
-__all__ = ["Outcome", "Repair", "RepairOptions", "plan_repairs"]
+__all__ = ["Outcome", "Repair", "RepairOptions", "plan_repairs", "read_session_file"]
 
 #: causes that running the client once mends: it drains, uploads, refills
 _SYNC_MENDS = {
@@ -341,14 +343,9 @@ async def _import_foreign(report: Report, options: RepairOptions) -> Outcome:
 
 
 async def _open(store: str, account: str, key: PickleKey) -> CryptoStore:
-    lease = LeaseSettings(wait=30.0)
-    if is_postgres(store):
-        from olmstead.store.postgres import PostgresStore
-
-        return await PostgresStore.open(store, key, account=account, lease=lease)
-    if not _exists(store):
-        raise LocalProtocolError(f"no store at {store}")
-    return await SqliteStore.open(store, key, lease=lease)
+    if not is_postgres(store) and not _exists(store):
+        raise LocalProtocolError(f"no store at {store}")  # repairs never create a store
+    return await open_store(store, account, key)
 
 
 async def _open_new(target: str, options: RepairOptions) -> CryptoStore:
@@ -404,15 +401,12 @@ async def _delete_device(session: Session, device_id: str, password: str) -> str
 
 
 def _save_session(session: Session, path: Path) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a token
     with os.fdopen(fd, "w") as out:
-        json.dump(
-            {
-                "homeserver": session.homeserver,
-                "user_id": session.user_id,
-                "device_id": session.device_id,
-                "access_token": session.access_token,
-            },
-            out,
-        )
+        json.dump(dataclasses.asdict(session), out)
     return path
+
+
+def read_session_file(path: str | Path) -> Session:
+    """The session a move to a new device wrote (``Client.restore`` takes it)."""
+    return Session(**json.loads(Path(path).read_text()))

@@ -23,6 +23,7 @@ from nio import AsyncClient, AsyncClientConfig
 from olmstead import Client, DeviceIdInUse, LeaseSettings, PickleKey, Session, SqliteStore
 from olmstead.cli.main import main
 from olmstead.client.rooms import RoomEvent
+from olmstead.repair import read_session_file
 from tests.conftest import pause
 from tests.integration.harness import KEY, close_client, open_client, server_device_keys, session_of
 from tests.integration.mautrix_device import mautrix_device
@@ -117,9 +118,9 @@ def texts(seen: list[Any]) -> list[tuple[Any, bool]]:
 
 
 def saved_session(store: Path) -> Session:
-    data = json.loads(Path(f"{store}.session.json").read_text())
-    assert Path(f"{store}.session.json").stat().st_mode & 0o077 == 0
-    return Session(data["homeserver"], data["user_id"], data["device_id"], data["access_token"])
+    saved = Path(f"{store}.session.json")
+    assert saved.stat().st_mode & 0o077 == 0  # it holds an access token
+    return read_session_file(saved)
 
 
 async def device_exists(url: str, token: str, device_id: str) -> bool:

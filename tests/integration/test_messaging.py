@@ -9,6 +9,7 @@ import pytest
 
 from olmstead import Client
 from olmstead.client.rooms import RoomEvent
+from tests.conftest import record_commits
 from tests.integration.harness import close_client, open_client, session_of
 
 
@@ -145,16 +146,9 @@ async def test_a_sync_s_room_events_are_decrypted_in_one_commit(
     for n in range(5):
         await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": f"m{n}"})
     assert bob.store is not None
-    commits: list[int] = []
-    save = bob.store.save_changes
-
-    async def counted(changes: Any, **kwargs: Any) -> None:
-        if changes.message_indices:
-            commits.append(len(changes.message_indices))
-        await save(changes, **kwargs)
-
-    bob.store.save_changes = counted  # type: ignore[method-assign]
+    committed = record_commits(bob.store)
     await bob.sync_once()
+    commits = [len(c.message_indices) for c in committed if c.message_indices]
     assert [body for _s, body, _e in messages(bob_seen)][-5:] == [f"m{n}" for n in range(5)]
     assert commits == [5]  # one commit for the sync's five events, before any reached us
     await close_client(alice)

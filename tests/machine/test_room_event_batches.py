@@ -15,23 +15,14 @@ from olmstead.errors import MegolmDecryptionFailed, ReplayedMessage, UnknownRoom
 from olmstead.olm.signing import verify_signed_json
 from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
 from olmstead.sessions.olm_sessions import DecryptedToDevice
-from tests.conftest import FAST_LEASE, KEY, pause
+from tests.conftest import FAST_LEASE, KEY, pause, record_commits
 from tests.machine.pair import Peer, new_peer, open_session, send
 from tests.machine.test_megolm import BOB, CAROL, ROOM, Timeline, deliver_room_keys, room_with
 
 
 def count_commits(peer: Peer) -> list[Changes]:
     """Every ``Changes`` the peer's store commits from now on."""
-    store = peer.machine.store
-    original = store.save_changes
-    seen: list[Changes] = []
-
-    async def counted(changes: Changes, *, generation: int | None = None) -> None:
-        seen.append(changes)
-        await original(changes, generation=generation)
-
-    store.save_changes = counted  # type: ignore[method-assign]
-    return seen
+    return record_commits(peer.machine.store)
 
 
 async def test_a_batch_decrypts_in_order_with_one_commit() -> None:

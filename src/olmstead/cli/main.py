@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import click
 
-from olmstead.cli.stores import existing, open_device, open_store, pickle_key
+from olmstead.cli.stores import existing, open_device, pickle_key
 from olmstead.errors import OlmsteadError
 from olmstead.store import PickleKey
+from olmstead.store.named import open_store
 
 __all__ = ["main"]
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import click
 
 from olmstead.machine import OlmMachine
-from olmstead.store import CryptoStore, LeaseSettings, PickleKey, SqliteStore
+from olmstead.store import CryptoStore, PickleKey
+from olmstead.store.named import is_postgres, open_store
 
-__all__ = ["existing", "open_device", "open_store", "pickle_key"]
+__all__ = ["existing", "open_device", "pickle_key"]
 
 
 def pickle_key(env: str, key_file: Path | None, prompt: str, confirm: bool = False) -> PickleKey:
@@ -34,24 +35,11 @@ def pickle_key(env: str, key_file: Path | None, prompt: str, confirm: bool = Fal
     return PickleKey(value)
 
 
-def is_postgres(store: str) -> bool:
-    return store.startswith(("postgresql://", "postgres://"))
-
-
 def existing(store: str) -> str:
     """``store``, if it names a DSN or an SQLite file that exists: the tools never create one."""
     if not is_postgres(store) and not Path(store).exists():
         raise click.UsageError(f"no store at {store}: give an existing SQLite file or a DSN")
     return store
-
-
-async def open_store(store: str, account: str, key: PickleKey) -> CryptoStore:
-    lease = LeaseSettings(wait=30.0)
-    if is_postgres(store):
-        from olmstead.store.postgres import PostgresStore
-
-        return await PostgresStore.open(store, key, account=account, lease=lease)
-    return await SqliteStore.open(store, key, lease=lease)
 
 
 @asynccontextmanager

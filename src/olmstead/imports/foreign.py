@@ -83,11 +83,14 @@ class ForeignStore:
     device_id: str
     shared: bool
     account: vodozemac.Account
-    #: which candidate opened it: "default: <key>" for a known default, else "candidate #n"
+    #: which candidate opened it, as the operator may see it: "the known default '<key>'",
+    #: or "candidate #n" (never the operator's own key)
     key_used: str
     olm_sessions: list[OlmSessionRecord] = field(default_factory=list)
     inbound: list[InboundGroupSessionRecord] = field(default_factory=list)
     skipped: int = 0
+    #: the key that opened it (to open it again; never printed)
+    key: str = field(default="", repr=False)
 
 
 def first_key_that_opens(

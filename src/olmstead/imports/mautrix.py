@@ -101,7 +101,7 @@ def _unpickle(
     candidates: Iterable[str],
 ) -> ForeignStore:
     account, key, label = unpickle_libolm_account(pickle_text(pickle), candidates, source)
-    foreign = ForeignStore(kind, source, account_id, device_id, shared, account, label)
+    foreign = ForeignStore(kind, source, account_id, device_id, shared, account, label, key=key)
     secret = key.encode()
     for sender_key, session, created, used in olm_rows:
         try:

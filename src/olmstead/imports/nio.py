@@ -59,7 +59,9 @@ def read_nio_sqlite(
     (account, _libolm), key, label = first_key_that_opens(
         candidates, source, lambda key: _account(pickle_text(pickle), key)
     )
-    foreign = ForeignStore("matrix-nio", source, owner, device_id, bool(shared), account, label)
+    foreign = ForeignStore(
+        "matrix-nio", source, owner, device_id, bool(shared), account, label, key=key
+    )
     for sender_key, session, created, used in olm:
         try:
             restored, _ = _either(vodozemac.Session, pickle_text(session), key)

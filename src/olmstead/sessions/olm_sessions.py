@@ -166,25 +166,16 @@ class OlmSessions:
         )
 
     async def encrypt(
-        self,
-        own_keys: Mapping[str, str],
-        device: Device,
-        event_type: str,
-        content: Mapping[str, Any],
-        now: float,
-        payload: OlmPayload | None = None,
+        self, own_keys: Mapping[str, str], device: Device, payload: OlmPayload, now: float
     ) -> tuple[dict[str, Any], OlmSessionRecord] | None:
         """Encrypted content for ``device`` and the session stepped, or ``None`` without one.
 
-        Pass ``payload`` (from ``self.payload`` with the same arguments) when sending
-        one event to many devices.
+        ``payload`` comes from ``self.payload``: built once for all recipients of an event.
         """
         sessions = await self.sessions_for(device.curve25519)
         if not sessions:
             return None
         record = sessions[0]
-        if payload is None:
-            payload = self.payload(own_keys, event_type, content)
         message_type, body = record.session.encrypt(payload.for_device(device)).to_parts()
         record.last_used = now
         encrypted = {

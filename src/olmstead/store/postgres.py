@@ -160,27 +160,33 @@ class PostgresStore(CryptoStore):
     @staticmethod
     async def read_lease(dsn: str, account: str = "default") -> tuple[LockRow | None, float]:
         """The account's writer lease and the database's clock, read-only (no key needed)."""
-        conn = await asyncpg.connect(dsn)
         try:
-            return await _read_lease(conn, account)
-        except asyncpg.UndefinedTableError:
-            return None, 0.0
-        finally:
-            await conn.close()
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await _read_lease(conn, account)
+            except asyncpg.UndefinedTableError:
+                return None, 0.0
+            finally:
+                await conn.close()
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise StoreError(f"PostgreSQL store {_redacted(dsn)}: {exc}") from exc
 
     @staticmethod
     async def release_stale_lease(dsn: str, account: str, holder: str) -> bool:
         """Mark ``holder``'s lease released if it ran out; whether it did."""
-        conn = await asyncpg.connect(dsn)
         try:
-            result = await conn.execute(
-                "UPDATE olmstead_lease SET expires_at = 0 WHERE account_id = $1 AND holder = $2 "
-                f"AND expires_at > 0 AND expires_at <= {_NOW}",
-                account,
-                holder,
-            )
-        finally:
-            await conn.close()
+            conn = await asyncpg.connect(dsn)
+            try:
+                result = await conn.execute(
+                    "UPDATE olmstead_lease SET expires_at = 0 WHERE account_id = $1 "
+                    f"AND holder = $2 AND expires_at > 0 AND expires_at <= {_NOW}",
+                    account,
+                    holder,
+                )
+            finally:
+                await conn.close()
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise StoreError(f"PostgreSQL store {_redacted(dsn)}: {exc}") from exc
         return bool(result == "UPDATE 1")
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -210,16 +210,8 @@ class SqliteStore(CryptoStore):
 
     async def _device_rows_of(self, user_ids: list[str]) -> list[tuple[str, str, str]]:
         def read() -> list[tuple[str, str, str]]:
-            found: list[tuple[str, str, str]] = []
-            for start in range(0, len(user_ids), _IN_CHUNK):
-                chunk = user_ids[start : start + _IN_CHUNK]
-                rows = self._conn.execute(
-                    "SELECT user_id, device_id, data FROM devices "
-                    f"WHERE user_id IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                found.extend((row[0], row[1], row[2]) for row in rows)
-            return found
+            sql = "SELECT user_id, device_id, data FROM devices WHERE user_id IN ({})"
+            return [(r[0], r[1], r[2]) for r in _rows_in(self._conn, sql, (), user_ids)]
 
         return await self._run(read)
 
@@ -253,16 +245,12 @@ class SqliteStore(CryptoStore):
         self, sender_keys: list[str]
     ) -> list[tuple[str, str, float, float]]:
         def read() -> list[tuple[str, str, float, float]]:
-            found: list[tuple[str, str, float, float]] = []
-            for start in range(0, len(sender_keys), _IN_CHUNK):
-                chunk = sender_keys[start : start + _IN_CHUNK]
-                rows = self._conn.execute(
-                    "SELECT sender_key, pickle, created_at, last_used FROM olm_sessions "
-                    f"WHERE sender_key IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                found.extend((row[0], row[1], row[2], row[3]) for row in rows)
-            return found
+            sql = (
+                "SELECT sender_key, pickle, created_at, last_used FROM olm_sessions "
+                "WHERE sender_key IN ({})"
+            )
+            rows = _rows_in(self._conn, sql, (), sender_keys)
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
 
         return await self._run(read)
 
@@ -319,17 +307,14 @@ class SqliteStore(CryptoStore):
         wanted = sorted(set(indices))
 
         def read() -> dict[int, MessageIndex]:
-            found = {}
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                rows = self._conn.execute(
-                    "SELECT message_index, event_id, origin_ts FROM megolm_message_indices "
-                    f"WHERE session_id = ? AND message_index IN ({','.join('?' * len(chunk))})",
-                    (session_id, *chunk),
-                ).fetchall()
-                for index, event_id, origin_ts in rows:
-                    found[index] = MessageIndex(session_id, index, event_id, origin_ts)
-            return found
+            sql = (
+                "SELECT message_index, event_id, origin_ts FROM megolm_message_indices "
+                "WHERE session_id = ? AND message_index IN ({})"
+            )
+            return {
+                index: MessageIndex(session_id, index, event_id, origin_ts)
+                for index, event_id, origin_ts in _rows_in(self._conn, sql, (session_id,), wanted)
+            }
 
         return await self._run(read) if wanted else {}
 
@@ -487,6 +472,19 @@ def _store_error(name: str, exc: sqlite3.DatabaseError) -> StoreError:
             "do not restore an older copy, which would roll its keys back."
         )
     return StoreCorrupt(name, text)
+
+
+def _rows_in(
+    conn: sqlite3.Connection, sql: str, fixed: tuple[object, ...], values: Sequence[object]
+) -> list[sqlite3.Row]:
+    """Rows of ``sql`` whose ``IN ({})`` takes ``values``, in chunks that stay under
+    SQLite's parameter limit (999 in older builds); ``fixed`` parameters come first."""
+    rows: list[sqlite3.Row] = []
+    for start in range(0, len(values), _IN_CHUNK):
+        chunk = values[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows.extend(conn.execute(sql.format(marks), (*fixed, *chunk)).fetchall())
+    return rows
 
 
 def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
