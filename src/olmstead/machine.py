@@ -135,6 +135,9 @@ class OlmMachine:
         self._clock = clock
         self._in_flight: dict[str, OutgoingRequest] = {}
         self._mutex = asyncio.Lock()
+        # set while no /keys/query is in flight: a share waits on it (see wait_for_key_query)
+        self._query_settled = asyncio.Event()
+        self._query_settled.set()
 
     @classmethod
     async def open(
@@ -662,6 +665,29 @@ class OlmMachine:
             await self._refresh()
             await self._commit(Changes(tracked_users=self.devices.track(user_ids)))
 
+    def outdated_users(self, user_ids: Iterable[str]) -> set[str]:
+        """Those of ``user_ids`` whose device lists changed since they were last queried.
+
+        A room key shared now would miss their new devices: query them first
+        (``outgoing_requests`` hands out the query) or wait for the query in flight
+        (``wait_for_key_query``).
+        """
+        return set(user_ids) & self.devices.outdated
+
+    @property
+    def key_query_in_flight(self) -> bool:
+        """Whether a ``/keys/query`` was handed out and its answer has not been reported."""
+        return self.devices.in_flight
+
+    async def wait_for_key_query(self) -> None:
+        """Wait until no ``/keys/query`` is in flight (at once if none is).
+
+        Another task (a sync loop) that handed the query out reports its answer or
+        failure, which ends the wait; so does a reload of the machine, which drops the
+        query. Bound it with ``asyncio.timeout``.
+        """
+        await self._query_settled.wait()
+
     async def get_user_devices(self, user_id: str) -> dict[str, Device]:
         """The known, current devices of ``user_id`` (checked keys only), by device ID."""
         return await self._current_devices(user_id)
@@ -737,6 +763,7 @@ class OlmMachine:
                 requests.append(claim)
             query = self.devices.next_request(now)
             if query is not None:
+                self._query_settled.clear()
                 requests.append(query)
             guard_request = self.upload_guard.next_request(self._record.shared, now)
             if guard_request is not None:
@@ -780,11 +807,14 @@ class OlmMachine:
                     await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
                 return
             if self.devices.owns(request_id):
-                stored = await self._stored_devices_of(self.devices.queried_users())
-                outcome = self.devices.on_response(response, stored)
-                await self._commit(
-                    Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
-                )
+                try:
+                    stored = await self._stored_devices_of(self.devices.queried_users())
+                    outcome = self.devices.on_response(response, stored)
+                    await self._commit(
+                        Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
+                    )
+                finally:
+                    self._query_settled.set()
                 return
             if self.upload_guard.owns(request_id):
                 report = self.upload_guard.on_response(
@@ -848,6 +878,7 @@ class OlmMachine:
                 return  # the devices are still missing a session: claimed again when asked
             if self.devices.owns(request_id):
                 self.devices.on_failure(self._clock())
+                self._query_settled.set()
             elif self.upload_guard.owns(request_id):
                 self.upload_guard.on_failure(request_id, self._clock())
             elif isinstance(request, KeysUploadRequest):
@@ -940,6 +971,7 @@ class OlmMachine:
         self.devices = DeviceTracker(
             record.user_id, record.device_id, await self.store.get_tracked_users()
         )
+        self._query_settled.set()  # the query in flight, if any, was dropped with the rest
 
 
 def _user_ids(value: Any) -> list[str]:

@@ -65,6 +65,9 @@ SYNC_TOKEN = "sync_token"
 _MAX_REQUESTS_PER_ROUND = 1000
 #: encrypted events kept while their room key has not arrived
 MAX_WAITING_EVENTS = 1000
+#: how long a share waits for the members' device lists (seconds), and in how many rounds
+KEY_QUERY_WAIT = 30.0
+KEY_QUERY_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,12 @@ class Client:
         room_id: str = answer["room_id"]
         return room_id
 
+    async def invite(self, room_id: str, user_id: str) -> None:
+        """Invite ``user_id`` to ``room_id`` (``POST /rooms/{roomId}/invite``)."""
+        await self.http.request(
+            "POST", f"{CLIENT_V3}/rooms/{quote(room_id)}/invite", {"user_id": user_id}
+        )
+
     async def join(self, room_id: str) -> None:
         await self.http.request("POST", f"{CLIENT_V3}/rooms/{quote(room_id)}/join", {})
         self._rooms.pop(room_id, None)
@@ -256,8 +265,7 @@ class Client:
         if room.encrypted:
             machine = self._machine()
             recipients = room.key_recipients()
-            await machine.update_tracked_users(recipients)
-            await self.process_outgoing()  # device lists of new members
+            await self._query_members(recipients)
             claim = await machine.get_missing_sessions(recipients)
             if claim is not None:
                 await self._send_and_mark(claim)
@@ -270,6 +278,35 @@ class Client:
         answer = await self.http.request("PUT", path, dict(body))
         event_id: str = answer["event_id"]
         return event_id
+
+    async def _query_members(self, user_ids: set[str]) -> None:
+        """Before a share: the device list of every member is current.
+
+        A member whose list changed is queried now, or, if a query is in flight
+        (the sync loop's), after it was answered; a member who joined while it was
+        in flight is queried again. Bounded: after ``KEY_QUERY_WAIT`` seconds or
+        ``KEY_QUERY_ROUNDS`` rounds the share goes on, and members still outdated
+        (their server did not answer) get the key only on their known devices.
+        """
+        machine = self._machine()
+        await machine.update_tracked_users(user_ids)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KEY_QUERY_WAIT
+        for _ in range(KEY_QUERY_ROUNDS):
+            await self.process_outgoing()  # makes the query unless one is in flight
+            if not machine.outdated_users(user_ids):
+                return
+            left = deadline - loop.time()
+            if not machine.key_query_in_flight or left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await machine.wait_for_key_query()
+        log.warning(
+            "sharing a room key without the current devices of %s: their device lists "
+            "could not be queried",
+            ", ".join(sorted(machine.outdated_users(user_ids))),
+        )
 
     async def _send_and_mark(self, request: OutgoingRequest) -> None:
         machine = self._machine()

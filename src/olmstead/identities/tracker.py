@@ -65,6 +65,11 @@ class DeviceTracker:
     def outdated(self) -> frozenset[str]:
         return frozenset(self._outdated)
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a query was handed out and its answer (or failure) has not come."""
+        return self._waiting is not None
+
     # --- what the client and the sync say ------------------------------------------------------
 
     def track(self, users: Iterable[str]) -> dict[str, bool]:

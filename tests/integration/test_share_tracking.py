@@ -1,0 +1,68 @@
+"""Sharing never races device tracking, against the real Synapse (issue 13, item 5)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.integration.harness import Wire, close_client, open_client, session_of
+from tests.integration.test_messaging import crypto_client, messages
+
+QUERY_PATH = "/_matrix/client/v3/keys/query"
+
+
+@dataclass
+class HeldQueries(Wire):
+    """The network, with ``/keys/query`` held back while ``hold`` is set."""
+
+    hold: bool = False
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == QUERY_PATH and self.hold:
+            self.hold = False  # only the first: the share's own query passes
+            self.held.set()
+            await self.release.wait()
+        return await super().handle_async_request(request)
+
+
+async def test_a_member_who_joins_while_the_query_is_held_reads_the_next_message(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    bot_user, carol_user = new_user(), new_user()
+    wire = HeldQueries()
+    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
+    await bot.init_crypto()
+    await bot.sync_once()
+    carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
+    room = await bot.create_room()
+    await bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "before carol"})
+
+    await bot.invite(room, carol_user["user_id"])
+    await carol.sync_once()
+    await carol.join(room)
+
+    # the bot's sync sees carol join and queries her devices; the query hangs
+    wire.hold = True
+    syncing = asyncio.create_task(bot.sync_once())
+    await asyncio.wait_for(wire.held.wait(), 30)
+    # the echo bot answers at this moment: its share must wait for carol's devices
+    sending = asyncio.create_task(
+        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "welcome carol"})
+    )
+    await asyncio.sleep(1.0)
+    assert not sending.done()
+    wire.release.set()
+    await syncing
+    await sending
+
+    await carol.sync_once()
+    assert (bot_user["user_id"], "welcome carol", True) in messages(carol_seen)
+    await close_client(bot)
+    await close_client(carol)
