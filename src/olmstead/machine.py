@@ -254,6 +254,7 @@ class OlmMachine:
         device_lists: Mapping[str, Any] | None = None,
         to_device_events: Sequence[Mapping[str, Any]] = (),
         sync_token: str | None = None,
+        values: Mapping[str, str | None] | None = None,
     ) -> list[ToDeviceResult]:
         """Take what a ``/sync`` response says about keys, and its to-device events.
 
@@ -268,7 +269,8 @@ class OlmMachine:
         transaction as ``sync_token`` (the response's ``next_batch``) when it is given.
         A caller with a room timeline to deliver passes the token in a second call,
         once the timeline reached the application: a crash then brings the sync back
-        rather than losing its events.
+        rather than losing its events. ``values`` (the client's per-room timeline
+        positions) are committed in the same transaction.
         """
         async with self._mutex:
             await self._refresh()
@@ -294,6 +296,8 @@ class OlmMachine:
                 changes.tracked_users, changes.untracked_users = marked, dropped
             if working:  # fallback support seen, or an inbound session used a one-time key
                 changes.account = working[0]
+            if values:
+                changes.values.update(values)
             if sync_token is not None:
                 changes.values["sync_token"] = sync_token
             await self._commit(changes)

@@ -31,7 +31,9 @@ from urllib.parse import quote
 import httpx
 
 from olmstead import key_state
-from olmstead.client.rooms import KEY_STATE_EVENTS, RoomEvent, RoomState
+from olmstead.client.gaps import TimelineGap, Timelines
+from olmstead.client.invites import Invite, read_invites
+from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
@@ -57,6 +59,8 @@ __all__ = ["Client", "Session"]
 RoomEventCallback = Callable[[RoomEvent], object]
 FailureCallback = Callable[[str | None, Mapping[str, Any], DecryptionError], object]
 ToDeviceCallback = Callable[[DecryptedToDevice], object]
+InviteCallback = Callable[[Invite], object]
+GapCallback = Callable[[TimelineGap], object]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class Client:
         upload_policy: UploadPolicy | None = None,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        auto_join: bool = False,
     ) -> None:
         self.homeserver = homeserver
         self.store = store
@@ -103,6 +108,12 @@ class Client:
         self._failure_callbacks: list[FailureCallback] = []
         self._to_device_callbacks: list[ToDeviceCallback] = []
         self._rooms: dict[str, RoomState] = {}
+        #: join every invite as it comes (a bot's usual wish)
+        self.auto_join = auto_join
+        self._invite_callbacks: list[InviteCallback] = []
+        self._invited: set[str] = set()  # rooms whose invite was reported, until joined or left
+        self._timelines = Timelines(self.http, store)
+        self._gap_callbacks: list[GapCallback] = []
         self._waiting: list[tuple[str, Mapping[str, Any]]] = []
         self._stop = asyncio.Event()
         self._reported_problem: KeyStateError | None = None
@@ -226,6 +237,15 @@ class Client:
         """
         self._failure_callbacks.append(callback)
 
+    def on_gap(self, callback: GapCallback) -> None:
+        """Call ``callback(gap)`` when events of a room could not be fetched (a ``TimelineGap``).
+
+        A limited sync timeline is filled from ``/messages`` first (bounded: see
+        ``olmstead.client.gaps``); only what is still missing is reported, before the
+        events that follow the gap are delivered.
+        """
+        self._gap_callbacks.append(callback)
+
     def on_to_device(self, callback: ToDeviceCallback) -> None:
         """Call ``callback`` with every to-device event that arrived Olm-encrypted."""
         self._to_device_callbacks.append(callback)
@@ -255,14 +275,55 @@ class Client:
         )
 
     async def join(self, room_id: str) -> None:
+        """Join ``room_id`` (an invite's, or any the server lets us join).
+
+        In an encrypted room the members' devices are tracked at once, so the first
+        message sent there reaches them all.
+        """
         await self.http.request("POST", f"{CLIENT_V3}/rooms/{quote(room_id)}/join", {})
         self._rooms.pop(room_id, None)
+        self._invited.discard(room_id)
+        try:
+            room = await self._room_state(room_id)
+        except TransportError as error:  # joined all the same: the next sync brings the state
+            log.warning("joined %s but could not read its state yet: %s", room_id, error)
+            return
+        if room.encrypted and self.machine is not None:
+            await self.machine.update_tracked_users(room.key_recipients())
+
+    def on_invite(self, callback: InviteCallback) -> None:
+        """Call ``callback(invite)`` once for each invite a sync brings (an ``Invite``).
+
+        Join with ``join(invite.room_id)``, or pass ``auto_join=True`` to ``Client``
+        to join every invite as it comes (after the callbacks ran).
+        """
+        self._invite_callbacks.append(callback)
+
+    @property
+    def rooms(self) -> dict[str, Room]:
+        """The joined rooms the client follows, by room ID: a snapshot of each.
+
+        A room is followed from the first sync that mentions it (the first sync of a
+        new device brings them all) or the first ``room_send``/``join`` there, and
+        kept current from then on; rooms left are dropped.
+        """
+        return {room_id: state.snapshot() for room_id, state in self._rooms.items()}
+
+    def room(self, room_id: str) -> Room | None:
+        """A snapshot of one followed room (see ``rooms``); ``None`` if it is not followed."""
+        state = self._rooms.get(room_id)
+        return state.snapshot() if state is not None else None
 
     async def room_send(self, room_id: str, event_type: str, content: Mapping[str, Any]) -> str:
         """Send an event; encrypted first if the room is. Returns its event ID."""
         room = await self._room_state(room_id)
         body: Mapping[str, Any] = content
         if room.encrypted:
+            if room.encryption is None:
+                raise LocalProtocolError(
+                    f"{room_id} is encrypted with {room.algorithm!r}, which olmstead does not "
+                    "support: nothing was sent (it would have gone out in the clear)"
+                )
             machine = self._machine()
             recipients = room.key_recipients()
             await self._query_members(recipients)
@@ -349,6 +410,58 @@ class Client:
             timeline.extend((room_id, event) for event in _events(room.get("timeline")))
         return timeline
 
+    async def _fill_gaps(
+        self, joined: Mapping[str, Any], timeline: list[tuple[str, Mapping[str, Any]]]
+    ) -> list[tuple[str, Mapping[str, Any]]]:
+        """The sync's timeline with each limited room's gap fetched before its events.
+
+        Gaps that could not be fetched whole go to the ``on_gap`` callbacks.
+        """
+        self._timelines.forget()  # positions a failed sync moved were never committed
+        by_room: dict[str, list[Mapping[str, Any]]] = {}
+        for room_id, event in timeline:
+            by_room.setdefault(room_id, []).append(event)
+        filled: list[tuple[str, Mapping[str, Any]]] = []
+        for room_id, events in by_room.items():
+            room = joined.get(room_id)
+            section = room.get("timeline") if isinstance(room, Mapping) else None
+            missing, gap = await self._timelines.fill(room_id, section, events)
+            if gap is not None:
+                for callback in self._gap_callbacks:
+                    callback(gap)
+            filled.extend((room_id, event) for event in missing + events)
+            self._timelines.moved(room_id, events)
+        return filled
+
+    async def _take_invites_and_leaves(self, rooms: Any) -> None:
+        """Report a sync's new invites (and join them with ``auto_join``); forget left rooms."""
+        if not isinstance(rooms, Mapping):
+            return
+        left = rooms.get("leave")
+        for room_id in left if isinstance(left, Mapping) else ():
+            self._rooms.pop(room_id, None)
+            self._invited.discard(room_id)
+            self._timelines.left(room_id)
+        joined = rooms.get("join")
+        for room_id in joined if isinstance(joined, Mapping) else ():
+            self._invited.discard(room_id)
+        for invite in read_invites(rooms.get("invite"), self._session().user_id):
+            if invite.room_id in self._invited:
+                continue  # told already (a repeated sync, a server that repeats itself)
+            self._invited.add(invite.room_id)
+            for callback in self._invite_callbacks:
+                callback(invite)
+            if self.auto_join:
+                try:
+                    await self.join(invite.room_id)
+                except TransportError as error:  # the room may be gone; the sync goes on
+                    log.warning(
+                        "could not join %s (invited by %s): %s",
+                        invite.room_id,
+                        invite.inviter,
+                        error,
+                    )
+
     async def _decrypt_timeline(self, events: list[tuple[str, Mapping[str, Any]]]) -> None:
         """Deliver a sync's timeline in order, each room's encrypted events decrypted in one
         batch (one commit of their message indices, not one per event)."""
@@ -433,6 +546,8 @@ class Client:
         rooms = answer.get("rooms", {})
         joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
         timeline = await self._take_rooms(joined if isinstance(joined, Mapping) else {})
+        timeline = await self._fill_gaps(joined if isinstance(joined, Mapping) else {}, timeline)
+        await self._take_invites_and_leaves(rooms)
         if self.machine is not None:
             fallback_types = answer.get(
                 "device_unused_fallback_key_types",
@@ -454,12 +569,17 @@ class Client:
                 # only once the timeline reached the callbacks: after a crash the same
                 # events come again (harmless: replay checks accept the same event) rather
                 # than never; through the machine, so the write is fenced by its lease
-                await self.machine.receive_sync_changes(sync_token=next_batch)
+                await self.machine.receive_sync_changes(
+                    sync_token=next_batch, values=self._timelines.changes()
+                )
+                self._timelines.committed()
         else:
             for room_id, event in timeline:
                 self._emit(_plain(room_id, event))
         if self.machine is None and self.store is not None and isinstance(next_batch, str):
-            await self.store.save_changes(Changes(values={SYNC_TOKEN: next_batch}))
+            values = {SYNC_TOKEN: next_batch, **self._timelines.changes()}
+            await self.store.save_changes(Changes(values=values))
+            self._timelines.committed()
         if self.machine is not None:
             try:
                 await self.process_outgoing()
