@@ -9,7 +9,9 @@ those who use it (the ``postgres`` extra); it is left out of ``__all__`` so that
 from typing import TYPE_CHECKING, Any
 
 from olmstead.client import Client, Session
-from olmstead.client.rooms import RoomEvent
+from olmstead.client.gaps import TimelineGap
+from olmstead.client.invites import Invite
+from olmstead.client.rooms import Room, RoomEvent
 from olmstead.errors import (
     ConnectionFailed,
     DecryptionError,
@@ -93,6 +95,7 @@ __all__ = [
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "InboundGroupSessionRecord",
+    "Invite",
     "KeyFileError",
     "KeySettings",
     "KeyStateError",
@@ -117,6 +120,7 @@ __all__ = [
     "RemoteProtocolError",
     "ReplayedMessage",
     "RetryPolicy",
+    "Room",
     "RoomEvent",
     "RoomSettings",
     "SenderMismatch",
@@ -129,6 +133,7 @@ __all__ = [
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "TimelineGap",
     "ToDeviceRequest",
     "TransportError",
     "UndecryptableToDevice",
