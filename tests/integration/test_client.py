@@ -75,6 +75,7 @@ async def test_start_syncs_until_stopped_even_mid_long_poll(
     assert '"limit": 20' in first["filter"]
     assert first["timeout"] == "0"
     assert second["timeout"] == "30000"
+    assert (first.get("full_state"), second.get("full_state")) == ("true", None)
     assert client.machine is not None
     assert client.machine.server_key_count == 50
     await close_client(client)

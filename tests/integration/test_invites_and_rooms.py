@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from olmstead import Client, Invite
 from olmstead.client.rooms import RoomEvent
-from tests.integration.harness import close_client
+from tests.integration.harness import Wire, close_client, open_client, session_of
 from tests.integration.test_messaging import crypto_client, messages
 
 MEGOLM = "m.megolm.v1.aes-sha2"
@@ -107,4 +107,30 @@ async def test_join_by_hand_tracks_the_members_before_the_next_sync(
     await alice.sync_once()
     assert (bot_id, "first words", True) in messages(alice_seen)
     await close_client(alice)
+    await close_client(bot)
+
+
+async def test_a_restarted_client_knows_every_room_from_its_first_sync(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    bot_user = new_user()
+    bot, _ = await crypto_client(url, tmp_path / "bot.db", bot_user)
+    secret = await bot.create_room(name="Secret")
+    public = await bot.create_room(encrypted=False, name="Lobby")
+    await bot.sync_once()
+    await close_client(bot)
+
+    wire = Wire()
+    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
+    await bot.init_crypto()
+    assert bot.rooms == {}
+    await bot.sync_once(full_state=True)  # what start() does first
+    assert set(bot.rooms) == {secret, public}
+    secret_room, public_room = bot.rooms[secret], bot.rooms[public]
+    assert (secret_room.name, secret_room.encrypted) == ("Secret", True)
+    assert (public_room.name, public_room.encrypted) == ("Lobby", False)
+    assert secret_room.joined == public_room.joined == frozenset({bot_user["user_id"]})
+    # read from the sync itself, not one /state request per room
+    assert [p for _m, p, _q in wire.requests if p.endswith("/state")] == []
     await close_client(bot)

@@ -389,8 +389,14 @@ class Client:
             self._rooms[room_id] = room
         return self._rooms[room_id]
 
-    async def _take_rooms(self, rooms: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-        """Update room state from a sync's joined rooms; their timeline events, in order."""
+    async def _take_rooms(
+        self, rooms: Mapping[str, Any], *, full: bool = False
+    ) -> list[tuple[str, Mapping[str, Any]]]:
+        """Update room state from a sync's joined rooms; their timeline events, in order.
+
+        ``full``: the sync carries each room's whole state (a first sync, or
+        ``full_state``), so a room not followed yet is read from it, not fetched.
+        """
         timeline: list[tuple[str, Mapping[str, Any]]] = []
         for room_id, room in rooms.items():
             if not isinstance(room, Mapping):
@@ -400,8 +406,10 @@ class Client:
                 e.get("type") in KEY_STATE_EVENTS and "state_key" in e for e in state_events
             )
             known = room_id in self._rooms
+            if full and not known:
+                self._rooms[room_id] = RoomState(room_id)  # its whole state is in this sync
             state = await self._room_state(room_id)
-            if known:
+            if known or full:
                 for event in state_events:
                     if "state_key" in event:
                         state.apply(event)
@@ -526,8 +534,15 @@ class Client:
 
     # --- syncing ---------------------------------------------------------------------------
 
-    async def sync_once(self, *, timeout_ms: int = 0, limit: int | None = None) -> dict[str, Any]:
-        """One ``/sync``: its key counts go into the machine, then its requests go out."""
+    async def sync_once(
+        self, *, timeout_ms: int = 0, limit: int | None = None, full_state: bool = False
+    ) -> dict[str, Any]:
+        """One ``/sync``: its key counts go into the machine, then its requests go out.
+
+        ``limit`` caps each room's timeline (a filter); ``full_state`` asks for every
+        joined room's whole state, so that ``rooms`` knows them all (``start`` asks for
+        it once).
+        """
         self._session()
         params = {"timeout": str(timeout_ms)}
         since = await self.store.get_value(SYNC_TOKEN) if self.store is not None else None
@@ -535,6 +550,8 @@ class Client:
             params["since"] = since
         if limit is not None:
             params["filter"] = json.dumps({"room": {"timeline": {"limit": limit}}})
+        if full_state:
+            params["full_state"] = "true"
         answer = await self._until_stopped(
             self.http.request(
                 "GET", f"{CLIENT_V3}/sync", params=params, read_timeout=timeout_ms / 1000 + 30
@@ -545,7 +562,9 @@ class Client:
         next_batch = answer.get("next_batch")
         rooms = answer.get("rooms", {})
         joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
-        timeline = await self._take_rooms(joined if isinstance(joined, Mapping) else {})
+        timeline = await self._take_rooms(
+            joined if isinstance(joined, Mapping) else {}, full=since is None or full_state
+        )
         timeline = await self._fill_gaps(joined if isinstance(joined, Mapping) else {}, timeline)
         await self._take_invites_and_leaves(rooms)
         if self.machine is not None:
@@ -596,6 +615,7 @@ class Client:
                 await self.sync_once(
                     timeout_ms=0 if first else timeout_ms,
                     limit=initial_sync_limit if first else None,
+                    full_state=first,
                 )
                 first = False
             except KeyStateError as problem:
