@@ -285,7 +285,7 @@ class Client:
         self._invited.discard(room_id)
         try:
             room = await self._room_state(room_id)
-        except TransportError as error:  # joined all the same: the next sync brings the state
+        except (TransportError, RemoteProtocolError) as error:  # joined: the next sync brings it
             log.warning("joined %s but could not read its state yet: %s", room_id, error)
             return
         if room.encrypted and self.machine is not None:
@@ -462,7 +462,7 @@ class Client:
             if self.auto_join:
                 try:
                     await self.join(invite.room_id)
-                except TransportError as error:  # the room may be gone; the sync goes on
+                except (TransportError, RemoteProtocolError) as error:  # the sync goes on
                     log.warning(
                         "could not join %s (invited by %s): %s",
                         invite.room_id,
