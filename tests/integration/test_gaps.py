@@ -42,7 +42,12 @@ async def restarted(
 async def run_until(client: Any, seen: list[Any], count: int) -> None:
     """``start()`` (its first sync has the timeline limit) until ``count`` messages came."""
     enough = asyncio.Event()
-    client.on_room_event(lambda _event: len(messages(seen)) >= count and enough.set())
+
+    def count_them(_event: RoomEvent) -> None:
+        if len(messages(seen)) >= count:
+            enough.set()
+
+    client.on_room_event(count_them)
     running = asyncio.create_task(client.start(initial_sync_limit=LIMIT, timeout_ms=500))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(enough.wait(), 30)
