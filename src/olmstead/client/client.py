@@ -456,9 +456,9 @@ class Client:
         for invite in read_invites(rooms.get("invite"), self._session().user_id):
             if invite.room_id in self._invited:
                 continue  # told already (a repeated sync, a server that repeats itself)
-            self._invited.add(invite.room_id)
             for callback in self._invite_callbacks:
                 callback(invite)
+            self._invited.add(invite.room_id)  # after the callbacks: one that fails hears again
             if self.auto_join:
                 try:
                     await self.join(invite.room_id)
