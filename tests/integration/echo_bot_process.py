@@ -22,7 +22,7 @@ async def main() -> None:
     # a short lease: the restarted bot waits out the killed one's before it starts
     lease = LeaseSettings(duration=1.0, renew_every=0.3, wait=10.0)
     store = await SqliteStore.open(sys.argv[2], PickleKey(b"i" * 32), lease=lease)
-    bot = Client(session.homeserver, store=store)
+    bot = Client(session.homeserver, store=store, auto_join=True)
     bot.restore(session)
     await bot.init_crypto()
     with open(sys.argv[3] + ".ready", "w") as ready:  # keys are on the server now
