@@ -303,9 +303,10 @@ class Client:
     def rooms(self) -> dict[str, Room]:
         """The joined rooms the client follows, by room ID: a snapshot of each.
 
-        A room is followed from the first sync that mentions it (the first sync of a
-        new device brings them all) or the first ``room_send``/``join`` there, and
-        kept current from then on; rooms left are dropped.
+        Every joined room is followed from the first sync of ``start()`` (or of a new
+        device), which carries the full state; a room joined later from its first
+        sync, ``join`` or ``room_send``. Kept current by every sync; rooms left are
+        dropped. Nothing is fetched here.
         """
         return {room_id: state.snapshot() for room_id, state in self._rooms.items()}
 
@@ -454,8 +455,8 @@ class Client:
         for room_id in joined if isinstance(joined, Mapping) else ():
             self._invited.discard(room_id)
         for invite in read_invites(rooms.get("invite"), self._session().user_id):
-            if invite.room_id in self._invited:
-                continue  # told already (a repeated sync, a server that repeats itself)
+            if invite.room_id in self._invited or invite.room_id in self._rooms:
+                continue  # told already, or joined (a repeated sync, a server repeating itself)
             for callback in self._invite_callbacks:
                 callback(invite)
             self._invited.add(invite.room_id)  # after the callbacks: one that fails hears again

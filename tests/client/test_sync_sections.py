@@ -1,0 +1,141 @@
+"""A sync's rooms sections as a hostile server may send them: the client goes on.
+
+The real Synapse drives these paths in tests/integration (test_gaps.py,
+test_invites_and_rooms.py); here httpx's mock transport answers what Synapse never
+would, to check that no field of ``rooms.join``, ``rooms.invite`` or ``rooms.leave``
+can raise out of ``sync_once`` or leave a wrong room state behind.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from olmstead import Client, Invite, MemoryDatabase, MemoryStore, Session, TimelineGap
+from olmstead.client.gaps import POSITION_PREFIX
+from olmstead.client.rooms import RoomEvent
+from olmstead.http import RetryPolicy
+from tests.conftest import FAST_LEASE, KEY
+
+ME = "@bot:x"
+ROOM = "!room:x"
+
+
+def member(user: str, membership: str) -> dict[str, Any]:
+    return {"type": "m.room.member", "state_key": user, "content": {"membership": membership}}
+
+
+def message(n: int) -> dict[str, Any]:
+    return {"type": "m.room.message", "event_id": f"$m{n}", "sender": "@a:x", "content": {}}
+
+
+async def client_answering(*syncs: Any, messages: Any = None) -> tuple[Client, list[str]]:
+    answers = iter(syncs)
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("/sync"):
+            return httpx.Response(200, content=json.dumps(next(answers)).encode())
+        if request.url.path.endswith("/messages"):
+            return httpx.Response(200, content=json.dumps(messages).encode())
+        if request.url.path.endswith("/join"):
+            return httpx.Response(200, json={"room_id": ROOM})
+        if request.url.path.endswith("/state"):
+            return httpx.Response(200, json=[member(ME, "join"), "junk", 7])
+        return httpx.Response(404, json={"errcode": "M_NOT_FOUND", "error": "no"})
+
+    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
+    client = Client(
+        "https://hs.example",
+        store=store,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=1),
+    )
+    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    return client, asked
+
+
+HOSTILE_ROOMS: list[Any] = [
+    None,
+    [],
+    "rooms",
+    {"join": [], "invite": "x", "leave": 5},
+    {"join": {ROOM: None}, "invite": {ROOM: []}, "leave": {ROOM: "gone"}},
+    {"join": {ROOM: {"timeline": {"events": "x", "limited": "yes", "prev_batch": 4}}}},
+    {"join": {ROOM: {"timeline": {"events": [None, 3, "e"]}, "state": {"events": {}}}}},
+    {"join": {ROOM: {"state": {"events": [member(ME, "join"), {"type": 5, "state_key": []}]}}}},
+    {"invite": {ROOM: {"invite_state": {"events": [{"type": "m.room.member"}, None]}}}},
+]
+
+
+@pytest.mark.parametrize("rooms", HOSTILE_ROOMS)
+async def test_malformed_rooms_sections_raise_nothing(rooms: Any) -> None:
+    client, _ = await client_answering({"next_batch": "s1", "rooms": rooms})
+    client.auto_join = True
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_invite(seen.append)
+    client.on_gap(seen.append)
+    await client.sync_once()
+    assert client.store is not None
+    assert await client.store.get_value("sync_token") == "s1"
+    assert all(isinstance(e, RoomEvent) for e in seen)
+    assert [e for e in seen if isinstance(e, RoomEvent) and e.type == "m.room.message"] == []
+
+
+async def test_an_invite_is_told_once_joined_and_the_room_followed() -> None:
+    invite = {
+        "invite_state": {
+            "events": [
+                {
+                    "type": "m.room.member",
+                    "state_key": ME,
+                    "sender": "@alice:x",
+                    "content": {"membership": "invite"},
+                }
+            ]
+        }
+    }
+    sync = {"next_batch": "s1", "rooms": {"invite": {ROOM: invite}}}
+    client, asked = await client_answering(sync, {**sync, "next_batch": "s2"})
+    client.auto_join = True
+    told: list[Invite] = []
+    client.on_invite(told.append)
+    await client.sync_once()
+    await client.sync_once()  # a server repeating the invite: told once
+    assert [(i.room_id, i.inviter, i.encrypted) for i in told] == [(ROOM, "@alice:x", False)]
+    assert asked.count(f"/_matrix/client/v3/rooms/{ROOM}/join") == 1
+    room = client.room(ROOM)
+    assert room is not None
+    assert room.joined == frozenset({ME})  # the junk in /state was skipped
+
+
+async def test_a_looping_messages_answer_becomes_a_reported_gap() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    limited = {
+        "next_batch": "s2",
+        "rooms": {
+            "join": {
+                ROOM: {"timeline": {"events": [message(9)], "limited": True, "prev_batch": "p"}}
+            }
+        },
+    }
+    loop = {"chunk": [message(8), message(7)], "end": "p"}
+    client, asked = await client_answering(first, limited, messages=loop)
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    await client.sync_once(limit=1)
+    await client.sync_once()
+    gap = next(e for e in seen if isinstance(e, TimelineGap))
+    assert (gap.after_event_id, gap.fetched, gap.before_event_id) == ("$m1", 2, "$m7")
+    assert "repeated" in gap.reason
+    order = [e.event_id if isinstance(e, RoomEvent) else "gap" for e in seen]
+    assert order == ["$m1", "gap", "$m7", "$m8", "$m9"]
+    assert asked.count(f"/_matrix/client/v3/rooms/{ROOM}/messages") == 1
+    assert client.store is not None
+    assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"
