@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import vodozemac
@@ -352,3 +353,71 @@ async def test_a_group_session_keeps_its_first_sharer(backend: Backend) -> None:
     got = await store.get_inbound_group_session("!room:x", outbound.session_id)
     assert got is not None
     assert (got.sender_key, got.signing_key) == ("sharer curve", "sharer ed")
+
+
+def waiting(event_id: str, session_id: str, received_at: float, position: int = 0) -> Any:
+    from olmstead.store.base import WaitingRoomEvent
+
+    event = {"type": "m.room.encrypted", "event_id": event_id, "content": {"n": event_id}}
+    return WaitingRoomEvent("!r:x", event_id, session_id, event, received_at, position)
+
+
+async def test_waiting_room_events_kept_in_order_found_by_session_settled(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    first = [waiting("$b", "s1", 2.0, 1), waiting("$a", "s1", 2.0, 0), waiting("$c", "s2", 1.0)]
+    await store.save_changes(Changes(waiting_events=first))
+    # kept again (a sync that came twice): the first record stays
+    await store.save_changes(Changes(waiting_events=[waiting("$a", "s1", 9.0)]))
+    await store.close()
+    store = await backend.open()
+    assert [w.event_id for w in await store.get_waiting_events()] == ["$c", "$a", "$b"]
+    found = await store.get_waiting_events(["s1"])
+    assert [(w.event_id, w.received_at) for w in found] == [("$a", 2.0), ("$b", 2.0)]
+    assert found[0].event["content"] == {"n": "$a"}
+    assert await store.count_waiting_events() == 3
+    await store.save_changes(Changes(settled_events={("!r:x", "$a"), ("!r:x", "$c")}))
+    assert [w.event_id for w in await store.get_waiting_events()] == ["$b"]
+    assert await store.get_waiting_events(["s2"]) == []
+
+
+async def test_withheld_notices_per_session_and_sender(backend: Backend) -> None:
+    from olmstead.store.base import WithheldRecord
+
+    store = await backend.open()
+    await store.save_changes(
+        Changes(
+            withheld=[
+                WithheldRecord("!r:x", "s1", "k1", "@a:x", "m.unverified", "not verified"),
+                WithheldRecord("!r:x", "s1", "k2", "@b:x", "m.blacklisted", "blocked"),
+                WithheldRecord("", "", "k3", "@c:x", "m.no_olm", "no session"),
+            ]
+        )
+    )
+    replaced = WithheldRecord("!r:x", "s1", "k1", "@a:x", "m.unavailable", "later")
+    await store.save_changes(Changes(withheld=[replaced]))
+    found = sorted(await store.get_withheld("!r:x", "s1"), key=lambda w: w.sender_key)
+    assert [(w.sender_key, w.code, w.reason) for w in found] == [
+        ("k1", "m.unavailable", "later"),
+        ("k2", "m.blacklisted", "blocked"),
+    ]
+    assert [w.code for w in await store.get_withheld("", "")] == ["m.no_olm"]
+    assert await store.get_withheld("!r:x", "s2") == []
+
+
+async def test_outbox_kept_unchanged_until_sent(backend: Backend) -> None:
+    from olmstead.store.base import OutboxEntry
+
+    store = await backend.open()
+    messages = {"@a:x": {"DEV": {"algorithm": "m.olm.v1.curve25519-aes-sha2", "body": "é"}}}
+    share = OutboxEntry(
+        "room_key-1", "m.room.encrypted", messages, 1.0, "!r:x", "s1", {"@a:x": {"DEV": 3}}
+    )
+    dummy = OutboxEntry("dummy-1", "m.room.encrypted", messages, 2.0)
+    await store.save_changes(Changes(outbox=[share, dummy]))
+    await store.close()
+    store = await backend.open()
+    assert await store.get_outbox() == [share, dummy]
+    await store.save_changes(Changes(outbox_sent={"room_key-1"}))
+    assert await store.get_outbox() == [dummy]

@@ -40,7 +40,10 @@ __all__ = [
     "MessageIndex",
     "OlmSessionRecord",
     "OutboundGroupSessionRecord",
+    "OutboxEntry",
     "SerializedChanges",
+    "WaitingRoomEvent",
+    "WithheldRecord",
     "account_from_row",
     "new_holder_name",
     "next_lock_row",
@@ -155,6 +158,85 @@ class MessageIndex:
     origin_ts: int
 
 
+@dataclass(frozen=True)
+class WaitingRoomEvent:
+    """An encrypted room event kept until its room key arrives (the delivery queue)."""
+
+    room_id: str
+    event_id: str
+    #: the Megolm session whose key it waits for
+    session_id: str
+    #: the event as the server sent it
+    event: dict[str, Any]
+    #: when it first reached us (seconds since the epoch, the machine's clock)
+    received_at: float
+    #: its place among the events received at the same time (timeline order)
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class WithheldRecord:
+    """An ``m.room_key.withheld`` notice: a sender will not give us a session's key.
+
+    ``m.no_olm`` may name no room or session: then ``room_id`` and ``session_id``
+    are empty and the notice covers every session of that sending device.
+    """
+
+    room_id: str
+    session_id: str
+    #: the Curve25519 key of the device that withholds the key
+    sender_key: str
+    #: the user who sent the notice
+    sender: str
+    #: ``m.blacklisted``, ``m.unverified``, ``m.unauthorised``, ``m.unavailable``, ``m.no_olm``
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A to-device request committed before it leaves, removed once the server confirmed it.
+
+    A room key share also names its room, session and recipients (user -> device ->
+    the message index they get, -1 for a withheld notice): they count as holding
+    the key only once the request is confirmed.
+    """
+
+    request_id: str
+    event_type: str
+    #: user -> device -> content, exactly as it goes out (ciphertext included)
+    messages: dict[str, dict[str, dict[str, Any]]]
+    created_at: float
+    room_id: str = ""
+    session_id: str = ""
+    recipients: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "event_type": self.event_type,
+                "messages": self.messages,
+                "room_id": self.room_id,
+                "session_id": self.session_id,
+                "recipients": self.recipients,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, request_id: str, created_at: float, data: str) -> OutboxEntry:
+        fields = json.loads(data)
+        return cls(
+            request_id,
+            fields["event_type"],
+            fields["messages"],
+            created_at,
+            fields["room_id"],
+            fields["session_id"],
+            fields["recipients"],
+        )
+
+
 @dataclass
 class Changes:
     """Everything one ``save_changes`` call commits, all or nothing."""
@@ -174,6 +256,16 @@ class Changes:
     discarded_outbound: set[str] = field(default_factory=set)
     #: first uses of message indices; an index already recorded keeps its first event
     message_indices: list[MessageIndex] = field(default_factory=list)
+    #: room events to keep until their key comes; one already kept keeps its first record
+    waiting_events: list[WaitingRoomEvent] = field(default_factory=list)
+    #: (room_id, event_id) of kept events that were delivered or finally reported
+    settled_events: set[tuple[str, str]] = field(default_factory=set)
+    #: withheld notices; a newer notice for the same session and sender replaces the older
+    withheld: list[WithheldRecord] = field(default_factory=list)
+    #: to-device requests to keep until the server confirms them
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    #: request IDs of outbox entries the server confirmed
+    outbox_sent: set[str] = field(default_factory=set)
 
     def is_empty(self) -> bool:
         return not (
@@ -187,6 +279,11 @@ class Changes:
             or self.outbound_group_sessions
             or self.discarded_outbound
             or self.message_indices
+            or self.waiting_events
+            or self.settled_events
+            or self.withheld
+            or self.outbox
+            or self.outbox_sent
         )
 
 
@@ -208,6 +305,15 @@ class SerializedChanges:
     discarded_outbound: set[str]
     #: session_id, index, event_id, origin_ts
     message_indices: list[tuple[str, int, str, int]]
+    #: room_id, event_id, session_id, event JSON, received_at, position
+    waiting_events: list[tuple[str, str, str, str, float, int]] = field(default_factory=list)
+    #: (room_id, event_id)
+    settled_events: set[tuple[str, str]] = field(default_factory=set)
+    #: room_id, session_id, sender_key, sender, code, reason
+    withheld: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
+    #: request_id, created_at, data JSON
+    outbox: list[tuple[str, float, str]] = field(default_factory=list)
+    outbox_sent: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -342,6 +448,27 @@ class CryptoStore(ABC):
     @abstractmethod
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         """The first event recorded under a Megolm session's message index."""
+
+    @abstractmethod
+    async def _waiting_rows(
+        self, session_ids: list[str] | None
+    ) -> list[tuple[str, str, str, str, float, int]]:
+        """room_id, event_id, session_id, event JSON, received_at, position of the kept
+        room events (of ``session_ids`` only, unless ``None``), oldest first."""
+
+    @abstractmethod
+    async def count_waiting_events(self) -> int:
+        """How many room events the delivery queue holds."""
+
+    @abstractmethod
+    async def _withheld_rows(
+        self, room_id: str, session_id: str
+    ) -> list[tuple[str, str, str, str]]:
+        """sender_key, sender, code, reason of each withheld notice for the session."""
+
+    @abstractmethod
+    async def _outbox_rows(self) -> list[tuple[str, float, str]]:
+        """request_id, created_at, data JSON of every outbox entry, oldest first."""
 
     @abstractmethod
     async def _rekey(
@@ -525,6 +652,36 @@ class CryptoStore(ABC):
             state["rotation_ms"],
         )
 
+    async def get_waiting_events(
+        self, session_ids: Collection[str] | None = None
+    ) -> list[WaitingRoomEvent]:
+        """The kept room events (of ``session_ids`` only, unless ``None``), oldest first."""
+        rows = await self._waiting_rows(None if session_ids is None else sorted(set(session_ids)))
+        found = []
+        for room_id, event_id, session_id, event, received_at, position in rows:
+            try:
+                parsed = json.loads(event)
+            except ValueError as exc:
+                raise StoreCorrupt(self.name, f"a kept room event is not JSON: {exc}") from None
+            found.append(
+                WaitingRoomEvent(room_id, event_id, session_id, parsed, received_at, position)
+            )
+        return found
+
+    async def get_withheld(self, room_id: str, session_id: str) -> list[WithheldRecord]:
+        """The withheld notices recorded for a session (``""``, ``""``: m.no_olm for any)."""
+        return [
+            WithheldRecord(room_id, session_id, *row)
+            for row in await self._withheld_rows(room_id, session_id)
+        ]
+
+    async def get_outbox(self) -> list[OutboxEntry]:
+        """Every to-device request still waiting for the server's confirmation, oldest first."""
+        try:
+            return [OutboxEntry.from_json(*row) for row in await self._outbox_rows()]
+        except (ValueError, KeyError) as exc:
+            raise StoreCorrupt(self.name, f"an outbox entry does not parse: {exc}") from None
+
     async def rekey(
         self, new_key: PickleKey, progress: Callable[[int], object] | None = None
     ) -> str:
@@ -631,6 +788,24 @@ class CryptoStore(ABC):
                 ],
                 set(changes.discarded_outbound),
                 [(m.session_id, m.index, m.event_id, m.origin_ts) for m in changes.message_indices],
+                [
+                    (
+                        w.room_id,
+                        w.event_id,
+                        w.session_id,
+                        json.dumps(w.event),
+                        w.received_at,
+                        w.position,
+                    )
+                    for w in changes.waiting_events
+                ],
+                set(changes.settled_events),
+                [
+                    (w.room_id, w.session_id, w.sender_key, w.sender, w.code, w.reason)
+                    for w in changes.withheld
+                ],
+                [(e.request_id, e.created_at, e.to_json()) for e in changes.outbox],
+                set(changes.outbox_sent),
             )
             await self._write(serialized, self.holder, known)
         except StoreLockLost:

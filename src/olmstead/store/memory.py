@@ -44,6 +44,12 @@ class MemoryDatabase:
     #: room_id -> (pickle, state JSON)
     outbound_group: dict[str, tuple[str, str]] = field(default_factory=dict)
     message_indices: dict[tuple[str, int], MessageIndex] = field(default_factory=dict)
+    #: (room_id, event_id) -> (session_id, event JSON, received_at, position)
+    waiting: dict[tuple[str, str], tuple[str, str, float, int]] = field(default_factory=dict)
+    #: (room_id, session_id, sender_key) -> (sender, code, reason)
+    withheld: dict[tuple[str, str, str], tuple[str, str, str]] = field(default_factory=dict)
+    #: request_id -> (created_at, data JSON), in insertion order
+    outbox: dict[str, tuple[float, str]] = field(default_factory=dict)
     lock: LockRow | None = None
 
 
@@ -110,6 +116,33 @@ class MemoryStore(CryptoStore):
     async def get_message_index(self, session_id: str, index: int) -> MessageIndex | None:
         return self._db.message_indices.get((session_id, index))
 
+    async def _waiting_rows(
+        self, session_ids: list[str] | None
+    ) -> list[tuple[str, str, str, str, float, int]]:
+        wanted = None if session_ids is None else set(session_ids)
+        rows = [
+            (room_id, event_id, *row)
+            for (room_id, event_id), row in self._db.waiting.items()
+            if wanted is None or row[0] in wanted
+        ]
+        return sorted(rows, key=lambda r: (r[4], r[5]))
+
+    async def count_waiting_events(self) -> int:
+        return len(self._db.waiting)
+
+    async def _withheld_rows(
+        self, room_id: str, session_id: str
+    ) -> list[tuple[str, str, str, str]]:
+        return [
+            (sender_key, *row)
+            for (room, session, sender_key), row in self._db.withheld.items()
+            if (room, session) == (room_id, session_id)
+        ]
+
+    async def _outbox_rows(self) -> list[tuple[str, float, str]]:
+        rows = [(request_id, *row) for request_id, row in self._db.outbox.items()]
+        return sorted(rows, key=lambda r: r[1])  # stable: insertion order among equals
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         lock = self._db.lock
         if lock is None or lock.holder != holder or lock.generation != generation:
@@ -141,6 +174,18 @@ class MemoryStore(CryptoStore):
             self._db.message_indices.setdefault(
                 (session_id, index), MessageIndex(session_id, index, event_id, origin_ts)
             )
+        for room_id, event_id, session_id, event, received_at, position in changes.waiting_events:
+            self._db.waiting.setdefault(
+                (room_id, event_id), (session_id, event, received_at, position)
+            )
+        for settled in changes.settled_events:
+            self._db.waiting.pop(settled, None)
+        for room_id, session_id, sender_key, sender, code, reason in changes.withheld:
+            self._db.withheld[room_id, session_id, sender_key] = (sender, code, reason)
+        for request_id, created_at, data in changes.outbox:
+            self._db.outbox.setdefault(request_id, (created_at, data))
+        for request_id in changes.outbox_sent:
+            self._db.outbox.pop(request_id, None)
 
     async def count_secrets(self) -> dict[str, int]:
         return {

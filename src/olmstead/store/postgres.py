@@ -354,6 +354,62 @@ class PostgresStore(CryptoStore):
         )
         return {r[0]: MessageIndex(session_id, r[0], r[1], r[2]) for r in rows}
 
+    async def _waiting_rows(
+        self, session_ids: list[str] | None
+    ) -> list[tuple[str, str, str, str, float, int]]:
+        columns = "room_id, event_id, session_id, event, received_at, position"
+        if session_ids is None:
+            rows = await self._run(
+                lambda c: c.fetch(
+                    f"SELECT {columns} FROM olmstead_waiting_room_events WHERE account_id = $1 "
+                    "ORDER BY received_at, position",
+                    self.account_id,
+                )
+            )
+        else:
+            rows = await self._run(
+                lambda c: c.fetch(
+                    f"SELECT {columns} FROM olmstead_waiting_room_events WHERE account_id = $1 "
+                    "AND session_id = ANY($2::text[]) ORDER BY received_at, position",
+                    self.account_id,
+                    session_ids,
+                )
+            )
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    async def count_waiting_events(self) -> int:
+        count = await self._run(
+            lambda c: c.fetchval(
+                "SELECT count(*) FROM olmstead_waiting_room_events WHERE account_id = $1",
+                self.account_id,
+            )
+        )
+        return int(count)
+
+    async def _withheld_rows(
+        self, room_id: str, session_id: str
+    ) -> list[tuple[str, str, str, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT sender_key, sender, code, reason FROM olmstead_withheld_sessions "
+                "WHERE account_id = $1 AND room_id = $2 AND session_id = $3",
+                self.account_id,
+                room_id,
+                session_id,
+            )
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def _outbox_rows(self) -> list[tuple[str, float, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT request_id, created_at, data FROM olmstead_outbox WHERE account_id = $1 "
+                "ORDER BY created_at, request_id",
+                self.account_id,
+            )
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         a = self.account_id
 
@@ -439,6 +495,43 @@ class PostgresStore(CryptoStore):
                     "ON CONFLICT DO NOTHING",
                     a,
                     changes.message_indices,
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_waiting_room_events (account_id, room_id, event_id, "
+                    "session_id, event, received_at, position) VALUES ($1, $2, $3, $4, $5, $6, "
+                    "$7) ON CONFLICT DO NOTHING",
+                    a,
+                    changes.waiting_events,
+                )
+                await _many(
+                    conn,
+                    "DELETE FROM olmstead_waiting_room_events WHERE account_id = $1 "
+                    "AND room_id = $2 AND event_id = $3",
+                    a,
+                    list(changes.settled_events),
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_withheld_sessions (account_id, room_id, session_id, "
+                    "sender_key, sender, code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                    "ON CONFLICT (account_id, room_id, session_id, sender_key) DO UPDATE SET "
+                    "sender = excluded.sender, code = excluded.code, reason = excluded.reason",
+                    a,
+                    changes.withheld,
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_outbox (account_id, request_id, created_at, data) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    a,
+                    changes.outbox,
+                )
+                await _many(
+                    conn,
+                    "DELETE FROM olmstead_outbox WHERE account_id = $1 AND request_id = $2",
+                    a,
+                    [(request_id,) for request_id in changes.outbox_sent],
                 )
                 for key, value in changes.values.items():
                     if value is None:

@@ -318,6 +318,49 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read) if wanted else {}
 
+    async def _waiting_rows(
+        self, session_ids: list[str] | None
+    ) -> list[tuple[str, str, str, str, float, int]]:
+        def read() -> list[tuple[str, str, str, str, float, int]]:
+            columns = "room_id, event_id, session_id, event, received_at, position"
+            if session_ids is None:
+                rows = self._conn.execute(f"SELECT {columns} FROM waiting_room_events").fetchall()
+            else:
+                sql = f"SELECT {columns} FROM waiting_room_events WHERE session_id IN ({{}})"
+                rows = _rows_in(self._conn, sql, (), session_ids)
+            found = [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+            return sorted(found, key=lambda r: (r[4], r[5]))
+
+        return await self._run(read)
+
+    async def count_waiting_events(self) -> int:
+        def count() -> int:
+            return int(self._conn.execute("SELECT count(*) FROM waiting_room_events").fetchone()[0])
+
+        return await self._run(count)
+
+    async def _withheld_rows(
+        self, room_id: str, session_id: str
+    ) -> list[tuple[str, str, str, str]]:
+        def read() -> list[tuple[str, str, str, str]]:
+            rows = self._conn.execute(
+                "SELECT sender_key, sender, code, reason FROM withheld_sessions "
+                "WHERE room_id = ? AND session_id = ?",
+                (room_id, session_id),
+            ).fetchall()
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._run(read)
+
+    async def _outbox_rows(self) -> list[tuple[str, float, str]]:
+        def read() -> list[tuple[str, float, str]]:
+            rows = self._conn.execute(
+                "SELECT request_id, created_at, data FROM outbox ORDER BY created_at, rowid"
+            ).fetchall()
+            return [(r[0], r[1], r[2]) for r in rows]
+
+        return await self._run(read)
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
             row = _lock_row(conn)
@@ -372,6 +415,31 @@ class SqliteStore(CryptoStore):
                 "INSERT INTO megolm_message_indices (session_id, message_index, event_id, "
                 "origin_ts) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 changes.message_indices,
+            )
+            conn.executemany(
+                "INSERT INTO waiting_room_events (room_id, event_id, session_id, event, "
+                "received_at, position) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                changes.waiting_events,
+            )
+            conn.executemany(
+                "DELETE FROM waiting_room_events WHERE room_id = ? AND event_id = ?",
+                list(changes.settled_events),
+            )
+            conn.executemany(
+                "INSERT INTO withheld_sessions (room_id, session_id, sender_key, sender, code, "
+                "reason) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (room_id, session_id, sender_key) "
+                "DO UPDATE SET sender = excluded.sender, code = excluded.code, "
+                "reason = excluded.reason",
+                changes.withheld,
+            )
+            conn.executemany(
+                "INSERT INTO outbox (request_id, created_at, data) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                changes.outbox,
+            )
+            conn.executemany(
+                "DELETE FROM outbox WHERE request_id = ?",
+                [(request_id,) for request_id in changes.outbox_sent],
             )
             for key, value in changes.values.items():
                 if value is None:

@@ -90,4 +90,41 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        # numbered as in SQLite from here on (1 covers SQLite's 1-5), so that the steps
+        # of work done side by side keep their numbers when merged
+        6,
+        "room events waiting for their key, withheld room keys, the to-device outbox",
+        """
+        CREATE TABLE olmstead_waiting_room_events (
+            account_id  TEXT NOT NULL,
+            room_id     TEXT NOT NULL,
+            event_id    TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            event       TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            position    BIGINT NOT NULL,
+            PRIMARY KEY (account_id, room_id, event_id)
+        );
+        CREATE INDEX olmstead_waiting_room_events_by_session
+            ON olmstead_waiting_room_events (account_id, session_id);
+        CREATE TABLE olmstead_withheld_sessions (
+            account_id TEXT NOT NULL,
+            room_id    TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            sender_key TEXT NOT NULL,
+            sender     TEXT NOT NULL,
+            code       TEXT NOT NULL,
+            reason     TEXT NOT NULL,
+            PRIMARY KEY (account_id, room_id, session_id, sender_key)
+        );
+        CREATE TABLE olmstead_outbox (
+            account_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            data       TEXT NOT NULL,
+            PRIMARY KEY (account_id, request_id)
+        );
+        """,
+    ),
 ]

@@ -97,4 +97,34 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "room events waiting for their key, withheld room keys, the to-device outbox",
+        """
+        CREATE TABLE waiting_room_events (
+            room_id     TEXT NOT NULL,
+            event_id    TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            event       TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            position    INTEGER NOT NULL,
+            PRIMARY KEY (room_id, event_id)
+        );
+        CREATE INDEX waiting_room_events_by_session ON waiting_room_events (session_id);
+        CREATE TABLE withheld_sessions (
+            room_id    TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            sender_key TEXT NOT NULL,
+            sender     TEXT NOT NULL,
+            code       TEXT NOT NULL,
+            reason     TEXT NOT NULL,
+            PRIMARY KEY (room_id, session_id, sender_key)
+        );
+        CREATE TABLE outbox (
+            request_id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            data       TEXT NOT NULL
+        );
+        """,
+    ),
 ]
