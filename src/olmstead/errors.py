@@ -22,6 +22,7 @@ attributes, so tools need not parse messages.
     │   ├── OlmSessionError       no Olm session decrypts it, nor can one be created
     │   ├── SenderMismatch        the decrypted payload's sender, recipient or keys are wrong
     │   ├── UnknownRoomKey        the room key has not arrived (yet); kept until it does
+    │   ├── RoomKeyWithheld       the sender withheld the room key (m.room_key.withheld)
     │   ├── MegolmDecryptionFailed  the room event does not decrypt with its session
     │   └── ReplayedMessage       a message index seen before with another event
     ├── KeyStateError             device keys here and on the homeserver disagree
@@ -61,6 +62,7 @@ __all__ = [
     "RateLimited",
     "RemoteProtocolError",
     "ReplayedMessage",
+    "RoomKeyWithheld",
     "SenderMismatch",
     "StaleKeysRemain",
     "StoreCorrupt",
@@ -192,11 +194,23 @@ class DecryptionError(OlmsteadError):
 
     ``sender`` is the Matrix user the event came from and ``sender_key`` the
     Curve25519 key of the sending device, where the event names them.
+
+    ``final`` is ``False`` when the client reports a room event it keeps waiting
+    for its key (``UnknownRoomKey``, ``RoomKeyWithheld``): the event may still be
+    delivered, or reported once more with ``final`` set when the wait ends.
     """
 
-    def __init__(self, message: str, sender: str | None = None, sender_key: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        sender: str | None = None,
+        sender_key: str | None = None,
+        *,
+        final: bool = True,
+    ):
         self.sender = sender
         self.sender_key = sender_key
+        self.final = final
         super().__init__(message)
 
 
@@ -223,9 +237,40 @@ class UnknownRoomKey(DecryptionError):
     or the sender did not give it to this device. ``session_id`` names it.
     """
 
-    def __init__(self, message: str, sender: str | None, session_id: str) -> None:
+    def __init__(
+        self, message: str, sender: str | None, session_id: str, *, final: bool = True
+    ) -> None:
         self.session_id = session_id
-        super().__init__(message, sender)
+        super().__init__(message, sender, final=final)
+
+
+class RoomKeyWithheld(DecryptionError):
+    """The sending device told us it will not give us the room key (``m.room_key.withheld``).
+
+    ``code`` is the spec's reason code: ``m.blacklisted`` (it blocked our device),
+    ``m.unverified`` (it shares only with verified devices: have our device
+    verified, or cross-signed), ``m.unauthorised`` (we may not see the event, e.g.
+    sent before we joined), ``m.unavailable`` (it does not have the key), or
+    ``m.no_olm`` (it could not open an Olm session with our device: our one-time
+    keys ran out, or it could not fetch them). ``reason`` is the sender's text.
+    A real key that arrives later still decrypts the event. Spec: "Reporting that
+    decryption keys are withheld" (MSC2399).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        sender: str | None,
+        session_id: str,
+        code: str,
+        reason: str,
+        *,
+        final: bool = True,
+    ) -> None:
+        self.session_id = session_id
+        self.code = code
+        self.reason = reason
+        super().__init__(message, sender, final=final)
 
 
 class MegolmDecryptionFailed(DecryptionError):

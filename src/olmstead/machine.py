@@ -5,8 +5,9 @@ what must be sent (``outgoing_requests``) and reports each answer
 (``mark_request_as_sent``). Sub-machines are plain attributes (``keys_upload``
 decides which keys to make and send, ``upload_guard`` whether and when an upload may
 go out and what a failed one means, ``devices`` whose device lists we follow, ``olm``
-the Olm sessions with other devices, ``megolm`` room keys); the machine alone commits
-to the store.
+the Olm sessions with other devices, ``megolm`` room keys, ``outbox`` the to-device
+requests kept until the server confirms them, ``delivery`` the room events waiting
+for their key); the machine alone commits to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -22,13 +23,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import vodozemac
 
 from olmstead import key_export, key_state
 from olmstead.backoff import Backoff
+from olmstead.delivery import DeliverySettings, RoomEventQueue, WaitingResult
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
@@ -44,6 +46,7 @@ from olmstead.identities.device import Device
 from olmstead.identities.tracker import DeviceTracker
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
+from olmstead.outbox import Outbox
 from olmstead.requests import (
     AccountDataRequest,
     KeysClaimRequest,
@@ -59,6 +62,7 @@ from olmstead.sessions.group_sessions import (
     payload_bytes,
 )
 from olmstead.sessions.olm_sessions import OLM_ALGORITHM, DecryptedToDevice, OlmSessions
+from olmstead.sessions.withheld import WITHHELD_TYPE, read_withheld
 from olmstead.store.base import (
     AccountRecord,
     Changes,
@@ -66,6 +70,7 @@ from olmstead.store.base import (
     InboundGroupSessionRecord,
     OlmSessionRecord,
     OutboundGroupSessionRecord,
+    OutboxEntry,
 )
 from olmstead.upload_guard import OneTimeKeysDrained, UploadGuard, UploadPolicy
 
@@ -102,6 +107,7 @@ class OlmMachine:
         policy: UploadPolicy,
         tracked_users: Mapping[str, bool],
         clock: Callable[[], float],
+        delivery: DeliverySettings | None = None,
     ) -> None:
         self.store = store
         self.keys_upload = KeysUpload(settings)
@@ -109,6 +115,8 @@ class OlmMachine:
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked_users)
         self.olm = OlmSessions(store, record.user_id, record.device_id)
         self.megolm = GroupSessions(store)
+        self.outbox = Outbox()
+        self.delivery = RoomEventQueue(delivery or DeliverySettings())
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
         # the stored devices of recent users, whole; _device_epoch moves with every
@@ -149,10 +157,12 @@ class OlmMachine:
         key_settings: KeySettings | None = None,
         upload_policy: UploadPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        delivery: DeliverySettings | None = None,
     ) -> OlmMachine:
         """Load the device's account from ``store``, or create and commit a new one.
 
         A new account is committed before anything about it can leave the machine.
+        ``delivery`` bounds the queue of room events waiting for their key.
         Raises ``StoreMismatch`` if the store holds another user's or device's account.
         """
         generation = await store.ensure_lease()
@@ -173,6 +183,7 @@ class OlmMachine:
             upload_policy or UploadPolicy(),
             await store.get_tracked_users(),
             clock,
+            delivery,
         )
 
     # --- who we are ----------------------------------------------------------------------------
@@ -315,6 +326,12 @@ class OlmMachine:
         now = self._clock()
         for event in events:
             content = event.get("content")
+            if event.get("type") == WITHHELD_TYPE:
+                notice = await read_withheld(self.store, event.get("sender"), content)
+                if notice is not None:
+                    changes.withheld.append(notice)
+                results.append(event)
+                continue
             if event.get("type") != "m.room.encrypted" or not (
                 isinstance(content, Mapping) and content.get("algorithm") == OLM_ALGORITHM
             ):
@@ -332,6 +349,12 @@ class OlmMachine:
                 room_key = await self.megolm.accept_room_key(result)
                 if room_key is not None:
                     changes.inbound_group_sessions.append(room_key)
+            elif result.type == WITHHELD_TYPE:
+                notice = await read_withheld(
+                    self.store, result.sender, result.content, olm_sender_key=result.sender_key
+                )
+                if notice is not None:
+                    changes.withheld.append(notice)
             results.append(result)
         return results
 
@@ -362,10 +385,12 @@ class OlmMachine:
                 messages.setdefault(device.user_id, {})[device.device_id] = sealed[0]
                 stepped.append(sealed[1])
         if messages:
-            await self._commit(Changes(olm_sessions=stepped))
-            self._pending_to_device.append(
-                ToDeviceRequest(f"dummy-{uuid.uuid4().hex}", "m.room.encrypted", messages)
-            )
+            changes = Changes(olm_sessions=stepped)
+            entry = OutboxEntry(f"dummy-{uuid.uuid4().hex}", "m.room.encrypted", messages, now)
+            self.outbox.add(entry, changes)
+            await self._commit(changes)
+            self.outbox.committed([entry])
+            self.outbox.failed(entry.request_id)  # not handed out yet: the next round does
 
     async def _commit(self, changes: Changes) -> None:
         """Commit, fenced by the generation our state was read under.
@@ -385,6 +410,10 @@ class OlmMachine:
             self._outbound.clear()
             raise
         self.megolm.committed(changes.inbound_group_sessions)
+        self.delivery.sessions_committed(
+            [(r.room_id, r.session_id) for r in changes.inbound_group_sessions]
+            + [(w.room_id, w.session_id) for w in changes.withheld]
+        )
         if changes.devices:
             self._device_epoch += 1
             for device in changes.devices:
@@ -402,7 +431,11 @@ class OlmMachine:
         Rotates the session first if it is spent, too old, or a device that had it
         is no longer among the recipients. Devices we have no Olm session with get
         ``m.room_key.withheld`` (``m.no_olm``): claim sessions first with
-        ``get_missing_sessions``. Everything is committed before the requests return.
+        ``get_missing_sessions``. The requests are committed to the outbox with the
+        ratchet steps that made them before they return; their recipients count as
+        holding the key once ``mark_request_as_sent`` confirms them (until then a
+        new share skips them, and after a restart ``outgoing_requests`` hands the
+        same requests out again).
         """
         async with self._mutex:
             await self._refresh()
@@ -416,6 +449,9 @@ class OlmMachine:
             record = await self._outbound_session(room_id)
             wanted = {(d.user_id, d.device_id) for d in devices}
             had = {(u, d) for u, ds in (record.shared_with if record else {}).items() for d in ds}
+            if record is not None:  # on their way count as had: a leaver's share means rotation
+                sending = self.outbox.pending_recipients(room_id, record.session.session_id)
+                had |= {(u, d) for u, ds in sending.items() for d in ds}
             changes = Changes()
             if record is None or self.megolm.expired(record, now) or (had - wanted):
                 record = self.megolm.new_outbound(room_id, settings or RoomSettings(), now)
@@ -428,15 +464,22 @@ class OlmMachine:
                 changes.inbound_group_sessions.append(own)  # so we read our own messages
             key = self.megolm.room_key_content(record)
             payload = self.olm.payload(self.identity_keys, "m.room_key", key)
+            session_id = record.session.session_id
+            pending = self.outbox.pending_recipients(room_id, session_id)
             encrypted: dict[str, dict[str, dict[str, Any]]] = {}
             withheld: dict[str, dict[str, dict[str, Any]]] = {}
+            given_key: dict[str, dict[str, int]] = {}
+            told_withheld: dict[str, dict[str, int]] = {}
             for device in devices:
                 given = record.shared_with.get(device.user_id, {}).get(device.device_id)
                 if given is not None and given >= 0:
                     continue
+                on_way = pending.get(device.user_id, {}).get(device.device_id)
+                if on_way is not None and on_way >= 0:
+                    continue  # the key is on its way to it
                 sealed = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if sealed is None:
-                    if given is None:
+                    if given is None and on_way is None:
                         withheld.setdefault(device.user_id, {})[device.device_id] = {
                             "algorithm": MEGOLM_ALGORITHM,
                             "room_id": room_id,
@@ -445,12 +488,38 @@ class OlmMachine:
                             "code": "m.no_olm",
                             "reason": "no Olm session with this device",
                         }
-                        record.shared_with.setdefault(device.user_id, {})[device.device_id] = -1
+                        told_withheld.setdefault(device.user_id, {})[device.device_id] = -1
                     continue
                 encrypted.setdefault(device.user_id, {})[device.device_id] = sealed[0]
                 changes.olm_sessions.append(sealed[1])
                 index = record.session.message_index
-                record.shared_with.setdefault(device.user_id, {})[device.device_id] = index
+                given_key.setdefault(device.user_id, {})[device.device_id] = index
+            entries = []
+            if encrypted:
+                entries.append(
+                    OutboxEntry(
+                        f"room_key-{uuid.uuid4().hex}",
+                        "m.room.encrypted",
+                        encrypted,
+                        now,
+                        room_id,
+                        session_id,
+                        given_key,
+                    )
+                )
+            if withheld:
+                entries.append(
+                    OutboxEntry(
+                        f"withheld-{uuid.uuid4().hex}",
+                        "m.room_key.withheld",
+                        withheld,
+                        now,
+                        room_id,
+                        session_id,
+                        told_withheld,
+                    )
+                )
+            requests = [self.outbox.add(entry, changes) for entry in entries]
             changes.outbound_group_sessions.append(record)
             try:
                 await self._commit(changes)
@@ -458,17 +527,24 @@ class OlmMachine:
                 self._outbound.pop(room_id, None)  # the cached copy ran ahead of the store
                 raise
             self._outbound[room_id] = record
-            requests = []
-            if encrypted:
-                requests.append(
-                    ToDeviceRequest(f"room_key-{uuid.uuid4().hex}", "m.room.encrypted", encrypted)
-                )
-            if withheld:
-                requests.append(
-                    ToDeviceRequest(f"withheld-{uuid.uuid4().hex}", "m.room_key.withheld", withheld)
-                )
+            self.outbox.committed(entries)
             self._in_flight.update((r.request_id, r) for r in requests)
             return requests
+
+    async def _share_confirmed(self, entry: OutboxEntry, changes: Changes) -> None:
+        """A share reached the server: its recipients now hold the key (in ``changes``)."""
+        if not entry.room_id:
+            return
+        record = await self._outbound_session(entry.room_id)
+        if record is None or record.session.session_id != entry.session_id:
+            return  # rotated away meanwhile: nothing to record
+        shared = {user: dict(devices) for user, devices in record.shared_with.items()}
+        for user_id, devices in entry.recipients.items():
+            for device_id, index in devices.items():
+                known = shared.setdefault(user_id, {}).get(device_id)
+                if known is None or known < 0 or (0 <= index < known):
+                    shared[user_id][device_id] = index
+        changes.outbound_group_sessions.append(replace(record, shared_with=shared))
 
     async def encrypt_room_event(
         self, room_id: str, event_type: str, content: Mapping[str, Any]
@@ -538,6 +614,77 @@ class OlmMachine:
             results, changes = await self.megolm.decrypt_many(room_id, events)
             await self._commit(changes)
             return results
+
+    # --- room events waiting for their key -----------------------------------------------------
+
+    async def retry_waiting_events(self) -> list[WaitingResult]:
+        """Kept room events that can now be delivered or must be reported, oldest first.
+
+        Decrypts again the kept events of every session whose room key or withheld
+        notice was committed since the last call (all kept events after a start or
+        a reload, and whenever one's ``DeliverySettings.key_wait`` ran out). Each
+        result is delivered (``DecryptedRoomEvent``), reported as final (a
+        ``DecryptionError`` with ``final`` set: the wait ended, or the key came and
+        does not decrypt it), or reported while it still waits (``RoomKeyWithheld``
+        with ``final`` unset, when a notice came). Pass the ``(room_id, event_id)``
+        of those that ``settle`` to ``commit_deliveries`` once the application has
+        them; until then a crash brings them back. The message indices are committed
+        before this returns.
+        """
+        async with self._mutex:
+            await self._refresh()
+            now = self._clock()
+            entries, over = await self.delivery.candidates(self.store, now)
+            if not entries:
+                self.delivery.settled()
+                return []
+            by_room: dict[str, list[int]] = {}
+            for n, entry in enumerate(entries):
+                by_room.setdefault(entry.room_id, []).append(n)
+            results: list[DecryptedRoomEvent | DecryptionError] = [
+                DecryptionError("not decrypted")
+            ] * len(entries)
+            changes = Changes()
+            for room_id, positions in by_room.items():
+                found, indices = await self.megolm.decrypt_many(
+                    room_id, [entries[n].event for n in positions]
+                )
+                changes.message_indices.extend(indices.message_indices)
+                for n, result in zip(positions, found, strict=True):
+                    results[n] = result
+            await self._commit(changes)
+            return self.delivery.outcomes(entries, results, over, now)
+
+    async def commit_deliveries(
+        self,
+        *,
+        keep: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        settled: Iterable[tuple[str, str]] = (),
+        sync_token: str | None = None,
+        values: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Commit, in one transaction: room events to keep until their key comes,
+        kept events that were delivered or finally reported, and the sync token.
+
+        ``keep``: ``(room_id, event)`` pairs of room events whose decryption raised
+        ``UnknownRoomKey`` or ``RoomKeyWithheld``, in timeline order (an event kept
+        before keeps its first record). ``settled``: ``(room_id, event_id)`` of kept
+        events the application now has (delivered or reported as final); delivered
+        timeline events may be passed too. ``sync_token``: the ``next_batch`` of the
+        response that brought them, once its events reached the application;
+        ``values``: the driver's own small values to commit with it (``None`` deletes).
+        """
+        async with self._mutex:
+            await self._refresh()
+            records = self.delivery.records(keep, self._clock())
+            changes = Changes(waiting_events=records, settled_events=set(settled))
+            if values:
+                changes.values.update(values)
+            if sync_token is not None:
+                changes.values["sync_token"] = sync_token
+            await self._commit(changes)
+            self.delivery.kept(records)
+            self.delivery.settled()
 
     async def _outbound_session(self, room_id: str) -> OutboundGroupSessionRecord | None:
         if room_id not in self._outbound:
@@ -754,6 +901,7 @@ class OlmMachine:
             await self._refresh()
             now = self._clock()
             requests: list[OutgoingRequest] = []
+            requests.extend(self.outbox.take_unsent())
             requests.extend(self._pending_to_device)
             self._pending_to_device.clear()
             if self._pending_marker is not None and self._marker_backoff.ready(now):
@@ -794,6 +942,17 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if self.outbox.owns(request_id):  # even from before a reload: the server has it
+                self._stale_requests.discard(request_id)
+                changes = Changes()
+                entry = self.outbox.confirm(request_id, changes)
+                assert entry is not None
+                await self._share_confirmed(entry, changes)
+                await self._commit(changes)
+                for record in changes.outbound_group_sessions:
+                    self._outbound[record.room_id] = record
+                self.outbox.settled(request_id)
+                return
             if isinstance(request, AccountDataRequest):
                 self._marker_backoff.succeeded()
                 return
@@ -861,6 +1020,10 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
+            if self.outbox.owns(request_id):  # committed: it goes out again, unchanged
+                self._stale_requests.discard(request_id)
+                self.outbox.failed(request_id)
+                return
             if request is None and request_id in self._stale_requests:
                 self._stale_requests.discard(request_id)
                 return
@@ -945,6 +1108,8 @@ class OlmMachine:
         """Reload cached state if the store's lease passed through other hands."""
         generation = await self.store.ensure_lease()
         if generation == self._generation:
+            if not self.outbox.loaded:
+                await self.outbox.load(self.store)
             return
         record = await self.store.load_account()
         if record is None:
@@ -970,8 +1135,10 @@ class OlmMachine:
         self._outbound.clear()
         self.olm.forget()
         self.megolm.forget()
+        self.delivery.forget()
         self._forget_devices()
         self._identity = None
+        await self.outbox.load(self.store)
         self.devices = DeviceTracker(
             record.user_id, record.device_id, await self.store.get_tracked_users()
         )

@@ -11,8 +11,11 @@ out, and reports each answer back. It never reaches into the machine's state.
 
 ``room_send`` encrypts by itself in encrypted rooms: it brings the members'
 devices up to date, opens Olm sessions where missing, shares the room key, and
-only then sends. Events whose room key has not arrived yet are kept (up to
-``MAX_WAITING_EVENTS``) and decrypted when it does.
+only then sends. An event whose room key has not arrived (or was withheld) is
+reported at once to ``on_decryption_failure`` (``error.final`` unset), kept in
+the store with the sync token that brought it, and delivered when its key
+comes, across restarts; if the key has not come within ``key_wait`` seconds it
+is reported again, as final. docs/event-lifecycle.md has the whole story.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from olmstead import key_state
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
+from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
     DecryptionError,
     KeyStateError,
@@ -41,6 +45,7 @@ from olmstead.errors import (
     MatrixHttpError,
     OlmsteadError,
     RemoteProtocolError,
+    RoomKeyWithheld,
     TransportError,
     UnknownRoomKey,
 )
@@ -67,8 +72,6 @@ log = logging.getLogger(__name__)
 SYNC_TOKEN = "sync_token"
 #: a round of requests never goes on past this: a drain is bounded well below it
 _MAX_REQUESTS_PER_ROUND = 1000
-#: encrypted events kept while their room key has not arrived
-MAX_WAITING_EVENTS = 1000
 #: how long a share waits for the members' device lists (seconds), and in how many rounds
 KEY_QUERY_WAIT = 30.0
 KEY_QUERY_ROUNDS = 4
@@ -95,7 +98,12 @@ class Client:
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         auto_join: bool = False,
+        key_wait: float = DeliverySettings.key_wait,
+        max_waiting_events: int = DeliverySettings.max_waiting,
     ) -> None:
+        """``key_wait``: seconds an encrypted room event waits for its room key before
+        it is reported as final (default 900); ``max_waiting_events``: events kept
+        waiting at most (default 1000; past it the oldest are reported as final)."""
         self.homeserver = homeserver
         self.store = store
         self.http = MatrixHttp(homeserver, transport=transport, retry=retry)
@@ -103,6 +111,7 @@ class Client:
         self.machine: OlmMachine | None = None
         self._key_settings = key_settings
         self._upload_policy = upload_policy
+        self._delivery = DeliverySettings(key_wait, max_waiting_events)
         self._drained_callbacks: list[Callable[[OneTimeKeysDrained], object]] = []
         self._room_callbacks: list[RoomEventCallback] = []
         self._failure_callbacks: list[FailureCallback] = []
@@ -114,7 +123,6 @@ class Client:
         self._invited: set[str] = set()  # rooms whose invite was reported, until joined or left
         self._timelines = Timelines(self.http, store)
         self._gap_callbacks: list[GapCallback] = []
-        self._waiting: list[tuple[str, Mapping[str, Any]]] = []
         self._stop = asyncio.Event()
         self._reported_problem: KeyStateError | None = None
 
@@ -178,6 +186,7 @@ class Client:
             session.device_id,
             key_settings=self._key_settings,
             upload_policy=self._upload_policy,
+            delivery=self._delivery,
         )
         if self.machine.device_keys_shared:
             try:
@@ -232,8 +241,11 @@ class Client:
     def on_decryption_failure(self, callback: FailureCallback) -> None:
         """Call ``callback(room_id, event, error)`` for events that cannot be decrypted.
 
-        ``room_id`` is ``None`` for to-device events. An event waiting for its room
-        key is reported only if the key has not come when it is dropped.
+        ``room_id`` is ``None`` for to-device events. A room event whose key has not
+        come (``UnknownRoomKey``) or was withheld (``RoomKeyWithheld``, with its
+        ``code``) is reported at once with ``error.final`` unset, and kept: it is
+        delivered if its key comes, or reported once more with ``error.final`` set
+        when ``key_wait`` has passed. Every other error is final at once.
         """
         self._failure_callbacks.append(callback)
 
@@ -471,9 +483,18 @@ class Client:
                         error,
                     )
 
-    async def _decrypt_timeline(self, events: list[tuple[str, Mapping[str, Any]]]) -> None:
+    async def _decrypt_timeline(
+        self, events: list[tuple[str, Mapping[str, Any]]]
+    ) -> tuple[list[tuple[str, Mapping[str, Any]]], set[tuple[str, str]]]:
         """Deliver a sync's timeline in order, each room's encrypted events decrypted in one
-        batch (one commit of their message indices, not one per event)."""
+        batch (one commit of their message indices, not one per event).
+
+        Returns the events to keep until their key comes (each reported once already)
+        and the (room, event ID) of the encrypted events delivered, which leave the
+        queue if an earlier copy of the same sync put them there.
+        """
+        keep: list[tuple[str, Mapping[str, Any]]] = []
+        delivered: set[tuple[str, str]] = set()
         for room_id, group in itertools.groupby(events, key=lambda pair: pair[0]):
             batch = [event for _room, event in group]
             encrypted = [e for e in batch if e.get("type") == "m.room.encrypted"]
@@ -483,29 +504,35 @@ class Client:
             for event in batch:
                 if event.get("type") != "m.room.encrypted":
                     self._emit(_plain(room_id, event))
-                else:
-                    self._deliver(room_id, event, next(results))
+                    continue
+                result = next(results)
+                if isinstance(result, UnknownRoomKey | RoomKeyWithheld):
+                    result.final = False  # kept: delivered if the key comes
+                    keep.append((room_id, event))
+                self._deliver(room_id, event, result)
+                if not isinstance(result, DecryptionError):
+                    delivered.add((room_id, result.event_id))
+        return keep, delivered
+
+    async def _deliver_waiting(self) -> set[tuple[str, str]]:
+        """Deliver or report kept events whose key came or whose wait ended; those settled."""
+        settled = set()
+        for outcome in await self._machine().retry_waiting_events():
+            self._deliver(outcome.room_id, outcome.event, outcome.result)
+            if outcome.settles:
+                settled.add((outcome.room_id, outcome.event_id))
+        return settled
 
     def _deliver(
         self,
         room_id: str,
         event: Mapping[str, Any],
         result: DecryptedRoomEvent | DecryptionError,
-    ) -> bool:
-        """Emit a decrypted event, keep one whose room key has not come, report the rest."""
-        if isinstance(result, UnknownRoomKey):
-            self._waiting.append((room_id, event))
-            if len(self._waiting) > MAX_WAITING_EVENTS:
-                old_room, old_event = self._waiting.pop(0)
-                self._fail(
-                    old_room,
-                    old_event,
-                    UnknownRoomKey("gave up waiting for the room key", old_event.get("sender"), ""),
-                )
-            return False
+    ) -> None:
+        """Emit a decrypted event, report one that is not."""
         if isinstance(result, DecryptionError):
             self._fail(room_id, event, result)
-            return False
+            return
         self._emit(
             RoomEvent(
                 room_id,
@@ -518,11 +545,6 @@ class Client:
                 event,
             )
         )
-        return True
-
-    async def _retry_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        await self._decrypt_timeline(waiting)  # in their order, a batch per room
 
     def _emit(self, event: RoomEvent) -> None:
         for callback in self._room_callbacks:
@@ -581,18 +603,23 @@ class Client:
                 device_lists=answer.get("device_lists"),
                 to_device_events=_events(to_device),
             )
-            new_keys = self._dispatch_to_device(results)
-            await self._decrypt_timeline(timeline)
-            if new_keys and self._waiting:
-                await self._retry_waiting()
+            self._dispatch_to_device(results)
+            settled = await self._deliver_waiting()  # the keys this sync brought, first
+            keep, delivered = await self._decrypt_timeline(timeline)
+            # only once the timeline reached the callbacks: after a crash the same events
+            # come again (harmless: replay checks accept the same event) rather than never;
+            # the events still waiting for a key are committed with the token that brought
+            # them; through the machine, so the write is fenced by its lease
             if isinstance(next_batch, str):
-                # only once the timeline reached the callbacks: after a crash the same
-                # events come again (harmless: replay checks accept the same event) rather
-                # than never; through the machine, so the write is fenced by its lease
-                await self.machine.receive_sync_changes(
-                    sync_token=next_batch, values=self._timelines.changes()
+                await self.machine.commit_deliveries(
+                    keep=keep,
+                    settled=settled | delivered,
+                    sync_token=next_batch,
+                    values=self._timelines.changes(),
                 )
                 self._timelines.committed()
+            else:
+                await self.machine.commit_deliveries(keep=keep, settled=settled | delivered)
         else:
             for room_id, event in timeline:
                 self._emit(_plain(room_id, event))
@@ -652,17 +679,14 @@ class Client:
         self.stop()
         await self.http.close()
 
-    def _dispatch_to_device(self, results: list[Any]) -> bool:
-        """Hand decrypted to-device events out; whether any room key came."""
-        new_keys = False
+    def _dispatch_to_device(self, results: list[Any]) -> None:
+        """Hand decrypted to-device events out, report those that could not be."""
         for result in results:
             if isinstance(result, DecryptedToDevice):
-                new_keys |= result.type == "m.room_key"
                 for callback in self._to_device_callbacks:
                     callback(result)
             elif isinstance(result, UndecryptableToDevice):
                 self._fail(None, result.event, result.error)
-        return new_keys
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from olmstead.errors import (
 )
 from olmstead.identities.device import Device
 from olmstead.sessions.olm_sessions import DecryptedToDevice
+from olmstead.sessions.withheld import find_withheld
 from olmstead.store.base import (
     Changes,
     CryptoStore,
@@ -294,6 +295,11 @@ class GroupSessions:
             return DecryptionError("not a Megolm event", sender)
         record = await self.inbound(room_id, session_id)
         if record is None:
+            withheld = await find_withheld(
+                self.store, room_id, session_id, sender, content.get("sender_key")
+            )
+            if withheld is not None:
+                return withheld
             return UnknownRoomKey(
                 f"no key for session {session_id} in {room_id} (from {sender}) has arrived",
                 sender,
