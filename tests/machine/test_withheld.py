@@ -1,0 +1,166 @@
+"""Withheld room keys (m.room_key.withheld): kept, checked, explained, and overruled by a key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from olmstead.errors import RoomKeyWithheld, UnknownRoomKey
+from olmstead.requests import ToDeviceRequest
+from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, open_session
+from tests.machine.test_megolm import ALICE, BOB, CAROL, ROOM, Timeline
+
+CODES = ["m.blacklisted", "m.unverified", "m.unauthorised", "m.unavailable", "m.no_olm"]
+
+
+async def held_back() -> tuple[Peer, Peer, list[ToDeviceRequest], dict[str, Any]]:
+    """Alice shares a room key with Bob but it does not reach him; her event does."""
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    await open_session(alice, bob)
+    await learn_devices(bob, alice)
+    requests = await alice.machine.share_room_key(ROOM, [BOB])
+    content = await alice.machine.encrypt_room_event(ROOM, "m.text", {"body": "secret"})
+    return alice, bob, requests, Timeline().event(alice, content)
+
+
+def notice(
+    sender: Peer, event: dict[str, Any], code: str, *, sender_user: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    content = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": ROOM,
+        "session_id": event["content"]["session_id"],
+        "sender_key": sender.machine.identity_keys["curve25519"],
+        "code": code,
+        "reason": f"because {code}",
+        **extra,
+    }
+    content = {k: v for k, v in content.items() if v is not None}
+    return {
+        "type": "m.room_key.withheld",
+        "sender": sender_user or sender.user_id,
+        "content": content,
+    }
+
+
+@pytest.mark.parametrize("code", CODES)
+async def test_each_withheld_code_explains_the_event(code: str) -> None:
+    alice, bob, _requests, event = await held_back()
+    before = await bob.machine.decrypt_room_events(ROOM, [event])
+    assert isinstance(before[0], UnknownRoomKey)
+
+    (passed,) = await bob.machine.receive_sync_changes(
+        to_device_events=[notice(alice, event, code)]
+    )
+    assert passed["type"] == "m.room_key.withheld"  # handed on as it came
+    with pytest.raises(RoomKeyWithheld) as caught:
+        await bob.machine.decrypt_room_event(ROOM, event)
+    assert (caught.value.code, caught.value.reason) == (code, f"because {code}")
+    assert caught.value.session_id == event["content"]["session_id"]
+    assert caught.value.sender == ALICE
+    assert code in str(caught.value)
+
+
+async def test_m_no_olm_without_a_session_covers_every_session_of_the_device() -> None:
+    alice, bob, _requests, event = await held_back()
+    sent = notice(alice, event, "m.no_olm", room_id=None, session_id=None)
+    assert "session_id" not in sent["content"]
+    await bob.machine.receive_sync_changes(to_device_events=[sent])
+    with pytest.raises(RoomKeyWithheld) as caught:
+        await bob.machine.decrypt_room_event(ROOM, event)
+    assert caught.value.code == "m.no_olm"
+
+
+async def test_a_later_real_key_wins_and_the_waiting_event_is_delivered() -> None:
+    alice, bob, requests, event = await held_back()
+    result = await bob.machine.decrypt_room_events(ROOM, [event])
+    assert isinstance(result[0], UnknownRoomKey)
+    await bob.machine.commit_deliveries(keep=[(ROOM, event)])
+    assert await bob.machine.retry_waiting_events() == []
+
+    # the notice: the kept event is reported again, with the reason, and still kept
+    await bob.machine.receive_sync_changes(to_device_events=[notice(alice, event, "m.unavailable")])
+    (told,) = await bob.machine.retry_waiting_events()
+    assert isinstance(told.result, RoomKeyWithheld)
+    assert told.result.code == "m.unavailable"
+    assert told.result.final is False
+    assert not told.settles
+    await bob.machine.commit_deliveries()
+    assert await bob.machine.retry_waiting_events() == []  # told once
+
+    # the key after all
+    for request in requests:
+        await bob.machine.receive_sync_changes(to_device_events=[deliveries(request, alice, bob)])
+    (delivered,) = await bob.machine.retry_waiting_events()
+    assert delivered.settles
+    assert not isinstance(delivered.result, Exception)
+    assert delivered.result.content == {"body": "secret"}
+    await bob.machine.commit_deliveries(settled=[(ROOM, delivered.event_id)])
+    assert await bob.machine.store.get_waiting_events() == []
+    assert (await bob.machine.decrypt_room_event(ROOM, event)).content == {"body": "secret"}
+
+
+async def test_a_notice_naming_another_user_s_device_is_refused() -> None:
+    alice, bob, _requests, event = await held_back()
+    carol = await new_peer(CAROL, "CAROLDEV")
+    # carol claims that alice's device withholds the key: bob knows that device is alice's
+    forged = notice(alice, event, "m.blacklisted", sender_user=carol.user_id)
+    await bob.machine.receive_sync_changes(to_device_events=[forged])
+    assert await bob.machine.store.get_withheld(ROOM, event["content"]["session_id"]) == []
+    with pytest.raises(UnknownRoomKey):
+        await bob.machine.decrypt_room_event(ROOM, event)
+
+
+async def test_a_notice_from_an_unknown_device_does_not_explain_another_sender_s_event() -> None:
+    _alice, bob, _requests, event = await held_back()
+    carol = await new_peer(CAROL, "CAROLDEV")  # bob does not know carol's device
+    forged = notice(carol, event, "m.blacklisted")  # stored: it cannot be checked ...
+    forged["content"]["sender_key"] = "carolsdevicekey"
+    await bob.machine.receive_sync_changes(to_device_events=[forged])
+    with pytest.raises(UnknownRoomKey):  # ... but alice's event is not carol's to explain
+        await bob.machine.decrypt_room_event(ROOM, event)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"code": None},
+        {"code": 7},
+        {"sender_key": None},
+        {"sender_key": ""},
+        {"session_id": None},  # only m.no_olm may leave the session out
+        {"algorithm": "m.olm.v1.curve25519-aes-sha2"},
+        {"room_id": ["!list:x"]},
+        {"code": "x" * 300},
+    ],
+)
+async def test_malformed_notices_are_dropped(change: dict[str, Any]) -> None:
+    alice, bob, _requests, event = await held_back()
+    sent = notice(alice, event, "m.unavailable")
+    for key, value in change.items():
+        if value is None:
+            sent["content"].pop(key)
+        else:
+            sent["content"][key] = value
+    (passed,) = await bob.machine.receive_sync_changes(to_device_events=[sent])
+    assert passed is sent
+    with pytest.raises(UnknownRoomKey):
+        await bob.machine.decrypt_room_event(ROOM, event)
+
+
+async def test_an_encrypted_notice_counts_and_must_name_its_own_device() -> None:
+    alice, bob, _requests, event = await held_back()
+    own = notice(alice, event, "m.unverified")["content"]
+    other = {**own, "sender_key": "someone-elses-key"}
+    devices = (await alice.machine.get_user_devices(BOB)).values()
+    for content in (other, own):
+        request, _ = await alice.machine.encrypt_to_devices(devices, "m.room_key.withheld", content)
+        assert request is not None
+        await bob.machine.receive_sync_changes(to_device_events=[deliveries(request, alice, bob)])
+        if content is other:
+            with pytest.raises(UnknownRoomKey):
+                await bob.machine.decrypt_room_event(ROOM, event)
+    with pytest.raises(RoomKeyWithheld) as caught:
+        await bob.machine.decrypt_room_event(ROOM, event)
+    assert caught.value.code == "m.unverified"
