@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from olmstead import Client
+from olmstead import Client, UnknownRoomKey
 from olmstead.client.rooms import RoomEvent
 from tests.conftest import record_commits
 from tests.integration.harness import close_client, open_client, session_of
@@ -100,8 +100,10 @@ async def test_an_event_waits_for_its_late_room_key(
     )
 
     await bob.sync_once()
-    assert messages(bob_seen) == []  # kept, not failed: the key may still come
-    assert [e for e in bob_seen if not isinstance(e, RoomEvent)] == []
+    assert messages(bob_seen) == []  # kept, and told at once: the key may still come
+    (waiting,) = [e for e in bob_seen if not isinstance(e, RoomEvent)]
+    assert isinstance(waiting, UnknownRoomKey)
+    assert waiting.final is False
 
     for request in held_back:
         await machine.mark_request_as_sent(request.request_id, await alice.http.send(request))
