@@ -3,12 +3,20 @@ against the real Synapse, across a restart of the receiving client."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from olmstead import Client, RoomEvent, RoomKeyWithheld, UnknownRoomKey
 from olmstead.requests import ToDeviceRequest
-from tests.integration.harness import close_client, open_client, session_of
+from tests.integration.harness import Wire, close_client, open_client, session_of
+from tests.integration.share_crash_client import POINTS
 from tests.integration.test_messaging import messages, two_in_a_room
 
 
@@ -100,5 +108,53 @@ async def test_a_withheld_key_is_reported_with_its_code(
     assert [type(e) for e in reports] == [UnknownRoomKey, RoomKeyWithheld]
     assert isinstance(reports[1], RoomKeyWithheld)
     assert (reports[1].code, reports[1].final) == ("m.unverified", False)
+    await close_client(alice)
+    await close_client(bob)
+
+
+@pytest.mark.parametrize("point", POINTS)
+async def test_a_share_killed_at_any_step_reaches_every_member_after_the_restart(
+    homeserver: Any, new_user: Any, tmp_path: Path, point: str
+) -> None:
+    url = homeserver.base_url
+    a_user, b_user = new_user(), new_user()
+    (alice, _), (bob, bob_seen), room = await two_in_a_room(url, tmp_path, a_user, b_user)
+    await close_client(alice)
+    sent = tmp_path / "sent.jsonl"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.share_crash_client",
+            json.dumps(session_of(url, a_user).__dict__),
+            str(tmp_path / "alice.db"),
+            room,
+            str(sent),
+            point,
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'src'}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (crashed,) = [json.loads(line) for line in sent.read_text().splitlines()]
+
+    wire = Wire()
+    alice = await open_client(url, tmp_path / "alice.db", session_of(url, a_user), wire)
+    await alice.init_crypto()  # the outbox goes out first
+    resent = [path for _m, path, _p in wire.requests if "/sendToDevice/" in path]
+    if point == "message_before":
+        assert resent == []  # confirmed before the kill: nothing to send again
+    else:
+        assert resent == [crashed["path"]]  # the same transaction ID
+    await alice.sync_once()
+    await alice.room_send(room, "m.room.message", {"body": "after the restart"})
+    await bob.sync_once()
+    await bob.sync_once()
+    assert (a_user["user_id"], "after the restart", True) in messages(bob_seen)
+    assert [e for e in bob_seen if not isinstance(e, RoomEvent)] == []
     await close_client(alice)
     await close_client(bob)
