@@ -12,6 +12,7 @@ from olmstead.client import Client, Session
 from olmstead.client.gaps import TimelineGap
 from olmstead.client.invites import Invite
 from olmstead.client.rooms import Room, RoomEvent
+from olmstead.delivery import DeliverySettings, WaitingResult
 from olmstead.errors import (
     ConnectionFailed,
     DecryptionError,
@@ -67,7 +68,12 @@ from olmstead.store import (
     SqliteStore,
     load_or_create_key_file,
 )
-from olmstead.store.base import InboundGroupSessionRecord
+from olmstead.store.base import (
+    InboundGroupSessionRecord,
+    OutboxEntry,
+    WaitingRoomEvent,
+    WithheldRecord,
+)
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 if TYPE_CHECKING:
@@ -92,6 +98,7 @@ __all__ = [
     "DecryptedRoomEvent",
     "DecryptedToDevice",
     "DecryptionError",
+    "DeliverySettings",
     "Device",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
@@ -115,6 +122,7 @@ __all__ = [
     "OlmsteadError",
     "OneTimeKeyConflict",
     "OneTimeKeysDrained",
+    "OutboxEntry",
     "OutgoingRequest",
     "PickleKey",
     "RateLimited",
@@ -141,6 +149,9 @@ __all__ = [
     "UndecryptableToDevice",
     "UnknownRoomKey",
     "UploadPolicy",
+    "WaitingResult",
+    "WaitingRoomEvent",
+    "WithheldRecord",
     "WrongPickleKey",
     "load_or_create_key_file",
 ]
