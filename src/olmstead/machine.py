@@ -389,8 +389,7 @@ class OlmMachine:
             entry = OutboxEntry(f"dummy-{uuid.uuid4().hex}", "m.room.encrypted", messages, now)
             self.outbox.add(entry, changes)
             await self._commit(changes)
-            self.outbox.committed([entry])
-            self.outbox.failed(entry.request_id)  # not handed out yet: the next round does
+            self.outbox.committed([entry], hand_out=True)
 
     async def _commit(self, changes: Changes) -> None:
         """Commit, fenced by the generation our state was read under.

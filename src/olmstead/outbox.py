@@ -46,10 +46,13 @@ class Outbox:
         changes.outbox.append(entry)
         return request_of(entry)
 
-    def committed(self, entries: list[OutboxEntry]) -> None:
-        """The entries are in the store, and handed out by the caller that made them."""
+    def committed(self, entries: list[OutboxEntry], *, hand_out: bool = False) -> None:
+        """The entries are in the store: handed out by the caller that made them, or by
+        the next ``take_unsent`` if ``hand_out``."""
         for entry in entries:
             self._entries[entry.request_id] = entry
+            if hand_out:
+                self._unsent.append(entry.request_id)
 
     def owns(self, request_id: str) -> bool:
         return request_id in self._entries

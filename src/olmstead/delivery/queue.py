@@ -139,12 +139,10 @@ class RoomEventQueue:
         self._looked = (looked, full, self._arrived_all)
         if full:
             entries = await store.get_waiting_events()
-            pending = entries[over:]
-            self._next_due = (
-                min(e.received_at for e in pending) + self.settings.key_wait
-                if pending
-                else math.inf
-            )
+            wait = self.settings.key_wait
+            # those due now are reported and settled by this round: the next due is another's
+            pending = [e.received_at + wait for e in entries[over:] if now - e.received_at < wait]
+            self._next_due = min(pending, default=math.inf)
             return entries, over
         if not looked:
             return [], 0
