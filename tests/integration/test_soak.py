@@ -1,6 +1,8 @@
 """The soak: messages keep coming while the receiver is killed and restarted at random
-points, members join and leave, and a third of the receiver's syncs are dropped. At the
-end every message was delivered exactly once or reported as final.
+points, members join and leave, and a third of the receiver's syncs are dropped. A
+third of the messages come before their room key (the sender holds the key back for a
+few seconds), so they wait in the receiver's queue across kills. At the end every
+message was delivered exactly once or reported as final.
 
 Bounded for CI: 24 messages, about a minute. The counts are printed (``pytest -s``
 shows them; they are in the report of a failure too).
@@ -18,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from olmstead import Client, RoomSettings, ToDeviceRequest
 from tests.integration.harness import close_client, session_of
 from tests.integration.soak_receiver import KEY_WAIT
 from tests.integration.test_messaging import crypto_client, two_in_a_room
@@ -52,10 +56,38 @@ def read_log(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+async def send_key_later(
+    dave: Client, room: str, members: list[str], body: str
+) -> tuple[str, list[ToDeviceRequest]]:
+    """Dave sends a message under a new room key and holds the key back: its requests."""
+    machine = dave.machine
+    assert machine is not None
+    await machine.update_tracked_users(members)
+    await dave.process_outgoing()
+    claim = await machine.get_missing_sessions(members)
+    if claim is not None:
+        await machine.mark_request_as_sent(claim.request_id, await dave.http.send(claim))
+    # a key good for one message: every message of dave's comes with a new one
+    held = await machine.share_room_key(room, members, RoomSettings(rotation_period_msgs=1))
+    content = await machine.encrypt_room_event(
+        room, "m.room.message", {"msgtype": "m.text", "body": body}
+    )
+    path = f"/_matrix/client/v3/rooms/{quote(room)}/send/m.room.encrypted/{body.replace(' ', '-')}"
+    answer = await dave.http.request("PUT", path, content)
+    return str(answer["event_id"]), held
+
+
+async def release(dave: Client, held: list[ToDeviceRequest]) -> None:
+    assert dave.machine is not None
+    for request in held:
+        await dave.machine.mark_request_as_sent(request.request_id, await dave.http.send(request))
+
+
 def tally(entries: list[dict[str, Any]], sent: list[str]) -> dict[str, Any]:
     """Deliveries and final reports per message, and deliveries repeated after a commit."""
     delivered: dict[str, int] = {}
     final: set[str] = set()
+    waited: set[str] = set()
     committed: set[str] = set()  # delivered in a sync whose commit completed
     uncommitted: set[str] = set()
     repeated_after_commit = []
@@ -74,10 +106,13 @@ def tally(entries: list[dict[str, Any]], sent: list[str]) -> dict[str, Any]:
             uncommitted.clear()
         elif kind == "reported" and entry["final"]:
             final.add(entry["event_id"])
+        elif kind == "reported":
+            waited.add(entry["event_id"])
     return {
         "delivered": sum(1 for e in sent if e in delivered),
         "reported": sum(1 for e in sent if e not in delivered and e in final),
         "lost": [e for e in sent if e not in delivered and e not in final],
+        "waited": sum(1 for e in sent if e in waited),
         "redelivered_after_a_kill": sum(delivered.get(e, 0) - 1 for e in sent if e in delivered),
         "repeated_after_commit": repeated_after_commit,
         "delivered_and_reported_final": [e for e in sent if e in delivered and e in final],
@@ -89,10 +124,16 @@ async def test_soak_every_message_is_delivered_once_or_reported(
 ) -> None:
     url = homeserver.base_url
     rng = random.Random(int(os.environ.get("OLMSTEAD_SOAK_SEED", time.time())))
-    a_user, b_user, c_user = new_user(), new_user(), new_user()
+    a_user, b_user, c_user, d_user = new_user(), new_user(), new_user(), new_user()
     (alice, _), (bob, _), room = await two_in_a_room(url, tmp_path, a_user, b_user)
     await close_client(bob)  # from now on bob lives in a process of his own
     carol, _ = await crypto_client(url, tmp_path / "carol.db", c_user)
+    dave, _ = await crypto_client(url, tmp_path / "dave.db", d_user)
+    invite = {"user_id": d_user["user_id"]}
+    await alice.http.request("POST", f"/_matrix/client/v3/rooms/{room}/invite", invite)
+    await dave.join(room)
+    await alice.sync_once()
+    held_back: list[tuple[float, list[ToDeviceRequest]]] = []
     log = tmp_path / "bob.jsonl"
     bob_session = session_of(url, b_user)
     receiver = start_receiver(bob_session, tmp_path / "bob.db", log)
@@ -112,10 +153,20 @@ async def test_soak_every_message_is_delivered_once_or_reported(
                     await carol.join(room)
                 carol_in = not carol_in
                 await alice.sync_once()
-            event_id = await alice.room_send(
-                room, "m.room.message", {"msgtype": "m.text", "body": f"soak {n}"}
-            )
+            if n % 3 == 1:  # dave's, its key a few seconds behind it
+                members = [a_user, b_user, d_user] + ([c_user] if carol_in else [])
+                event_id, held = await send_key_later(
+                    dave, room, [u["user_id"] for u in members], f"soak {n}"
+                )
+                held_back.append((time.monotonic() + rng.uniform(1, 4), held))
+            else:
+                event_id = await alice.room_send(
+                    room, "m.room.message", {"msgtype": "m.text", "body": f"soak {n}"}
+                )
             sent.append(event_id)
+            for due, held in [h for h in held_back if h[0] <= time.monotonic()]:
+                await release(dave, held)
+                held_back.remove((due, held))
             await asyncio.sleep(rng.uniform(0.1, 0.7))  # a random point of its work
             if n in kill_after:
                 receiver.send_signal(signal.SIGKILL)
@@ -124,6 +175,8 @@ async def test_soak_every_message_is_delivered_once_or_reported(
                 await asyncio.sleep(rng.uniform(0, 1.5))
                 receiver = start_receiver(bob_session, tmp_path / "bob.db", log)
             await alice.sync_once()
+        for _due, held in held_back:
+            await release(dave, held)
         deadline = time.monotonic() + KEY_WAIT + 60
         while time.monotonic() < deadline:
             counts = tally(read_log(log), sent)
@@ -136,6 +189,7 @@ async def test_soak_every_message_is_delivered_once_or_reported(
         receiver.wait()
         await close_client(alice)
         await close_client(carol)
+        await close_client(dave)
 
     entries = read_log(log)
     counts = tally(entries, sent)
@@ -145,12 +199,14 @@ async def test_soak_every_message_is_delivered_once_or_reported(
         f"{sum(1 for e in entries if e['kind'] == 'start')} starts, "
         f"{drops} dropped /sync calls, "
         f"{sum(1 for e in entries if e['kind'] == 'synced')} committed syncs; "
-        f"delivered {counts['delivered']}, reported {counts['reported']}, "
+        f"delivered {counts['delivered']} ({counts['waited']} after waiting for their key), "
+        f"reported {counts['reported']}, "
         f"lost {len(counts['lost'])}, delivered again after a kill before its commit "
         f"{counts['redelivered_after_a_kill']}"
     )
     assert kills == 6
     assert drops > 0
+    assert counts["waited"] > 0  # the queue was in play
     assert counts["lost"] == []
     assert counts["delivered"] + counts["reported"] == len(sent)
     # a delivery whose sync was committed never comes again; only one cut short by a kill
