@@ -91,6 +91,8 @@ ToDeviceResult = DecryptedToDevice | UndecryptableToDevice | Mapping[str, Any]
 
 #: a device whose Olm session broke gets a new one (and an m.dummy) at most this often
 UNWEDGE_INTERVAL = 3600.0
+#: unknown devices with a broken session waiting for their user's device list, at most
+MAX_WEDGED_UNKNOWN = 1000
 #: users whose devices are kept in memory (a bridge's busiest rooms)
 DEVICE_CACHE_USERS = 5000
 
@@ -128,6 +130,8 @@ class OlmMachine:
         self._to_unwedge: dict[str, Device] = {}
         self._unwedged_at: dict[str, float] = {}
         self._unwedge_claims: set[str] = set()
+        #: Curve25519 keys of unknown devices whose session broke -> their user, queried
+        self._wedged_unknown: dict[str, str] = {}
         self._pending_to_device: list[ToDeviceRequest] = []
         # the key-state marker for the server's account data, once an upload succeeded
         self._pending_marker: AccountDataRequest | None = None
@@ -304,7 +308,8 @@ class OlmMachine:
             if device_lists is not None:
                 changed, left = device_lists.get("changed"), device_lists.get("left")
                 marked, dropped = self.devices.on_device_lists(_user_ids(changed), _user_ids(left))
-                changes.tracked_users, changes.untracked_users = marked, dropped
+                changes.tracked_users.update(marked)
+                changes.untracked_users |= dropped
             if working:  # fallback support seen, or an inbound session used a one-time key
                 changes.account = working[0]
             if values:
@@ -343,7 +348,7 @@ class OlmMachine:
                 log.warning("to-device event from %s: %s", event.get("sender"), result)
                 results.append(UndecryptableToDevice(event, result))
                 if isinstance(result, OlmSessionError) and result.sender_key is not None:
-                    await self._note_wedged(result.sender_key, now)
+                    await self._note_wedged(result.sender_key, now, event.get("sender"), changes)
                 continue
             if result.type == "m.room_key":
                 room_key = await self.megolm.accept_room_key(result)
@@ -358,9 +363,24 @@ class OlmMachine:
             results.append(result)
         return results
 
-    async def _note_wedged(self, sender_key: str, now: float) -> None:
-        """Ask for a new session with a known device whose messages no session decrypts."""
+    async def _note_wedged(
+        self, sender_key: str, now: float, sender: Any = None, changes: Changes | None = None
+    ) -> None:
+        """Ask for a new session with a device whose messages no session decrypts.
+
+        A device we do not know (a store restored from a copy older than the peer's
+        device) is looked up first: its user's devices are queried, and the repair
+        follows the answer.
+        """
         device = await self.store.get_device_by_curve25519(sender_key)
+        if device is None and isinstance(sender, str) and changes is not None:
+            if len(self._wedged_unknown) < MAX_WEDGED_UNKNOWN:
+                self._wedged_unknown[sender_key] = sender
+                marked = (
+                    self.devices.track([sender]) or self.devices.on_device_lists([sender], [])[0]
+                )
+                changes.tracked_users.update(marked)
+            return
         if device is None or now - self._unwedged_at.get(sender_key, -UNWEDGE_INTERVAL) < (
             UNWEDGE_INTERVAL
         ):
@@ -977,6 +997,10 @@ class OlmMachine:
                     )
                 finally:
                     self._query_settled.set()
+                for key, user_id in list(self._wedged_unknown.items()):
+                    if user_id in stored:  # asked about: repaired now if the device is there
+                        del self._wedged_unknown[key]
+                        await self._note_wedged(key, self._clock())
                 return
             if self.upload_guard.owns(request_id):
                 report = self.upload_guard.on_response(

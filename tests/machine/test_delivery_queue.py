@@ -12,7 +12,7 @@ from olmstead import LocalProtocolError, MemoryStore, OlmMachine
 from olmstead.delivery import DeliverySettings, WaitingResult
 from olmstead.errors import OlmSessionError, UnknownRoomKey
 from olmstead.machine import UndecryptableToDevice
-from olmstead.requests import KeysClaimRequest, ToDeviceRequest
+from olmstead.requests import KeysClaimRequest, KeysQueryRequest, ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from tests.conftest import FAST_LEASE, KEY
 from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, send
@@ -176,7 +176,6 @@ async def test_a_rolled_back_store_reports_the_events_it_cannot_read() -> None:
     await bob.machine.store.close()
     bob.db = old_copy  # the store is restored from the backup
     bob = await reopen_with(bob, DeliverySettings(key_wait=300.0))
-    await learn_devices(bob, alice)  # the client tracks the room's members again
 
     (share,) = await alice.machine.share_room_key(ROOM, [BOB])
     assert isinstance(share, ToDeviceRequest)
@@ -189,7 +188,12 @@ async def test_a_rolled_back_store_reports_the_events_it_cannot_read() -> None:
     event = Timeline().event(alice, content)
     await keep(bob, event)  # told at once (the client reports it, not final) and kept
 
-    # the repair: bob claims a new session with alice's device
+    # the repair: the restored store does not know alice's device; bob asks for it ...
+    (query,) = await bob.machine.outgoing_requests()
+    assert isinstance(query, KeysQueryRequest)
+    assert query.device_keys == {ALICE: []}
+    await bob.machine.mark_request_as_sent(query.request_id, alice.query_answer())
+    # ... and claims a new session with it
     claims = [r for r in await bob.machine.outgoing_requests() if isinstance(r, KeysClaimRequest)]
     assert [c.one_time_keys for c in claims] == [{ALICE: {"ALICEDEV": "signed_curve25519"}}]
 
