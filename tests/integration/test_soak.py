@@ -1,10 +1,11 @@
 """The soak: messages keep coming while the receiver is killed and restarted at random
 points, members join and leave, and a third of the receiver's syncs are dropped. A
 third of the messages come before their room key (the sender holds the key back for a
-few seconds), so they wait in the receiver's queue across kills. At the end every
-message was delivered exactly once or reported as final.
+few seconds), so they wait in the receiver's queue across kills; the key of the last
+of them never comes. At the end every message was delivered exactly once or reported
+as final.
 
-Bounded for CI: 24 messages, about a minute. The counts are printed (``pytest -s``
+Bounded for CI: 24 messages, under a minute. The counts are printed (``pytest -s``
 shows them; they are in the report of a failure too).
 """
 
@@ -29,6 +30,7 @@ from tests.integration.test_messaging import crypto_client, two_in_a_room
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = 24
+LAST_OF_DAVE = 22  # dave sends every third message, from the second on
 
 
 def start_receiver(session: Any, store: Path, log: Path) -> subprocess.Popen[str]:
@@ -134,6 +136,7 @@ async def test_soak_every_message_is_delivered_once_or_reported(
     await dave.join(room)
     await alice.sync_once()
     held_back: list[tuple[float, list[ToDeviceRequest]]] = []
+    never: list[ToDeviceRequest] = []
     log = tmp_path / "bob.jsonl"
     bob_session = session_of(url, b_user)
     receiver = start_receiver(bob_session, tmp_path / "bob.db", log)
@@ -158,7 +161,10 @@ async def test_soak_every_message_is_delivered_once_or_reported(
                 event_id, held = await send_key_later(
                     dave, room, [u["user_id"] for u in members], f"soak {n}"
                 )
-                held_back.append((time.monotonic() + rng.uniform(1, 4), held))
+                if n == LAST_OF_DAVE:  # its key never comes: it must be reported, as final
+                    never = held
+                else:
+                    held_back.append((time.monotonic() + rng.uniform(1, 4), held))
             else:
                 event_id = await alice.room_send(
                     room, "m.room.message", {"msgtype": "m.text", "body": f"soak {n}"}
@@ -207,6 +213,8 @@ async def test_soak_every_message_is_delivered_once_or_reported(
     assert kills == 6
     assert drops > 0
     assert counts["waited"] > 0  # the queue was in play
+    assert never
+    assert counts["reported"] >= 1  # at least the one whose key never came
     assert counts["lost"] == []
     assert counts["delivered"] + counts["reported"] == len(sent)
     # a delivery whose sync was committed never comes again; only one cut short by a kill
