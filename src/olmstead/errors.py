@@ -10,6 +10,12 @@ attributes, so tools need not parse messages.
     ├── LocalProtocolError        the caller used the API wrongly (a bug in the caller)
     ├── RemoteProtocolError       the server sent something the protocol does not allow
     ├── KeyFileError              a key export file is damaged, or its passphrase is wrong
+    ├── AttachmentError           an encrypted file (``EncryptedFile``) cannot be used
+    │   ├── AttachmentInfoInvalid   its file info is malformed: no usable url, key, iv or hash
+    │   ├── AttachmentKeyInvalid    its key is not a usable AES-256-CTR JWK (a wrong key)
+    │   ├── AttachmentVersionUnknown  its ``v`` is not one olmstead reads ("v2")
+    │   ├── AttachmentHashMismatch  the downloaded ciphertext's SHA-256 is not the one given
+    │   └── AttachmentTruncated     the download ended before the whole file came
     ├── StoreError                the crypto store cannot be used as it is
     │   ├── WrongPickleKey        opened with another pickle key than it was written with
     │   ├── StoreCorrupt          damaged or not an olmstead store; nothing was written
@@ -29,6 +35,8 @@ attributes, so tools need not parse messages.
     │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
     │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
     │   ├── StaleKeysRemain       a drain of our own stale keys did not end within its bound
+    │   ├── DeviceUnusable        this device must send nothing encrypted (its ID or keys
+    │   │                         are another identity's on the server)
     │   └── OneTimeKeyConflict    (also a MatrixHttpError) the server holds another key
     │                             under one of our key IDs: 400 "… already exists"
     └── TransportError            a request did not get a usable answer from the homeserver
@@ -46,10 +54,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 __all__ = [
+    "AttachmentError",
+    "AttachmentHashMismatch",
+    "AttachmentInfoInvalid",
+    "AttachmentKeyInvalid",
+    "AttachmentTruncated",
+    "AttachmentVersionUnknown",
     "ConnectionFailed",
     "DecryptionError",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "DeviceUnusable",
     "KeyFileError",
     "KeyStateError",
     "LocalProtocolError",
@@ -94,6 +109,68 @@ class KeyFileError(OlmsteadError):
 
     The file's MAC cannot tell the two apart; the message says which checks failed.
     """
+
+
+# --- encrypted attachments ----------------------------------------------------------
+
+
+class AttachmentError(OlmsteadError):
+    """An encrypted attachment (the spec's ``EncryptedFile``, "Sending encrypted
+    attachments") cannot be decrypted or cannot be trusted. No plaintext was handed
+    over as complete, and a download to a file left no file behind."""
+
+
+class AttachmentInfoInvalid(AttachmentError):
+    """The file info is malformed: ``url`` is not an ``mxc://`` URI, or ``iv`` or
+    ``hashes.sha256`` is missing, not base64, or of the wrong length. The sender's
+    client (or someone in between) sent something the spec does not allow."""
+
+
+class AttachmentKeyInvalid(AttachmentError):
+    """The file's ``key`` is not an AES-256-CTR JSON Web Key olmstead can use: not
+    ``kty: oct`` / ``alg: A256CTR``, no ``decrypt`` in ``key_ops``, or ``k`` not 32
+    bytes of unpadded base64url. A well-formed key that is simply another file's
+    cannot be told apart by the format: AES-CTR carries no check of its own, and the
+    SHA-256 covers the ciphertext only."""
+
+
+class AttachmentVersionUnknown(AttachmentError):
+    """The file info's ``v`` is not ``"v2"``, the only version olmstead reads (``v1``
+    files used a full 128-bit counter and are not sent by current clients)."""
+
+    def __init__(self, version: object) -> None:
+        self.version = version
+        super().__init__(
+            f"the encrypted file is of version {version!r}, and olmstead reads only 'v2' "
+            "(spec: EncryptedFile). Ask the sender to send it again from a current client."
+        )
+
+
+class AttachmentHashMismatch(AttachmentError):
+    """The ciphertext's SHA-256 is not the one the file info gives: the media was
+    changed on the server or on the way, or the info belongs to another file."""
+
+    def __init__(self, url: str, expected: str, got: str) -> None:
+        self.url = url
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"{url}: the downloaded file's SHA-256 is {got}, but the sender gave {expected}. "
+            "It was changed on the server or on the way, or the event points at another "
+            "file. Nothing was kept: do not use what was received."
+        )
+
+
+class AttachmentTruncated(AttachmentError):
+    """The download ended before the whole file came (fewer bytes than the server
+    announced, or the connection closed early)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        self.detail = detail
+        super().__init__(
+            f"{url}: the download ended early ({detail}). Nothing was kept; download it again."
+        )
 
 
 # --- store ---------------------------------------------------------------------------
@@ -313,6 +390,27 @@ class StaleKeysRemain(KeyStateError):
             f"drained {drained} stale one-time keys of {user_id} device {device_id} and the "
             "server still hands out more; uploads stopped. The server holds far more keys than "
             "a device may. Run `olmstead doctor`, or log in as a new device."
+        )
+
+
+class DeviceUnusable(KeyStateError):
+    """This device must send nothing encrypted: its device ID was refused
+    (``DeviceIdInUse``) or another identity's keys sit on it (``DeviceIdentityConflict``).
+
+    Recipients see the server's keys for this device ID, not ours: what we encrypted
+    would be refused, or worse, trusted under another identity. ``cause`` is the key
+    problem found earlier.
+    """
+
+    def __init__(self, user_id: str, device_id: str, cause: KeyStateError) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.cause = cause
+        super().__init__(
+            f"device {device_id} of {user_id} sends nothing encrypted: its keys on the "
+            f"server are not this store's ({type(cause).__name__}). Nothing was sent. Log "
+            "in as a new device (`olmstead repair` moves the store to one), then send "
+            f"again. What was found: {cause}"
         )
 
 

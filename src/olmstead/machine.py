@@ -33,6 +33,9 @@ from olmstead.backoff import Backoff
 from olmstead.delivery import DeliverySettings, RoomEventQueue, WaitingResult
 from olmstead.errors import (
     DecryptionError,
+    DeviceIdentityConflict,
+    DeviceIdInUse,
+    DeviceUnusable,
     KeyStateError,
     LocalProtocolError,
     MatrixHttpError,
@@ -222,6 +225,15 @@ class OlmMachine:
     def key_problem(self) -> KeyStateError | None:
         """Why uploads stopped (``DeviceIdInUse``, ``DeviceIdentityConflict``, …), if they did."""
         return self.upload_guard.problem
+
+    def ensure_may_encrypt(self) -> None:
+        """Raise ``DeviceUnusable`` if this device must not encrypt: its ID or keys on the
+        server were found to be another identity's, so recipients would check our messages
+        against keys that are not ours. ``share_room_key``, ``encrypt_room_events`` and
+        ``encrypt_to_devices`` call it first."""
+        problem = self.upload_guard.problem
+        if isinstance(problem, DeviceIdInUse | DeviceIdentityConflict):
+            raise DeviceUnusable(self.user_id, self.device_id, problem)
 
     def take_reports(self) -> list[OneTimeKeysDrained]:
         """Repairs done since the last call (stale keys drained), for the application."""
@@ -455,7 +467,10 @@ class OlmMachine:
         holding the key once ``mark_request_as_sent`` confirms them (until then a
         new share skips them, and after a restart ``outgoing_requests`` hands the
         same requests out again).
+        Raises ``DeviceUnusable`` if the device ID or its keys were found to be another
+        identity's (``key_problem``).
         """
+        self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
             now = self._clock()
@@ -579,8 +594,10 @@ class OlmMachine:
 
         One commit for the batch, before any ciphertext is returned. A batch that
         would run past the session's rotation limit is refused whole: share a new
-        key (``share_room_key``) or send fewer.
+        key (``share_room_key``) or send fewer. Raises ``DeviceUnusable`` as
+        ``share_room_key`` does.
         """
+        self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
             record = await self._outbound_session(room_id)
@@ -806,8 +823,10 @@ class OlmMachine:
     ) -> tuple[ToDeviceRequest | None, list[Device]]:
         """Olm-encrypt one event for each device; the request, and the devices with no session.
 
-        The stepped sessions are committed before the request is returned.
+        The stepped sessions are committed before the request is returned. Raises
+        ``DeviceUnusable`` as ``share_room_key`` does.
         """
+        self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
             messages: dict[str, dict[str, dict[str, Any]]] = {}

@@ -22,6 +22,7 @@ import pytest
 from olmstead import (
     Client,
     DeviceIdInUse,
+    DeviceUnusable,
     KeyStateError,
     OneTimeKeysDrained,
 )
@@ -132,6 +133,12 @@ async def test_login_with_a_device_id_that_has_keys_is_refused(
     with pytest.raises(DeviceIdInUse) as caught:
         await newcomer.init_crypto()
     assert caught.value.device_id == "REUSEDDEV"
+    # a refused device sends nothing encrypted as that device, and says why
+    room_id = await newcomer.create_room(encrypted=True)
+    with pytest.raises(DeviceUnusable) as refused:
+        await newcomer.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "x"})
+    assert refused.value.cause is caught.value
+    assert "Log in as a new device" in str(refused.value)
     assert wire.uploads == []
     assert await server_device_keys(url, user["access_token"], user["user_id"], "REUSEDDEV") == old
     await close_client(newcomer)

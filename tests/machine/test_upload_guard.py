@@ -12,6 +12,7 @@ import vodozemac
 from olmstead import (
     DeviceIdentityConflict,
     DeviceIdInUse,
+    DeviceUnusable,
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
@@ -64,6 +65,24 @@ async def test_device_ids_with_foreign_keys_are_refused_before_any_upload() -> N
     assert machine.key_problem is caught.value
     for _ in range(5):
         assert await outgoing(machine) == []
+
+
+async def test_a_refused_device_id_encrypts_nothing() -> None:
+    machine = await machine_on(MemoryDatabase(), Clock())
+    (query,) = await outgoing(machine)
+    foreign = vodozemac.Account().ed25519_key.to_base64()
+    answer = {"device_keys": {USER: {DEVICE: {"keys": {f"ed25519:{DEVICE}": foreign}}}}}
+    with pytest.raises(DeviceIdInUse):
+        await machine.mark_request_as_sent(query.request_id, answer)
+    with pytest.raises(DeviceUnusable) as caught:
+        await machine.share_room_key("!room:x", [USER])
+    assert isinstance(caught.value.cause, DeviceIdInUse)
+    assert "Log in as a new device" in str(caught.value)
+    with pytest.raises(DeviceUnusable):
+        await machine.encrypt_room_event("!room:x", "m.room.message", {"body": "hi"})
+    with pytest.raises(DeviceUnusable):
+        await machine.encrypt_to_devices([], "m.dummy", {})
+    assert await machine.store.get_outbound_group_session("!room:x") is None
 
 
 async def test_replacing_a_device_takes_an_explicit_opt_in() -> None:
@@ -152,6 +171,9 @@ async def test_stale_keys_of_another_identity_stop_uploads() -> None:
     assert machine.key_problem is caught.value
     clock.now += 3600
     assert await outgoing(machine) == []
+    with pytest.raises(DeviceUnusable) as refused:
+        await machine.share_room_key("!room:x", [USER])
+    assert refused.value.cause is caught.value
 
 
 @pytest.mark.parametrize("whose", ["ours", "theirs"])

@@ -328,7 +328,11 @@ class Client:
         return state.snapshot() if state is not None else None
 
     async def room_send(self, room_id: str, event_type: str, content: Mapping[str, Any]) -> str:
-        """Send an event; encrypted first if the room is. Returns its event ID."""
+        """Send an event; encrypted first if the room is. Returns its event ID.
+
+        Raises ``DeviceUnusable`` in an encrypted room if this device's ID or keys were
+        found to be another identity's (``machine.key_problem``): nothing is sent.
+        """
         room = await self._room_state(room_id)
         body: Mapping[str, Any] = content
         if room.encrypted:
@@ -338,6 +342,7 @@ class Client:
                     "support: nothing was sent (it would have gone out in the clear)"
                 )
             machine = self._machine()
+            machine.ensure_may_encrypt()  # before any claim or share leaves
             recipients = room.key_recipients()
             await self._query_members(recipients)
             claim = await machine.get_missing_sessions(recipients)
