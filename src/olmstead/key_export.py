@@ -59,13 +59,15 @@ def encrypt_key_file(plaintext: bytes, passphrase: str, rounds: int = DEFAULT_RO
 
 
 def decrypt_key_file(armoured: str, passphrase: str) -> bytes:
-    """The JSON a key file holds; ``KeyFileError`` if it is damaged or the passphrase wrong."""
-    text = armoured.strip()
-    if not (text.startswith(HEADER) and text.endswith(FOOTER)):
-        raise KeyFileError(
-            "not a key export file: the BEGIN/END MEGOLM SESSION DATA lines are missing"
-        )
-    encoded = "".join(text[len(HEADER) : -len(FOOTER)].split())
+    """The JSON a key file holds; ``KeyFileError`` if it is damaged or the passphrase wrong.
+
+    Read as Element reads it (matrix-react-sdk's ``unpackMegolmKeyFile``), so files that
+    other clients and editors wrote import: lines end in LF or CRLF, each line is trimmed
+    of surrounding whitespace, text before the BEGIN line and after the END line is
+    ignored, the last line needs no newline, and a UTF-8 byte order mark is dropped.
+    """
+    encoded = "".join(_armoured_lines(armoured.removeprefix("\ufeff")))
+    encoded = "".join(encoded.split())  # whitespace inside lines, as atob ignores it
     try:
         body = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except ValueError as exc:
@@ -81,6 +83,26 @@ def decrypt_key_file(armoured: str, passphrase: str) -> bytes:
         )
     decryptor = Cipher(algorithms.AES(aes_key), modes.CTR(iv)).decryptor()
     return decryptor.update(body[37:-32]) + decryptor.finalize()
+
+
+def _armoured_lines(text: str) -> list[str]:
+    """The lines between the BEGIN and END lines (each trimmed), as Element finds them."""
+    lines = [line.strip() for line in text.split("\n")]
+    try:
+        start = lines.index(HEADER)
+    except ValueError:
+        raise KeyFileError(
+            "not a key export file: no line reads -----BEGIN MEGOLM SESSION DATA-----"
+        ) from None
+    if start == len(lines) - 1:  # Element needs a line end after the BEGIN line
+        raise KeyFileError("the key file ends after its BEGIN line")
+    try:
+        end = lines.index(FOOTER, start + 1)
+    except ValueError:
+        raise KeyFileError(
+            "the key file is cut short: no line reads -----END MEGOLM SESSION DATA-----"
+        ) from None
+    return lines[start + 1 : end]
 
 
 def _keys(passphrase: str, salt: bytes, rounds: int) -> tuple[bytes, bytes]:

@@ -72,6 +72,9 @@ def test_keys_travel_from_one_store_to_another(tmp_path: Path) -> None:
     assert exported.exit_code == 0, exported.output
     assert "Exported 12 room keys" in exported.output
     assert keys.read_text().startswith("-----BEGIN MEGOLM SESSION DATA-----")
+    # as a Windows editor saves it: a BOM, CRLF line ends, a note above, no final newline
+    lines = keys.read_text().strip().split("\n")
+    keys.write_bytes(("\ufeffmy keys, 2026\r\n" + "\r\n".join(lines)).encode())
 
     env = {"OLMSTEAD_PICKLE_KEY": NEW, "OLMSTEAD_EXPORT_PASSPHRASE": "travel"}
     imported = runner.invoke(main, ["keys", "import", "--store", str(target), str(keys)], env=env)

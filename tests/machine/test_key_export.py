@@ -65,3 +65,58 @@ def test_a_bad_file_or_passphrase_is_a_key_file_error(damage: str) -> None:
         armoured = lines[1]
     with pytest.raises(KeyFileError):
         decrypt_key_file(armoured, passphrase)
+
+
+def reformatted(armoured: str, how: str) -> str:
+    """A key file as another client or an editor may have written it."""
+    lines = armoured.strip().split("\n")
+    if how == "crlf":
+        return "\r\n".join(lines) + "\r\n"
+    if how == "trailing-whitespace":
+        return "\n".join(line + " \t " for line in lines) + "\n"
+    if how == "no-final-newline":
+        return "\n".join(lines)
+    if how == "indented-armour":
+        return "\n".join(["  " + lines[0] + "  ", *lines[1:-1], "\t" + lines[-1]]) + "\n"
+    if how == "blank-lines":
+        return "\n".join([lines[0], "", *lines[1:-1], "", lines[-1], "", ""])
+    if how == "text-around":
+        return "\n".join(["Exported from Element, 2026-11-30", "", *lines, "", "keep safe"])
+    if how == "bom":
+        return "\ufeff" + armoured
+    if how == "rewrapped":
+        body = "".join(lines[1:-1])
+        return "\n".join([lines[0], *[body[i : i + 64] for i in range(0, len(body), 64)], lines[-1]])
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "crlf",
+        "trailing-whitespace",
+        "no-final-newline",
+        "indented-armour",
+        "blank-lines",
+        "text-around",
+        "bom",
+        "rewrapped",
+    ],
+)
+def test_files_from_other_clients_and_editors_read_as_element_reads_them(how: str) -> None:
+    armoured = encrypt_key_file(b'[{"x": 1}]', "pass", rounds=ROUNDS)
+    assert decrypt_key_file(reformatted(armoured, how), "pass") == b'[{"x": 1}]'
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("no armour at all", "no line reads -----BEGIN"),
+        (HEADER, "ends after its BEGIN line"),
+        (f"{HEADER}\nAAAA\n", "no line reads -----END"),
+        (f"{HEADER} AAAA {FOOTER}", "no line reads -----BEGIN"),  # Element wants own lines
+    ],
+)
+def test_armour_element_would_refuse_is_refused(text: str, says: str) -> None:
+    with pytest.raises(KeyFileError, match=says):
+        decrypt_key_file(text, "pass")

@@ -287,7 +287,9 @@ def import_keys(store: str, account: str, key_file: Path | None, infile: Path) -
     from olmstead.key_export import read_key_file
 
     key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
-    armoured = infile.read_text()
+    # bytes, not read_text(): no locale decoding, and a stray non-UTF-8 byte in a note
+    # outside the armour does not stop the import (Element's TextDecoder replaces it too)
+    armoured = infile.read_bytes().decode("utf-8", errors="replace")
     try:
         records, skipped = read_key_file(armoured, _passphrase(confirm=False))
     except OlmsteadError as error:
