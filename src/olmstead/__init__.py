@@ -8,12 +8,19 @@ those who use it (the ``postgres`` extra); it is left out of ``__all__`` so that
 
 from typing import TYPE_CHECKING, Any
 
+from olmstead.attachments import EncryptedFile, file_content
 from olmstead.client import Client, Session
 from olmstead.client.gaps import TimelineGap
 from olmstead.client.invites import Invite
 from olmstead.client.rooms import Room, RoomEvent
 from olmstead.delivery import DeliverySettings, WaitingResult
 from olmstead.errors import (
+    AttachmentError,
+    AttachmentHashMismatch,
+    AttachmentInfoInvalid,
+    AttachmentKeyInvalid,
+    AttachmentTruncated,
+    AttachmentVersionUnknown,
     ConnectionFailed,
     DecryptionError,
     DeviceIdentityConflict,
@@ -92,6 +99,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AccountDataRequest",
     "AccountRecord",
+    "AttachmentError",
+    "AttachmentHashMismatch",
+    "AttachmentInfoInvalid",
+    "AttachmentKeyInvalid",
+    "AttachmentTruncated",
+    "AttachmentVersionUnknown",
     "Changes",
     "Client",
     "ConnectionFailed",
@@ -104,6 +117,7 @@ __all__ = [
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "DeviceUnusable",
+    "EncryptedFile",
     "InboundGroupSessionRecord",
     "Invite",
     "KeyFileError",
@@ -155,5 +169,6 @@ __all__ = [
     "WaitingRoomEvent",
     "WithheldRecord",
     "WrongPickleKey",
+    "file_content",
     "load_or_create_key_file",
 ]

@@ -43,6 +43,8 @@ _OVERRIDES: dict[str, Any] = {
     "suppress_key_server_warning": True,
     "federation_domain_whitelist": [],
     "presence": {"enabled": False},
+    # the attachment tests round-trip a 200 MB file (Synapse's default cap is 50 MB)
+    "max_upload_size": "256M",
     "experimental_features": {
         "msc3202_transaction_extensions": True,
         "msc2409_to_device_messages_enabled": True,

@@ -86,7 +86,8 @@ def reformatted(armoured: str, how: str) -> str:
         return "\ufeff" + armoured
     if how == "rewrapped":
         body = "".join(lines[1:-1])
-        return "\n".join([lines[0], *[body[i : i + 64] for i in range(0, len(body), 64)], lines[-1]])
+        wrapped = [body[i : i + 64] for i in range(0, len(body), 64)]
+        return "\n".join([lines[0], *wrapped, lines[-1]])
     raise AssertionError(how)
 
 

@@ -25,17 +25,21 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from olmstead import key_state
+from olmstead.attachments import EncryptedFile, file_content
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
+from olmstead.client.media import FileSource, Media
 from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
@@ -107,6 +111,7 @@ class Client:
         self.homeserver = homeserver
         self.store = store
         self.http = MatrixHttp(homeserver, transport=transport, retry=retry)
+        self.media = Media(self.http)
         self.session: Session | None = None
         self.machine: OlmMachine | None = None
         self._key_settings = key_settings
@@ -385,6 +390,140 @@ class Client:
             "sharing a room key without the current devices of %s: their device lists "
             "could not be queried",
             ", ".join(sorted(machine.outdated_users(user_ids))),
+        )
+
+    # --- files -------------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        source: FileSource,
+        *,
+        content_type: str = "application/octet-stream",
+        filename: str | None = None,
+    ) -> str:
+        """Upload a file as it is (for unencrypted rooms); its ``mxc://`` URL.
+
+        ``source`` is a path, bytes, or a binary file object; it is read a chunk
+        (``attachments.CHUNK_SIZE``) at a time. Raises ``TransportError`` (``413``
+        ``M_TOO_LARGE`` beyond the server's limit).
+        """
+        url, _encryptor, _size = await self.media.upload(
+            source, encrypt=False, filename=filename, content_type=content_type
+        )
+        return url
+
+    async def upload_encrypted(
+        self, source: FileSource, *, filename: str | None = None
+    ) -> EncryptedFile:
+        """Encrypt and upload a file for an encrypted room (spec: "Sending encrypted
+        attachments"); the ``EncryptedFile`` to put in the event (``file_content``).
+
+        AES-256-CTR under a fresh key, SHA-256 of the ciphertext, streamed a chunk at a
+        time: a file of any size passes through about two chunks of memory. The server
+        sees ``application/octet-stream`` and ``filename`` if you give one (leave it out
+        to keep the name from the server).
+        """
+        url, encryptor, _size = await self.media.upload(source, encrypt=True, filename=filename)
+        assert encryptor is not None
+        return encryptor.file_info(url)
+
+    async def download_decrypted(
+        self, file: EncryptedFile | Mapping[str, Any], destination: str | os.PathLike[str]
+    ) -> Path:
+        """Download an encrypted file (an event's ``file`` object, or an
+        ``EncryptedFile``), decrypt it into ``destination`` and return that path.
+
+        The plaintext goes to a temporary file beside ``destination`` (mode 0600), renamed
+        into place only once the ciphertext's SHA-256 matched; on any failure nothing is
+        left behind. Raises ``AttachmentInfoInvalid``, ``AttachmentKeyInvalid``,
+        ``AttachmentVersionUnknown`` (the file info), ``AttachmentHashMismatch``,
+        ``AttachmentTruncated`` (the download) or a ``TransportError``.
+        """
+        return await self.media.download_decrypted(file, destination)
+
+    def stream_decrypted(self, file: EncryptedFile | Mapping[str, Any]) -> AsyncIterator[bytes]:
+        """The plaintext of an encrypted file as an async iterator of chunks (up to 1 MiB).
+
+        The last chunk comes only after the hash matched: an iteration that ends without
+        an exception delivered the whole, verified file. Raises what
+        ``download_decrypted`` raises, while iterating.
+        """
+        return self.media.stream_decrypted(file)
+
+    async def send_file(
+        self,
+        room_id: str,
+        source: FileSource,
+        *,
+        body: str | None = None,
+        msgtype: str = "m.file",
+        mimetype: str | None = None,
+        info: Mapping[str, Any] | None = None,
+        thumbnail: FileSource | None = None,
+        thumbnail_info: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Upload a file and send it as ``msgtype`` (``m.file``, ``m.image``, ``m.video``,
+        ``m.audio``); its event ID. In an encrypted room the file (and thumbnail) are
+        encrypted first and travel as ``file`` / ``info.thumbnail_file``; elsewhere as
+        ``url`` / ``info.thumbnail_url``. ``body`` defaults to the file's name."""
+        if body is None:
+            body = Path(source).name if isinstance(source, str | os.PathLike) else "file"
+        room = await self._room_state(room_id)
+        if room.encrypted:
+            self._machine().ensure_may_encrypt()  # before anything is uploaded
+            url, encryptor, size = await self.media.upload(source, encrypt=True)
+            assert encryptor is not None
+            thumb = await self.upload_encrypted(thumbnail) if thumbnail is not None else None
+            content = file_content(
+                encryptor.file_info(url),
+                body=body,
+                msgtype=msgtype,
+                mimetype=mimetype,
+                size=size,
+                info=info,
+                thumbnail=thumb,
+                thumbnail_info=thumbnail_info,
+            )
+        else:
+            url, _none, size = await self.media.upload(
+                source,
+                encrypt=False,
+                filename=body,
+                content_type=mimetype or "application/octet-stream",
+            )
+            details: dict[str, Any] = {**(info or {}), "size": size}
+            if mimetype is not None:
+                details["mimetype"] = mimetype
+            if thumbnail is not None:
+                details["thumbnail_url"] = await self.upload(thumbnail)
+                if thumbnail_info is not None:
+                    details["thumbnail_info"] = dict(thumbnail_info)
+            content = {"msgtype": msgtype, "body": body, "url": url, "info": details}
+        return await self.room_send(room_id, "m.room.message", content)
+
+    async def send_image(
+        self,
+        room_id: str,
+        source: FileSource,
+        *,
+        body: str | None = None,
+        mimetype: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        thumbnail: FileSource | None = None,
+        thumbnail_info: Mapping[str, Any] | None = None,
+    ) -> str:
+        """``send_file`` as ``m.image``, with ``info.w`` and ``info.h`` in pixels if given."""
+        info = {k: v for k, v in (("w", width), ("h", height)) if v is not None}
+        return await self.send_file(
+            room_id,
+            source,
+            body=body,
+            msgtype="m.image",
+            mimetype=mimetype,
+            info=info,
+            thumbnail=thumbnail,
+            thumbnail_info=thumbnail_info,
         )
 
     async def _send_and_mark(self, request: OutgoingRequest) -> None:

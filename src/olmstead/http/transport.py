@@ -10,11 +10,12 @@ once per call, because the machine's upload guard decides when to try again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,64 @@ class MatrixHttp:
             raise RemoteProtocolError(f"{method} {path}: the answer is not a JSON array")
         return answer
 
+    async def upload(
+        self,
+        path: str,
+        content: Callable[[], AsyncIterator[bytes]],
+        length: int,
+        *,
+        content_type: str = "application/octet-stream",
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """POST a body streamed from ``content()`` (called anew for every attempt), of
+        exactly ``length`` bytes; the JSON answer. Synapse needs the Content-Length."""
+        headers = {"Content-Type": content_type, "Content-Length": str(length)}
+        answer = await self._with_retries(
+            "POST", path, None, params, True, None, raw=(content, headers)
+        )
+        if not isinstance(answer, dict):
+            raise RemoteProtocolError(f"POST {path}: the answer is not a JSON object")
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str) -> AsyncIterator[httpx.Response]:
+        """GET ``path`` and hand over the response unread, for ``aiter_bytes``. An error
+        answer raises its ``MatrixHttpError`` (retried like any request while no body
+        was handed over); the caller reads the body and maps failures while reading."""
+        failures = 0
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                try:
+                    response = await stack.enter_async_context(self._stream_once(path))
+                    break
+                except TransportError as error:
+                    failures += 1
+                    if not is_transient(error) or failures >= self.retry.attempts:
+                        raise
+                    delay = self.retry.delay(failures, error)
+                    if delay > self.retry.max_retry_after:
+                        raise
+                    await asyncio.sleep(delay)
+            yield response  # outside the retries: a failure while reading is the caller's
+
+    @contextlib.asynccontextmanager
+    async def _stream_once(self, path: str) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self._client.stream("GET", path, headers=self._auth()) as response:
+                if not response.is_success:
+                    raw = await response.aread()
+                    try:
+                        payload = json.loads(raw) if len(raw) <= 65536 else None
+                    except ValueError:
+                        payload = None
+                    raise _error("GET", path, response, payload)
+                yield response
+        except httpx.TransportError as exc:
+            raise ConnectionFailed("GET", path, f"{type(exc).__name__}: {exc}") from exc
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+
     async def _with_retries(
         self,
         method: str,
@@ -116,11 +175,12 @@ class MatrixHttp:
         params: Mapping[str, str] | None,
         retry: bool,
         read_timeout: float | None,
+        raw: tuple[Callable[[], AsyncIterator[bytes]], dict[str, str]] | None = None,
     ) -> Any:
         failures = 0
         while True:
             try:
-                return await self._once(method, path, body, params, read_timeout)
+                return await self._once(method, path, body, params, read_timeout, raw)
             except TransportError as error:
                 failures += 1
                 if not retry or not is_transient(error) or failures >= self.retry.attempts:
@@ -138,12 +198,18 @@ class MatrixHttp:
         body: Mapping[str, Any] | None,
         params: Mapping[str, str] | None,
         read_timeout: float | None,
+        raw: tuple[Callable[[], AsyncIterator[bytes]], dict[str, str]] | None = None,
     ) -> Any:
-        headers = {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+        headers = self._auth()
         extra: dict[str, Any] = {} if read_timeout is None else {"timeout": read_timeout}
+        if raw is not None:  # a streamed body, made anew for every attempt
+            extra["content"] = raw[0]()
+            headers.update(raw[1])
+        else:
+            extra["json"] = body
         try:
             response = await self._client.request(
-                method, path, json=body, params=params, headers=headers, **extra
+                method, path, params=params, headers=headers, **extra
             )
         except httpx.TransportError as exc:
             raise ConnectionFailed(method, path, f"{type(exc).__name__}: {exc}") from exc
