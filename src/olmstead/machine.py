@@ -592,6 +592,8 @@ class OlmMachine:
     ) -> list[dict[str, Any]]:
         """Megolm-encrypted contents for ``(event_type, content)`` pairs, in order.
 
+        A content's ``m.relates_to`` is also put in the clear on its encrypted content
+        (spec: "Relationships and encryption"), so the server can aggregate and thread it.
         One commit for the batch, before any ciphertext is returned. A batch that
         would run past the session's rotation limit is refused whole: share a new
         key (``share_room_key``) or send fewer. Raises ``DeviceUnusable`` as
@@ -618,8 +620,10 @@ class OlmMachine:
             payloads = [payload_bytes(room_id, t, content) for t, content in events]
             try:
                 encrypted = [
-                    self.megolm.encrypt_payload(record, payload, own_keys, device_id)
-                    for payload in payloads
+                    self.megolm.encrypt_payload(
+                        record, payload, own_keys, device_id, _relation(content)
+                    )
+                    for payload, (_type, content) in zip(payloads, events, strict=True)
                 ]
                 await self._commit(Changes(outbound_group_sessions=[record]))
             except BaseException:
@@ -1185,6 +1189,11 @@ class OlmMachine:
             record.user_id, record.device_id, await self.store.get_tracked_users()
         )
         self._query_settled.set()  # the query in flight, if any, was dropped with the rest
+
+
+def _relation(content: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    relation = content.get("m.relates_to")
+    return relation if isinstance(relation, Mapping) else None
 
 
 def _user_ids(value: Any) -> list[str]:

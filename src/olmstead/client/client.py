@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 import httpx
 
-from olmstead import key_state
+from olmstead import key_state, relations
 from olmstead.attachments import EncryptedFile, file_content
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
@@ -392,6 +392,41 @@ class Client:
             ", ".join(sorted(machine.outdated_users(user_ids))),
         )
 
+    # --- relations ---------------------------------------------------------------------------
+
+    async def send_reply(
+        self, room_id: str, in_reply_to: str, content: Mapping[str, Any] | str
+    ) -> str:
+        """Send ``content`` (or a text) as a reply to event ``in_reply_to``; its event ID.
+        In an encrypted room its ``m.relates_to`` also travels in the clear."""
+        return await self.room_send(
+            room_id, "m.room.message", relations.reply_content(in_reply_to, content)
+        )
+
+    async def send_thread_reply(
+        self,
+        room_id: str,
+        thread_root: str,
+        content: Mapping[str, Any] | str,
+        *,
+        latest_event: str | None = None,
+    ) -> str:
+        """Send ``content`` into the thread rooted at ``thread_root`` (``m.thread``)."""
+        message = relations.thread_reply_content(thread_root, content, latest_event=latest_event)
+        return await self.room_send(room_id, "m.room.message", message)
+
+    async def send_edit(
+        self, room_id: str, original: str, new_content: Mapping[str, Any] | str
+    ) -> str:
+        """Replace the content of our event ``original`` (``m.replace``); the edit's ID."""
+        return await self.room_send(
+            room_id, "m.room.message", relations.edit_content(original, new_content)
+        )
+
+    async def send_reaction(self, room_id: str, target: str, key: str) -> str:
+        """React to ``target`` with ``key`` (an ``m.reaction``, ``m.annotation``)."""
+        return await self.room_send(room_id, "m.reaction", relations.reaction_content(target, key))
+
     # --- files -------------------------------------------------------------------------------
 
     async def upload(
@@ -687,6 +722,8 @@ class Client:
                 True,
                 result.verified,
                 event,
+                result.relation,
+                result.relation_mismatch,
             )
         )
 
@@ -857,13 +894,16 @@ def _events(section: Any) -> list[Mapping[str, Any]]:
 
 def _plain(room_id: str, event: Mapping[str, Any]) -> RoomEvent:
     content = event.get("content")
+    body = dict(content) if isinstance(content, Mapping) else {}
+    relation = body.get("m.relates_to")
     return RoomEvent(
         room_id,
         str(event.get("event_id", "")),
         str(event.get("sender", "")),
         str(event.get("type", "")),
-        dict(content) if isinstance(content, Mapping) else {},
+        body,
         False,
         False,
         event,
+        dict(relation) if isinstance(relation, Mapping) else None,
     )

@@ -142,3 +142,26 @@ class RoomEvent:
     #: for encrypted events: the sending device is known and its keys match
     verified: bool
     raw: Mapping[str, Any]
+    #: ``m.relates_to`` (a reply, thread, edit, reaction or reference) as the server
+    #: sees it: from the clear part of an encrypted event, or ``None``
+    relation: dict[str, Any] | None = None
+    #: an encrypted event whose clear relation differs from the one the sender
+    #: encrypted: the server or the sender changed it; trust neither
+    relation_mismatch: bool = False
+
+    @property
+    def rel_type(self) -> str | None:
+        """``m.thread``, ``m.replace``, ``m.annotation``, ``m.reference``, or ``None``."""
+        kind = self.relation.get("rel_type") if self.relation else None
+        return kind if isinstance(kind, str) else None
+
+    @property
+    def relates_to_event(self) -> str | None:
+        """The event this one relates to (for a plain reply: the one it answers)."""
+        if not self.relation:
+            return None
+        target = self.relation.get("event_id")
+        if not isinstance(target, str):
+            reply = self.relation.get("m.in_reply_to")
+            target = reply.get("event_id") if isinstance(reply, Mapping) else None
+        return target if isinstance(target, str) else None

@@ -96,6 +96,12 @@ class DecryptedRoomEvent:
     signing_key: str
     #: the sharing device is one we know, of the event's sender, with that Ed25519 key
     verified: bool
+    #: the event's ``m.relates_to`` as the server sees it (in the clear on the
+    #: ``m.room.encrypted`` content, spec: "Relationships and encryption"), or ``None``
+    relation: dict[str, Any] | None = None
+    #: the encrypted payload carries another ``m.relates_to`` than the clear one: the
+    #: server (or the sender) changed it; ``content`` keeps the sender's encrypted one
+    relation_mismatch: bool = False
 
 
 class GroupSessions:
@@ -184,17 +190,23 @@ class GroupSessions:
         payload: bytes,
         own_keys: Mapping[str, str],
         device_id: str,
+        relation: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The ``m.room.encrypted`` content for a payload from ``payload_bytes``; steps the
-        session's ratchet."""
+        session's ratchet. ``relation`` (the content's ``m.relates_to``) is copied into
+        the clear so the server can aggregate and thread the event; the payload keeps it
+        too, as matrix-nio and mautrix do, for clients that read only the payload."""
         message = record.session.encrypt(payload)
-        return {
+        content: dict[str, Any] = {
             "algorithm": MEGOLM_ALGORITHM,
             "ciphertext": message.to_base64(),
             "sender_key": own_keys["curve25519"],
             "session_id": record.session.session_id,
             "device_id": device_id,
         }
+        if relation is not None:
+            content["m.relates_to"] = dict(relation)
+        return content
 
     # --- inbound -------------------------------------------------------------------------------
 
@@ -320,6 +332,7 @@ class GroupSessions:
             decrypted.message_index,
             decrypted.plaintext,
             record,
+            content.get("m.relates_to"),
         )
 
     @staticmethod
@@ -346,17 +359,34 @@ class GroupSessions:
             )
         record = item.record
         verified = device is not None and device.ed25519 == record.signing_key
+        content: dict[str, Any] = payload["content"]
+        clear = item.clear_relation if isinstance(item.clear_relation, dict) else None
+        inner = content.get("m.relates_to")
+        mismatch = inner is not None and inner != clear
+        if mismatch:
+            log.warning(
+                "event %s in %s: the relation in the clear differs from the encrypted one; "
+                "reported, not trusted",
+                event_id,
+                room_id,
+            )
+        elif clear is not None:
+            # the sender left it out of the payload (as the spec allows): the clear one
+            # is the event's relation, and the content shows it as sent
+            content["m.relates_to"] = clear
         return DecryptedRoomEvent(
             room_id,
             event_id,
             sender,
             payload["type"],
-            payload["content"],
+            content,
             item.session_id,
             item.index,
             record.sender_key,
             record.signing_key,
             verified,
+            clear,
+            mismatch,
         )
 
 
@@ -371,3 +401,5 @@ class _Opened:
     index: int
     plaintext: bytes
     record: InboundGroupSessionRecord
+    #: ``m.relates_to`` from the clear content, as received (unchecked)
+    clear_relation: Any = None
