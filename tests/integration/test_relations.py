@@ -75,7 +75,7 @@ async def test_relations_sent_by_nio_reach_the_application(
         answer = await nio.client.room_send(
             room, event_type, content, ignore_unverified_devices=True
         )
-        event_id: str = answer.event_id  # type: ignore[union-attr]
+        event_id: str = answer.event_id
         return event_id
 
     thread = {
