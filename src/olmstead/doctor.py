@@ -34,7 +34,12 @@ import vodozemac
 from olmstead import key_state
 from olmstead.errors import StoreCorrupt, StoreError, StoreMigrationError, WrongPickleKey
 from olmstead.http.endpoints import CLIENT_V3, account_data_path
-from olmstead.imports.foreign import KNOWN_DEFAULT_KEYS, ForeignStore, UnknownForeignKey
+from olmstead.imports.foreign import (
+    KNOWN_DEFAULT_KEYS,
+    ForeignStore,
+    GivenKey,
+    UnknownForeignKey,
+)
 from olmstead.store.base import Inspection, LockRow
 from olmstead.store.files import read_only_uri
 from olmstead.store.named import is_postgres
@@ -166,12 +171,14 @@ async def diagnose(
     candidates: Iterable[str] = (),
     server: Credentials | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    given: str | None = None,
 ) -> Report:
     """Diagnose a store (SQLite path or PostgreSQL DSN) and, given credentials, its device.
 
-    ``key`` is the pickle key the operator believes is right (foreign stores need
-    none: ``candidates`` and the known defaults are tried). ``account`` names the
-    device in a PostgreSQL store.
+    ``key`` is the pickle key the operator believes is right. For foreign stores
+    (mautrix, matrix-nio) it is optional and its text is tried first (``given``: the
+    text of a key given the normal way), then ``candidates``, then the known defaults.
+    ``account`` names the device in a PostgreSQL store.
     """
     kind = kind or store_kind(store)
     if kind == "olmstead":
@@ -179,7 +186,8 @@ async def diagnose(
             raise ValueError("an olmstead store is diagnosed with the pickle key it should have")
         report = await _olmstead_store(store, key, account, list(candidates))
     else:
-        report = await _foreign_store(store, kind, account, list(candidates))
+        tries = [GivenKey(given)] if given else []
+        report = await _foreign_store(store, kind, account, [*tries, *candidates])
     if report.device is not None and server is not None:
         report.findings.extend(await _server_findings(report.device, server, transport))
     return report
@@ -382,9 +390,16 @@ async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[
                 "pickle key",
                 "error",
                 "wrong_pickle_key",
-                f"no key given and no known default opens the {kind} store's account",
+                (
+                    f"neither the key given, nor {unknown.tried - 1} candidates, nor a known "
+                    f"default opens the {kind} store's account"
+                    if unknown.given
+                    else f"no key given, and neither {unknown.tried} candidates nor a known "
+                    f"default opens the {kind} store's account"
+                ),
                 "find the pickle key from the bridge or bot's config (or its backups) and "
-                f"pass it in $OLMSTEAD_CANDIDATE_KEYS ({unknown.tried} tried)",
+                "give it ($OLMSTEAD_PICKLE_KEY, --key-file or the prompt; more to try in "
+                "$OLMSTEAD_CANDIDATE_KEYS)",
             )
         )
         return report

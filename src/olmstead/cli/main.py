@@ -6,12 +6,19 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from olmstead.cli.stores import existing, open_device, pickle_key
+from olmstead.cli.stores import (
+    existing,
+    foreign_key_text,
+    key_from_text,
+    open_device,
+    pickle_key,
+)
 from olmstead.errors import OlmsteadError
 from olmstead.store import PickleKey
 from olmstead.store.named import open_store
@@ -32,7 +39,8 @@ ACCOUNT = click.option(
 KEY_FILE = click.option(
     "--key-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A raw pickle key file; otherwise $OLMSTEAD_PICKLE_KEY, otherwise a prompt.",
+    help="A pickle key file (32 raw bytes in base64, or a key string); otherwise "
+    "$OLMSTEAD_PICKLE_KEY, otherwise a prompt.",
 )
 
 
@@ -68,20 +76,33 @@ HOMESERVER = click.option(
 )
 
 
+@dataclass
+class _Inputs:
+    kind: Any
+    #: the key for an olmstead store (for a foreign one: the key given, if any)
+    key: PickleKey | None
+    credentials: Any
+    candidates: list[str]
+    #: a foreign store's key as given, as text (tried on it first)
+    given: str | None = None
+
+
 def _diagnosis_inputs(
     store: str, kind: str, key_file: Path | None, homeserver: str | None, confirm: bool = False
-) -> tuple[Any, PickleKey | None, Any, list[str]]:
-    """The store's kind, the pickle key (olmstead stores), credentials and candidates."""
+) -> _Inputs:
+    """The store's kind, the key given, credentials and candidates. The key is asked for
+    every kind of store: a foreign store's is tried first, before candidates and defaults."""
     import os
 
     from olmstead.doctor import Credentials, store_kind
 
     found = store_kind(store) if kind == "auto" else kind
-    key = (
-        pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key", confirm)
-        if found == "olmstead"
-        else None
-    )
+    given: str | None = None
+    if found == "olmstead":
+        key: PickleKey | None = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key", confirm)
+    else:
+        given, from_file = foreign_key_text("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key", confirm)
+        key = key_from_text(given, from_file) if given is not None else None
     credentials = None
     if homeserver is not None:
         token = os.environ.get("OLMSTEAD_ACCESS_TOKEN") or click.prompt(
@@ -89,7 +110,7 @@ def _diagnosis_inputs(
         )
         credentials = Credentials(homeserver, token)
     candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
-    return found, key, credentials, candidates
+    return _Inputs(found, key, credentials, candidates, given)
 
 
 def _diagnosis_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -119,10 +140,16 @@ def doctor(
     """
     from olmstead.doctor import diagnose
 
-    found, key, credentials, candidates = _diagnosis_inputs(store, kind, key_file, homeserver)
+    given = _diagnosis_inputs(store, kind, key_file, homeserver)
     report = _run(
         lambda: diagnose(
-            store, key, account=account, kind=found, candidates=candidates, server=credentials
+            store,
+            given.key,
+            account=account,
+            kind=given.kind,
+            candidates=given.candidates,
+            server=given.credentials,
+            given=given.given,
         )
     )
     click.echo(report.to_json() if as_json else report.to_text())
@@ -173,10 +200,9 @@ def repair(
     from olmstead.repair import RepairOptions, plan_repairs
 
     # the key may become the store's new one (a rekey, a move): typed twice at a prompt
-    found, key, credentials, candidates = _diagnosis_inputs(
-        store, kind, key_file, homeserver, confirm=True
-    )
-    if found != "olmstead" and into is not None:
+    given = _diagnosis_inputs(store, kind, key_file, homeserver, confirm=True)
+    found, key, credentials, candidates = given.kind, given.key, given.credentials, given.candidates
+    if found != "olmstead" and into is not None and key is None:
         key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store", True)
 
     def password() -> str:
@@ -185,7 +211,13 @@ def repair(
 
     report = _run(
         lambda: diagnose(
-            store, key, account=account, kind=found, candidates=candidates, server=credentials
+            store,
+            key,
+            account=account,
+            kind=found,
+            candidates=candidates,
+            server=credentials,
+            given=given.given,
         )
     )
     click.echo(report.to_text())
@@ -211,7 +243,14 @@ def repair(
         moved_account = outcome.account or moved_account
     click.echo("\nAfter repair:")
     after = _run(
-        lambda: diagnose(where, key, account=moved_account, candidates=candidates, server=server)
+        lambda: diagnose(
+            where,
+            key,
+            account=moved_account,
+            candidates=candidates,
+            server=server,
+            given=given.given,
+        )
     )
     click.echo(after.to_text())
     raise SystemExit(after.exit_code)
@@ -321,9 +360,11 @@ def import_store(
 ) -> None:
     """Move the device in another library's SQLite store to a new olmstead store.
 
-    Candidate pickle keys for SOURCE come from $OLMSTEAD_CANDIDATE_KEYS, one per line;
-    the known defaults (mautrix's, nio's) are tried after them. The new store's key
-    comes from --key-file, $OLMSTEAD_PICKLE_KEY or a prompt. SOURCE is only read.
+    The pickle key given (--key-file, $OLMSTEAD_PICKLE_KEY or a prompt) is tried on
+    SOURCE first and becomes the new store's key; then candidates from
+    $OLMSTEAD_CANDIDATE_KEYS, one per line, and the known defaults (mautrix's, nio's)
+    are tried. Left empty at the prompt, the new store's key is asked for after.
+    SOURCE is only read.
     """
     import os
 
@@ -334,14 +375,23 @@ def import_store(
 
     if target.exists():
         raise click.UsageError(f"{target} exists: import into a new store")
+    from olmstead.imports.foreign import GivenKey
+
+    given, from_file = foreign_key_text("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key", True)
     candidates = [k for k in os.environ.get("OLMSTEAD_CANDIDATE_KEYS", "").splitlines() if k]
+    if given is not None:
+        candidates.insert(0, GivenKey(given))
     reader = read_mautrix_sqlite if kind == "mautrix" else read_nio_sqlite
     try:
         foreign = reader(source, candidates, user_id)
     except OlmsteadError as error:
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     click.echo(f"{foreign.source} opened with {foreign.key_used}.")
-    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store")
+    key = (
+        key_from_text(given, from_file)
+        if given is not None
+        else pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key for the new store", True)
+    )
 
     async def run() -> str:
         store = await SqliteStore.open(target, key)

@@ -34,6 +34,7 @@ from olmstead.store.files import read_only_uri
 __all__ = [
     "KNOWN_DEFAULT_KEYS",
     "ForeignStore",
+    "GivenKey",
     "UnknownForeignKey",
     "first_key_that_opens",
     "import_into",
@@ -59,17 +60,28 @@ KNOWN_DEFAULT_KEYS = (
 )
 
 
+class GivenKey(str):
+    """The pickle key the operator gave the normal way ($OLMSTEAD_PICKLE_KEY, --key-file,
+    the prompt), as a candidate: tried first, and named "the key given"."""
+
+    __slots__ = ()
+
+
 class UnknownForeignKey(StoreError):
     """None of the candidate pickle keys opens a foreign store's account."""
 
-    def __init__(self, store: str, tried: int, defaults: Iterable[str]) -> None:
+    def __init__(
+        self, store: str, tried: int, defaults: Iterable[str], given: bool = False
+    ) -> None:
         self.store = store
         self.tried = tried
+        self.given = given
+        what = f"the key given and {tried - 1} candidates" if given else f"{tried} keys you gave"
         super().__init__(
-            f"no candidate opens the account in {store}: tried {tried} keys you gave and the "
-            f"known defaults ({', '.join(defaults)}). Find the pickle key the bridge or bot "
-            "was configured with (its config file, an old backup of it, its environment) and "
-            "pass it as a candidate. Nothing was imported."
+            f"no candidate opens the account in {store}: tried {what} and the known defaults "
+            f"({', '.join(defaults)}). Find the pickle key the bridge or bot was configured "
+            "with (its config file, an old backup of it, its environment) and give it "
+            "($OLMSTEAD_PICKLE_KEY, --key-file, or the prompt). Nothing was imported."
         )
 
 
@@ -96,17 +108,25 @@ class ForeignStore:
 def first_key_that_opens(
     candidates: Iterable[str], source: str, attempt: Callable[[str], T]
 ) -> tuple[T, str, str]:
-    """``attempt(key)`` for the operator's candidates, then the known defaults, until one
-    does not raise ``ValueError``: its result, the key, and how to name the key."""
+    """``attempt(key)`` for the key given (a ``GivenKey``, first), the operator's other
+    candidates, then the known defaults, until one does not raise ``ValueError``: its
+    result, the key, and how to name the key."""
     given = list(candidates)
-    for n, key in enumerate([*given, *KNOWN_DEFAULT_KEYS]):
+    named = [k for k in given if isinstance(k, GivenKey)]
+    others = [k for k in given if not isinstance(k, GivenKey)]
+    for n, key in enumerate([*named, *others, *KNOWN_DEFAULT_KEYS]):
         try:
             result = attempt(key)
         except ValueError:
             continue
-        label = f"candidate #{n + 1}" if n < len(given) else f"the known default {key!r}"
-        return result, key, label
-    raise UnknownForeignKey(source, len(given), KNOWN_DEFAULT_KEYS)
+        if isinstance(key, GivenKey):
+            label = "the key given"
+        elif n < len(given):
+            label = f"candidate #{n - len(named) + 1}"
+        else:
+            label = f"the known default {key!r}"
+        return result, str(key), label
+    raise UnknownForeignKey(source, len(given), KNOWN_DEFAULT_KEYS, given=bool(named))
 
 
 def unpickle_libolm_account(
