@@ -29,7 +29,10 @@ def test_demo_prevents_diagnoses_and_repairs() -> None:
     assert fingerprints[1] != fingerprints[2]
     assert "byte-for-byte unchanged" in out
     assert "the known default 'mautrix.bridge.e2ee' opens it" in out
-    assert "re-encrypted every secret" in out
+    rekeyed = re.search(r"re-encrypted every secret from key (\S+) to key (\S+),", out)
+    assert rekeyed is not None
+    assert rekeyed[1] == fingerprints[1]  # the old default's fingerprint, as the error said
+    assert rekeyed[2] == fingerprints[2]  # the key given is the key the store now has
     # a rolled-back store: found from the marker, drained
     lost = re.search(r"Up to (\d+) keys on the server have no private half", out)
     assert lost is not None
