@@ -179,6 +179,10 @@ def _unrecognised(error: MatrixHttpError) -> bool:
 
 
 def _content_length(response: httpx.Response) -> int | None:
+    """The body's announced length, where it is the length of what we read (a compressed
+    body announces its compressed length)."""
+    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+        return None
     value = response.headers.get("Content-Length")
     if value is None or not value.isdigit():
         return None
