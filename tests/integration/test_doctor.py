@@ -46,7 +46,7 @@ def doctor(store: Path | str, env: dict[str, str], *extra: str) -> tuple[Result,
 
 
 def causes(result: Result) -> dict[str, str]:
-    return {f["cause"]: f["verdict"] for f in json.loads(result.output)["findings"]}
+    return {f["cause"]: f["verdict"] for f in json.loads(result.stdout)["findings"]}
 
 
 def problems(result: Result) -> dict[str, str]:

@@ -107,7 +107,8 @@ async def test_a_matrix_nio_store_is_diagnosed_where_it_lies(
     before = nio_db.read_bytes()
     env = {"OLMSTEAD_ACCESS_TOKEN": token}
     human, report = await asyncio.to_thread(doctor, nio_db, env, "--homeserver", url)
-    body = json.loads(report.output)
+    assert "Pickle key (Enter for none" in report.stderr  # asked, on stderr; no answer: none
+    body = json.loads(report.stdout)
     assert body["kind"] == "matrix-nio"
     assert body["device"]["device_id"] == device_id
     assert problems(report)["legacy_default_key"] == "warning"

@@ -59,7 +59,7 @@ async def test_doctor_opens_a_mautrix_store_with_the_key_given(
     result = await asyncio.to_thread(
         cli, ["doctor", "--store", str(path), "--json", *extra], env, typed
     )
-    report = json.loads(result.output[result.output.index("{") :])
+    report = json.loads(result.stdout)
     causes = {f["cause"]: f["verdict"] for f in report["findings"]}
     assert causes.get("key_ok") == "ok", result.output
     assert "wrong_pickle_key" not in causes

@@ -72,6 +72,7 @@ def foreign_key_text(
                 show_default=False,
                 hide_input=True,
                 confirmation_prompt=confirm,  # it may become a new store's key
+                err=True,  # stdout stays the report (--json) alone
             )
         except click.Abort:  # no input to read: nobody to ask
             value = ""
