@@ -384,6 +384,8 @@ class OlmMachine:
         device) is looked up first: its user's devices are queried, and the repair
         follows the answer.
         """
+        if isinstance(self.upload_guard.problem, DeviceIdInUse | DeviceIdentityConflict):
+            return  # an unusable device sends nothing encrypted, not even an m.dummy
         device = await self.store.get_device_by_curve25519(sender_key)
         if device is None and isinstance(sender, str) and changes is not None:
             if len(self._wedged_unknown) < MAX_WEDGED_UNKNOWN:
