@@ -10,7 +10,7 @@ from typing import Any
 import vodozemac
 
 from olmstead import KeysClaimRequest, MatrixHttpError
-from olmstead.errors import NotForThisDevice, OlmSessionError, SenderMismatch
+from olmstead.errors import DeviceIdInUse, NotForThisDevice, OlmSessionError, SenderMismatch
 from olmstead.machine import UNWEDGE_INTERVAL, UndecryptableToDevice
 from olmstead.olm import account as own
 from olmstead.requests import ToDeviceRequest
@@ -230,6 +230,20 @@ async def test_a_wedged_session_is_replaced_and_announced_with_m_dummy() -> None
     healed = await receive(bob, await send(alice, bob, "m.test", {"n": 3}))
     assert isinstance(healed, DecryptedToDevice)
     assert healed.content == {"n": 3}
+
+
+async def test_an_unusable_device_does_not_unwedge() -> None:
+    alice, bob = await pair()
+    await learn_devices(bob, alice)
+    await receive(bob, await send(alice, bob, "m.test", {"n": 1}))
+    bob.db.olm_sessions.clear()
+    bob = await reopen(bob)
+    # as if bob's device ID had been found to hold another identity's keys
+    bob.machine.upload_guard.problem = DeviceIdInUse(BOB, "BOBDEV", "someone else's key")
+    broken = await receive(bob, await send(alice, bob, "m.test", {"n": 2}))
+    assert isinstance(broken, UndecryptableToDevice)
+    requests = await bob.machine.outgoing_requests()
+    assert not [r for r in requests if isinstance(r, KeysClaimRequest | ToDeviceRequest)]
 
 
 def tampered(event: dict[str, Any], bob: Peer) -> dict[str, Any]:
