@@ -16,7 +16,6 @@ temporary file beside the target that is renamed into place only then.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import os
@@ -160,7 +159,7 @@ class Media:
         try:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in self.stream_decrypted(file):
-                    await asyncio.to_thread(out.write, chunk)
+                    out.write(chunk)  # in the loop's thread: see _chunks
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, target)
@@ -222,11 +221,15 @@ def _seekable(handle: IO[bytes]) -> bool:
 async def _chunks(
     handle: IO[bytes], start: int, length: int, encryptor: AttachmentEncryptor | None
 ) -> AsyncIterator[bytes]:
+    # read in the event loop's own thread: a 1 MiB read takes well under a millisecond,
+    # and chunks allocated in worker threads and freed in this one pile up in glibc's
+    # per-thread arenas (measured: 80 MB peak for a 200 MB round trip here, 167 MB with
+    # reads and writes in asyncio.to_thread on a loaded machine)
     read: Callable[[int], bytes] = handle.read
     handle.seek(start)
     left = length
     while left > 0:
-        chunk = await asyncio.to_thread(read, min(CHUNK_SIZE, left))
+        chunk = read(min(CHUNK_SIZE, left))
         if not chunk:
             raise LocalProtocolError("the file became shorter while it was uploaded")
         left -= len(chunk)
