@@ -341,13 +341,7 @@ class Client:
         room = await self._room_state(room_id)
         body: Mapping[str, Any] = content
         if room.encrypted:
-            if room.encryption is None:
-                raise LocalProtocolError(
-                    f"{room_id} is encrypted with {room.algorithm!r}, which olmstead does not "
-                    "support: nothing was sent (it would have gone out in the clear)"
-                )
-            machine = self._machine()
-            machine.ensure_may_encrypt()  # before any claim or share leaves
+            machine = self._may_encrypt_in(room)  # before any claim or share leaves
             recipients = room.key_recipients()
             await self._query_members(recipients)
             claim = await machine.get_missing_sessions(recipients)
@@ -505,7 +499,7 @@ class Client:
             body = Path(source).name if isinstance(source, str | os.PathLike) else "file"
         room = await self._room_state(room_id)
         if room.encrypted:
-            self._machine().ensure_may_encrypt()  # before anything is uploaded
+            self._may_encrypt_in(room)  # before anything is uploaded
             url, encryptor, size = await self.media.upload(source, encrypt=True)
             assert encryptor is not None
             thumb = await self.upload_encrypted(thumbnail) if thumbnail is not None else None
@@ -560,6 +554,19 @@ class Client:
             thumbnail=thumbnail,
             thumbnail_info=thumbnail_info,
         )
+
+    def _may_encrypt_in(self, room: RoomState) -> OlmMachine:
+        """The machine, if this device may encrypt for ``room``: ``LocalProtocolError`` for
+        an algorithm olmstead does not support, ``DeviceUnusable`` for a device whose ID or
+        keys are another identity's."""
+        if room.encryption is None:
+            raise LocalProtocolError(
+                f"{room.room_id} is encrypted with {room.algorithm!r}, which olmstead does not "
+                "support: nothing was sent (it would have gone out in the clear)"
+            )
+        machine = self._machine()
+        machine.ensure_may_encrypt()
+        return machine
 
     async def _send_and_mark(self, request: OutgoingRequest) -> None:
         machine = self._machine()
