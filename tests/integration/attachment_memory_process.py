@@ -4,7 +4,10 @@
 
 Writes MEGABYTES of random data to DIR/plain, uploads it with ``upload_encrypted``,
 downloads it with ``download_decrypted`` to DIR/back, and prints one JSON line:
-the two files' SHA-256 and the process's peak resident memory in MB (ru_maxrss).
+the two files' SHA-256 and the process's peak resident memory in MB: ``VmHWM`` of
+/proc/self/status, the high-water mark of this program's own memory. (Not
+``ru_maxrss``: it survives ``exec``, so a child of a large pytest process would report
+the parent's size.)
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -30,7 +32,16 @@ def digest(path: Path) -> str:
     return sha.hexdigest()
 
 
+def peak_resident_kb() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 async def main(url: str, token: str, user: str, device: str, where: Path, megabytes: int) -> None:
+    baseline_mb = peak_resident_kb() / 1024  # the interpreter and its imports
     plain, back = where / "plain", where / "back"
     with open(plain, "wb") as out:
         for _ in range(megabytes):
@@ -42,7 +53,7 @@ async def main(url: str, token: str, user: str, device: str, where: Path, megaby
         await client.download_decrypted(info, back)
     finally:
         await client.close()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    peak_mb = peak_resident_kb() / 1024
     print(
         json.dumps(
             {
@@ -50,6 +61,7 @@ async def main(url: str, token: str, user: str, device: str, where: Path, megaby
                 "got": digest(back),
                 "size": back.stat().st_size,
                 "peak_mb": round(peak_mb, 1),
+                "baseline_mb": round(baseline_mb, 1),
             }
         )
     )

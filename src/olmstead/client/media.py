@@ -160,7 +160,7 @@ class Media:
         try:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in self.stream_decrypted(file):
-                    out.write(chunk)  # in the loop's thread: see _chunks
+                    await asyncio.to_thread(out.write, chunk)
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())  # seconds, on a slow disk
             os.replace(partial, target)
@@ -222,15 +222,11 @@ def _seekable(handle: IO[bytes]) -> bool:
 async def _chunks(
     handle: IO[bytes], start: int, length: int, encryptor: AttachmentEncryptor | None
 ) -> AsyncIterator[bytes]:
-    # read in the event loop's own thread: a 1 MiB read takes well under a millisecond,
-    # and chunks allocated in worker threads and freed in this one stay in glibc's
-    # per-thread arenas (a 200 MB round trip peaked once at 167 MB with reads and writes
-    # in asyncio.to_thread on a loaded machine; about 80 MB without, in every run since)
     read: Callable[[int], bytes] = handle.read
     handle.seek(start)
     left = length
     while left > 0:
-        chunk = read(min(CHUNK_SIZE, left))
+        chunk = await asyncio.to_thread(read, min(CHUNK_SIZE, left))  # the loop stays free
         if not chunk:
             raise LocalProtocolError("the file became shorter while it was uploaded")
         left -= len(chunk)
