@@ -6,6 +6,7 @@ a contract test: it must pass for each of them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import uuid
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -32,8 +34,55 @@ KEY = PickleKey(b"k" * 32)
 OTHER_KEY = PickleKey(b"o" * 32)
 #: short leases so lock tests run in a fraction of a second
 FAST_LEASE = LeaseSettings(duration=0.6, renew_every=0.2, wait=0.3, poll=0.02)
-POSTGRES_DSN = os.environ.get("OLMSTEAD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+#: the server, and a database on it to connect to while making the run's own database
+SERVER_DSN = os.environ.get("OLMSTEAD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+#: a run's own database, made at its start and dropped at its end: stores that an earlier
+#: run, or a branch with another schema, left in the shared database never meet this one
+POSTGRES_DSN = SERVER_DSN
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+_scratch: str | None = None
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Make the run's own PostgreSQL database; without a server, tests skip or fail later."""
+    global POSTGRES_DSN, _scratch
+    name = f"olmstead_test_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(SERVER_DSN, timeout=5)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(create())
+    except (OSError, asyncpg.PostgresError) as exc:
+        # no server (postgres_or_skip says so per test) or no right to create databases:
+        # the shared database as it is
+        print(f"PostgreSQL tests use {SERVER_DSN} itself: no database of their own ({exc})")
+        return
+    _scratch = name
+    POSTGRES_DSN = _with_database(SERVER_DSN, name)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _scratch is None:
+        return
+
+    async def drop(name: str) -> None:
+        conn = await asyncpg.connect(SERVER_DSN, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop(_scratch))
 
 
 @dataclass
