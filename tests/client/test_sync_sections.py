@@ -139,3 +139,35 @@ async def test_a_looping_messages_answer_becomes_a_reported_gap() -> None:
     assert asked.count(f"/_matrix/client/v3/rooms/{ROOM}/messages") == 1
     assert client.store is not None
     assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"
+
+
+async def test_unhashable_event_ids_and_types_in_a_limited_timeline_raise_nothing() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    junk: list[Any] = [
+        {"type": "m.room.message", "event_id": ["$m1"]},
+        {"type": ["m.room.member"], "event_id": "$t", "state_key": ""},
+        {"type": "m.room.message", "event_id": {"id": 1}},
+        message(9),
+    ]
+    limited = {
+        "next_batch": "s2",
+        "rooms": {
+            "join": {ROOM: {"timeline": {"events": junk, "limited": True, "prev_batch": "p"}}}
+        },
+    }
+    client, _ = await client_answering(
+        first, limited, messages={"chunk": [message(5), message(1)], "end": "q"}
+    )
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    await client.sync_once()
+    await client.sync_once()
+    delivered = [
+        e.event_id for e in seen if isinstance(e, RoomEvent) and e.event_id.startswith("$m")
+    ]
+    assert delivered == ["$m1", "$m5", "$m9"]  # the gap filled, the junk skipped by the fill
+    assert not any(isinstance(e, TimelineGap) for e in seen)
+    assert client.store is not None
+    assert await client.store.get_value("sync_token") == "s2"
+    assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"

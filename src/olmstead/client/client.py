@@ -416,7 +416,10 @@ class Client:
                 continue
             state_events = _events(room.get("state")) + _events(room.get("timeline"))
             changed = any(
-                e.get("type") in KEY_STATE_EVENTS and "state_key" in e for e in state_events
+                isinstance(e.get("type"), str)  # a list or object is unhashable
+                and e.get("type") in KEY_STATE_EVENTS
+                and "state_key" in e
+                for e in state_events
             )
             known = room_id in self._rooms
             if full and not known:

@@ -127,7 +127,8 @@ class Timelines:
         token, last = section.get("prev_batch"), await self.position(room_id)
         if not isinstance(token, str) or last is None:
             return [], None
-        in_sync = {e.get("event_id") for e in timeline}
+        # only string IDs: a hostile event_id (a list, an object) is unhashable
+        in_sync = {e["event_id"] for e in timeline if isinstance(e.get("event_id"), str)}
         if last in in_sync:
             return [], None
         first = next((e["event_id"] for e in timeline if isinstance(e.get("event_id"), str)), None)
@@ -147,7 +148,7 @@ class Timelines:
         return found, gap
 
     async def _page_back(
-        self, room_id: str, token: str, last: str, in_sync: set[Any]
+        self, room_id: str, token: str, last: str, in_sync: set[str]
     ) -> tuple[list[Event], str | None, str | None]:
         """Events newest first until ``last``; the token reached; why it stopped early."""
         found: list[Event] = []
