@@ -171,3 +171,55 @@ async def test_unhashable_event_ids_and_types_in_a_limited_timeline_raise_nothin
     assert client.store is not None
     assert await client.store.get_value("sync_token") == "s2"
     assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"
+
+
+@pytest.mark.parametrize("prev_batch", [None, 7, ["p"]])
+async def test_a_limited_timeline_without_prev_batch_is_reported(prev_batch: Any) -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    timeline: dict[str, Any] = {"events": [message(9)], "limited": True}
+    if prev_batch is not None:
+        timeline["prev_batch"] = prev_batch
+    limited = {"next_batch": "s2", "rooms": {"join": {ROOM: {"timeline": timeline}}}}
+    client, asked = await client_answering(first, limited)
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    await client.sync_once()
+    await client.sync_once()
+    order = [e.event_id if isinstance(e, RoomEvent) else "gap" for e in seen]
+    assert order == ["$m1", "gap", "$m9"]
+    gap = seen[1]
+    assert (gap.after_event_id, gap.before_event_id, gap.fetched, gap.token) == (
+        "$m1",
+        "$m9",
+        0,
+        None,
+    )
+    assert not any(path.endswith("/messages") for path in asked)
+
+
+async def test_a_limited_timeline_with_no_events_is_filled_and_moves_the_position() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    empty = {
+        "next_batch": "s2",
+        "rooms": {"join": {ROOM: {"timeline": {"events": [], "limited": True, "prev_batch": "p"}}}},
+    }
+    # limited again: had the empty sync not moved the position to $m5, $m4 and $m5 came twice
+    timeline = {"events": [message(6)], "limited": True, "prev_batch": "p2"}
+    after = {"next_batch": "s3", "rooms": {"join": {ROOM: {"timeline": timeline}}}}
+    history = {"chunk": [message(5), message(4), message(1)], "end": "q"}
+    client, asked = await client_answering(first, empty, after, messages=history)
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    for _ in range(3):
+        await client.sync_once()
+    assert [e.event_id if isinstance(e, RoomEvent) else "gap" for e in seen] == [
+        "$m1",
+        "$m4",
+        "$m5",
+        "$m6",
+    ]
+    assert client.store is not None
+    assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m6"
+    assert asked.count(f"/_matrix/client/v3/rooms/{ROOM}/messages") == 2

@@ -446,15 +446,17 @@ class Client:
         for room_id, event in timeline:
             by_room.setdefault(room_id, []).append(event)
         filled: list[tuple[str, Mapping[str, Any]]] = []
-        for room_id, events in by_room.items():
-            room = joined.get(room_id)
-            section = room.get("timeline") if isinstance(room, Mapping) else None
-            missing, gap = await self._timelines.fill(room_id, section, events)
+        for room_id, room in joined.items():
+            if not isinstance(room, Mapping):
+                continue
+            # a limited timeline may bring no events of its own: its gap is still one
+            events = by_room.get(room_id, [])
+            missing, gap = await self._timelines.fill(room_id, room.get("timeline"), events)
             if gap is not None:
                 for callback in self._gap_callbacks:
                     callback(gap)
             filled.extend((room_id, event) for event in missing + events)
-            self._timelines.moved(room_id, events)
+            self._timelines.moved(room_id, missing + events)
         return filled
 
     async def _take_invites_and_leaves(self, rooms: Any) -> None:
