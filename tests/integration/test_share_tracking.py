@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.integration.harness import Wire, close_client, open_client, session_of
 from tests.integration.test_messaging import crypto_client, messages
@@ -64,5 +65,41 @@ async def test_a_member_who_joins_while_the_query_is_held_reads_the_next_message
 
     await carol.sync_once()
     assert (bot_user["user_id"], "welcome carol", True) in messages(carol_seen)
+    await close_client(bot)
+    await close_client(carol)
+
+
+async def test_a_query_abandoned_by_a_cancelled_task_does_not_hold_later_shares(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    bot_user, carol_user = new_user(), new_user()
+    wire = HeldQueries()
+    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
+    await bot.init_crypto()
+    await bot.sync_once()
+    carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
+    room = await bot.create_room()
+    await bot.invite(room, carol_user["user_id"])
+    await carol.sync_once()
+    await carol.join(room)
+
+    # the application gives its sync a deadline; it passes while carol's query hangs
+    wire.hold = True
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bot.sync_once(), 3)
+    assert wire.held.is_set()
+    machine = bot.machine
+    assert machine is not None
+    assert not machine.key_query_in_flight  # no answer will ever come for it
+
+    # counted as a failed query: past its backoff (2 s at most after one failure), the
+    # next share queries carol's devices itself instead of waiting KEY_QUERY_WAIT (30 s)
+    await asyncio.sleep(2.5)
+    await asyncio.wait_for(
+        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "hello carol"}), 15
+    )
+    await carol.sync_once()
+    assert (bot_user["user_id"], "hello carol", True) in messages(carol_seen)
     await close_client(bot)
     await close_client(carol)

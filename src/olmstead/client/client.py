@@ -39,6 +39,7 @@ from olmstead.client.invites import Invite, read_invites
 from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
+    ConnectionFailed,
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
@@ -49,7 +50,7 @@ from olmstead.errors import (
     TransportError,
     UnknownRoomKey,
 )
-from olmstead.http.endpoints import CLIENT_V3, account_data_path
+from olmstead.http.endpoints import CLIENT_V3, account_data_path, route
 from olmstead.http.transport import MatrixHttp, RetryPolicy
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
@@ -220,7 +221,7 @@ class Client:
                 return
             for request in requests:
                 try:
-                    answer = await self.http.send(request)
+                    answer = await self._send(request)
                     await machine.mark_request_as_sent(request.request_id, answer)
                 except (TransportError, RemoteProtocolError) as error:
                     # one bad answer fails one request; the rest of the round goes on
@@ -382,10 +383,25 @@ class Client:
             ", ".join(sorted(machine.outdated_users(user_ids))),
         )
 
+    async def _send(self, request: OutgoingRequest) -> dict[str, Any]:
+        """``request``'s answer. A request whose task is cancelled while it is out is
+        reported as failed (no answer) before the cancellation goes on: the machine hands
+        it out again rather than wait for an answer that will never be read (a query
+        left in flight would hold every later share and stop device tracking)."""
+        try:
+            return await self.http.send(request)
+        except asyncio.CancelledError:
+            method, path = route(request)
+            abandoned = ConnectionFailed(method, path, "the task sending it was cancelled")
+            await asyncio.shield(
+                self._machine().mark_request_as_failed(request.request_id, abandoned)
+            )
+            raise
+
     async def _send_and_mark(self, request: OutgoingRequest) -> None:
         machine = self._machine()
         try:
-            answer = await self.http.send(request)
+            answer = await self._send(request)
         except TransportError as error:
             await machine.mark_request_as_failed(request.request_id, error)
             raise
