@@ -156,3 +156,11 @@ async def test_a_duplicate_key_message_without_the_old_key_is_still_typed() -> N
         await http.send(UPLOAD)
     assert caught.value.key_id == "signed_curve25519:AAAAAAAAAAE"
     assert caught.value.old_key is None
+
+
+@pytest.mark.parametrize("code", [200, 500])
+async def test_json_nested_too_deep_to_parse_is_a_remote_error(code: int) -> None:
+    deep = ("[" * 200_000 + "]" * 200_000).encode()  # parsing it overflows Python's stack
+    http, _ = http_with([lambda _request: httpx.Response(code, content=deep)])
+    with pytest.raises(RemoteProtocolError if code == 200 else MatrixHttpError):
+        await http.request("GET", "/_matrix/client/v3/sync")

@@ -149,7 +149,7 @@ class MatrixHttp:
             raise ConnectionFailed(method, path, f"{type(exc).__name__}: {exc}") from exc
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             payload = None
         if response.is_success:
             if not isinstance(payload, dict | list):
