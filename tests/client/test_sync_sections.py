@@ -8,6 +8,7 @@ can raise out of ``sync_once`` or leave a wrong room state behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -223,3 +224,38 @@ async def test_a_limited_timeline_with_no_events_is_filled_and_moves_the_positio
     assert client.store is not None
     assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m6"
     assert asked.count(f"/_matrix/client/v3/rooms/{ROOM}/messages") == 2
+
+
+async def test_close_during_a_gap_fill_ends_start_and_commits_nothing() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    timeline = {"events": [message(9)], "limited": True, "prev_batch": "p"}
+    limited = {"next_batch": "s2", "rooms": {"join": {ROOM: {"timeline": timeline}}}}
+    syncs = iter([first, limited])
+    in_gap, closed = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sync"):
+            return httpx.Response(200, json=next(syncs, {"next_batch": "s9"}))
+        in_gap.set()
+        await closed.wait()  # the first page is out when the application closes
+        return httpx.Response(200, json={"chunk": [message(8)], "end": "more"})
+
+    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
+    client = Client(
+        "https://hs.example",
+        store=store,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=1),
+    )
+    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    running = asyncio.create_task(client.start(timeout_ms=0))
+    await asyncio.wait_for(in_gap.wait(), 5)
+    await client.close()
+    closed.set()
+    await asyncio.wait_for(running, 2)  # no RuntimeError, and no 5 s pause after the error
+    assert [e.event_id for e in seen] == ["$m1"]  # nothing of the interrupted sync, no gap
+    assert await store.get_value("sync_token") == "s1"  # it comes again on the next start
+    assert await store.get_value(POSITION_PREFIX + ROOM) == "$m1"

@@ -671,7 +671,8 @@ class Client:
                 self._report(problem)
             except OlmsteadError as error:  # the HTTP layer already retried with backoff
                 log.warning("sync failed: %s", error)
-                await asyncio.sleep(5)
+                with contextlib.suppress(TimeoutError):  # a pause that stop() ends at once
+                    await asyncio.wait_for(self._stop.wait(), 5)
 
     def stop(self) -> None:
         """End ``start()``: a long-poll in progress is abandoned, processing is finished."""

@@ -22,6 +22,7 @@ import httpx
 
 from olmstead.errors import (
     ConnectionFailed,
+    LocalProtocolError,
     MatrixHttpError,
     OneTimeKeyConflict,
     RateLimited,
@@ -139,6 +140,10 @@ class MatrixHttp:
         params: Mapping[str, str] | None,
         read_timeout: float | None,
     ) -> Any:
+        if self._client.is_closed:  # httpx would raise a RuntimeError
+            raise LocalProtocolError(
+                f"{method} {path}: the client was closed (close()); nothing was sent"
+            )
         headers = {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
         extra: dict[str, Any] = {} if read_timeout is None else {"timeout": read_timeout}
         try:
