@@ -6,10 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
+from olmstead.client.rooms import RoomEvent
 from tests.integration.harness import Wire, close_client, open_client, session_of
 from tests.integration.test_messaging import crypto_client, messages
 
@@ -103,3 +105,62 @@ async def test_a_query_abandoned_by_a_cancelled_task_does_not_hold_later_shares(
     assert (bot_user["user_id"], "hello carol", True) in messages(carol_seen)
     await close_client(bot)
     await close_client(carol)
+
+
+def session_ids(seen: list[Any], body: str) -> list[str]:
+    return [
+        e.raw["content"]["session_id"]
+        for e in seen
+        if isinstance(e, RoomEvent) and e.type == "m.room.message" and e.content["body"] == body
+    ]
+
+
+async def test_a_member_who_leaves_while_the_share_waits_gets_no_key(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url = homeserver.base_url
+    bot_user, carol_user, dave_user, erin_user = new_user(), new_user(), new_user(), new_user()
+    wire = HeldQueries()
+    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
+    await bot.init_crypto()
+    await bot.sync_once()
+    carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
+    dave, _ = await crypto_client(url, tmp_path / "dave.db", dave_user)
+    erin, erin_seen = await crypto_client(url, tmp_path / "erin.db", erin_user)
+    room = await bot.create_room(invite=[carol_user["user_id"], dave_user["user_id"]])
+    for member in (carol, dave):
+        await member.sync_once()
+        await member.join(room)
+    await bot.sync_once()
+    await bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "before"})
+
+    # erin joins: the bot's sync queries her devices, and the query hangs
+    await bot.invite(room, erin_user["user_id"])
+    await erin.sync_once()
+    await erin.join(room)
+    wire.hold = True
+    syncing = asyncio.create_task(bot.sync_once())
+    await asyncio.wait_for(wire.held.wait(), 30)
+    sending = asyncio.create_task(
+        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "after dave"})
+    )
+    await asyncio.sleep(0.5)
+    assert not sending.done()
+    # dave leaves while the share waits; another sync of the bot's sees it
+    await dave.http.request("POST", f"/_matrix/client/v3/rooms/{quote(room)}/leave", {})
+    for _ in range(20):
+        await bot.sync_once()
+        followed = bot.room(room)
+        if followed is not None and dave_user["user_id"] not in followed.joined:
+            break
+    wire.release.set()
+    await syncing
+    await sending
+
+    await carol.sync_once()
+    await erin.sync_once()
+    assert (bot_user["user_id"], "after dave", True) in messages(erin_seen)
+    (before,), (after,) = session_ids(carol_seen, "before"), session_ids(carol_seen, "after dave")
+    assert before != after  # rotated: dave's copy of the old session does not open it
+    for client in (bot, carol, dave, erin):
+        await close_client(client)

@@ -339,8 +339,7 @@ class Client:
                     "support: nothing was sent (it would have gone out in the clear)"
                 )
             machine = self._machine()
-            recipients = room.key_recipients()
-            await self._query_members(recipients)
+            recipients = await self._query_members(room)
             claim = await machine.get_missing_sessions(recipients)
             if claim is not None:
                 await self._send_and_mark(claim)
@@ -354,34 +353,41 @@ class Client:
         event_id: str = answer["event_id"]
         return event_id
 
-    async def _query_members(self, user_ids: set[str]) -> None:
-        """Before a share: the device list of every member is current.
+    async def _query_members(self, room: RoomState) -> set[str]:
+        """Before a share: the members who get the key, each with a current device list.
 
         A member whose list changed is queried now, or, if a query is in flight
         (the sync loop's), after it was answered; a member who joined while it was
-        in flight is queried again. Bounded: after ``KEY_QUERY_WAIT`` seconds or
-        ``KEY_QUERY_ROUNDS`` rounds the share goes on, and members still outdated
-        (their server did not answer) get the key only on their known devices.
+        in flight is queried again. The members are read again after every wait, so
+        one who left meanwhile gets no key (the session rotates). Bounded: after
+        ``KEY_QUERY_WAIT`` seconds or ``KEY_QUERY_ROUNDS`` rounds the share goes on,
+        and members still outdated (their server did not answer) get the key only on
+        their known devices.
         """
         machine = self._machine()
-        await machine.update_tracked_users(user_ids)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + KEY_QUERY_WAIT
         for _ in range(KEY_QUERY_ROUNDS):
+            # the sync loop keeps the room current while we wait (a join replaces it)
+            user_ids = self._rooms.get(room.room_id, room).key_recipients()
+            await machine.update_tracked_users(user_ids)
             await self.process_outgoing()  # makes the query unless one is in flight
             if not machine.outdated_users(user_ids):
-                return
+                return user_ids
             left = deadline - loop.time()
             if not machine.key_query_in_flight or left <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await machine.wait_for_key_query()
+        user_ids = self._rooms.get(room.room_id, room).key_recipients()
+        await machine.update_tracked_users(user_ids)
         log.warning(
             "sharing a room key without the current devices of %s: their device lists "
             "could not be queried",
             ", ".join(sorted(machine.outdated_users(user_ids))),
         )
+        return user_ids
 
     async def _send(self, request: OutgoingRequest) -> dict[str, Any]:
         """``request``'s answer. A request whose task is cancelled while it is out is
