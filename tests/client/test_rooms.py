@@ -54,6 +54,7 @@ def test_encryption_settings_come_from_the_state_event() -> None:
     assert room.encryption == RoomSettings(rotation_period_msgs=10)
     room.apply({"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "x"}})
     assert room.encryption == RoomSettings(rotation_period_msgs=10)  # unknown: ignored
+    assert room.algorithm == "m.megolm.v1.aes-sha2"
 
 
 def test_members_names_and_encryption_are_read_and_kept_current() -> None:

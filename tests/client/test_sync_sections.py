@@ -259,3 +259,28 @@ async def test_close_during_a_gap_fill_ends_start_and_commits_nothing() -> None:
     assert [e.event_id for e in seen] == ["$m1"]  # nothing of the interrupted sync, no gap
     assert await store.get_value("sync_token") == "s1"  # it comes again on the next start
     assert await store.get_value(POSITION_PREFIX + ROOM) == "$m1"
+
+
+async def test_a_sync_that_failed_after_its_gap_was_filled_fills_it_again() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    timeline = {"events": [message(9)], "limited": True, "prev_batch": "p"}
+    limited = {"next_batch": "s2", "rooms": {"join": {ROOM: {"timeline": timeline}}}}
+    history = {"chunk": [message(5), message(1)], "end": "q"}
+    client, _ = await client_answering(first, limited, limited, messages=history)
+    seen: list[str] = []
+
+    def fails_once(event: RoomEvent) -> None:
+        if event.event_id == "$m5" and "failed" not in seen:
+            seen.append("failed")
+            raise RuntimeError("the application failed")
+        seen.append(event.event_id)
+
+    client.on_room_event(fails_once)
+    await client.sync_once()
+    with pytest.raises(RuntimeError):
+        await client.sync_once()  # nothing committed: the same sync comes again
+    await client.sync_once()
+    # the position the failed sync moved to ($m9) was dropped: the gap is filled again
+    assert seen == ["$m1", "failed", "$m5", "$m9"]
+    assert client.store is not None
+    assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"
