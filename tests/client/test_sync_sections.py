@@ -284,3 +284,44 @@ async def test_a_sync_that_failed_after_its_gap_was_filled_fills_it_again() -> N
     assert seen == ["$m1", "failed", "$m5", "$m9"]
     assert client.store is not None
     assert await client.store.get_value(POSITION_PREFIX + ROOM) == "$m9"
+
+
+async def test_an_invite_repeated_by_the_server_is_told_once_until_the_room_is_left() -> None:
+    invite = {
+        "invite_state": {
+            "events": [
+                {
+                    "type": "m.room.member",
+                    "state_key": ME,
+                    "sender": "@alice:x",
+                    "content": {"membership": "invite"},
+                }
+            ]
+        }
+    }
+    invited = {"rooms": {"invite": {ROOM: invite}}}
+    rejected = {"next_batch": "s3", "rooms": {"leave": {ROOM: {}}}}
+    syncs = [{**invited, "next_batch": "s1"}, {**invited, "next_batch": "s2"}, rejected]
+    client, asked = await client_answering(*syncs, {**invited, "next_batch": "s4"})
+    told: list[Invite] = []
+    client.on_invite(told.append)
+    for _ in range(4):
+        await client.sync_once()
+    assert [i.room_id for i in told] == [ROOM, ROOM]  # once, and again after the leave
+    assert not any(path.endswith("/join") for path in asked)  # no auto_join
+
+
+async def test_a_room_left_and_joined_again_has_no_gap_for_the_time_away() -> None:
+    first = {"next_batch": "s1", "rooms": {"join": {ROOM: {"timeline": {"events": [message(1)]}}}}}
+    left = {"next_batch": "s2", "rooms": {"leave": {ROOM: {}}}}
+    timeline = {"events": [message(9)], "limited": True, "prev_batch": "p"}
+    back = {"next_batch": "s3", "rooms": {"join": {ROOM: {"timeline": timeline}}}}
+    away = {"chunk": [message(5), message(1)], "end": "q"}  # what happened while away
+    client, asked = await client_answering(first, left, back, messages=away)
+    seen: list[Any] = []
+    client.on_room_event(seen.append)
+    client.on_gap(seen.append)
+    for _ in range(3):
+        await client.sync_once()
+    assert [e.event_id for e in seen] == ["$m1", "$m9"]
+    assert not any(path.endswith("/messages") for path in asked)
