@@ -325,3 +325,42 @@ async def test_a_room_left_and_joined_again_has_no_gap_for_the_time_away() -> No
         await client.sync_once()
     assert [e.event_id for e in seen] == ["$m1", "$m9"]
     assert not any(path.endswith("/messages") for path in asked)
+
+
+async def test_a_joined_room_whose_state_cannot_be_read_does_not_stop_the_sync_loop() -> None:
+    by_since = {
+        None: {"next_batch": "s1", "rooms": {"join": {"!good:x": {"timeline": {"events": []}}}}},
+        "s1": {
+            "next_batch": "s2",
+            "rooms": {
+                "join": {
+                    "!gone:x": {"timeline": {"events": [message(2)]}},
+                    "!good:x": {"timeline": {"events": [message(3)]}},
+                }
+            },
+        },
+        "s2": {"next_batch": "s3", "rooms": {"join": {"!good:x": {"timeline": {"events": []}}}}},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sync"):  # an honest server: the same token, same answer
+            return httpx.Response(200, json=by_since[request.url.params.get("since")])
+        if "gone" in request.url.path:
+            return httpx.Response(403, json={"errcode": "M_FORBIDDEN", "error": "not in room"})
+        return httpx.Response(200, json=[member(ME, "join")])
+
+    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
+    client = Client(
+        "https://hs.example",
+        store=store,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=1),
+    )
+    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    seen: list[str] = []
+    client.on_room_event(lambda event: seen.append(event.event_id))
+    for _ in range(3):
+        await client.sync_once()
+    assert seen == ["$m2", "$m3"]  # its events are delivered all the same
+    assert await store.get_value("sync_token") == "s3"
+    assert set(client.rooms) == {"!good:x"}  # not followed until its state can be read

@@ -446,14 +446,21 @@ class Client:
             known = room_id in self._rooms
             if full and not known:
                 self._rooms[room_id] = RoomState(room_id)  # its whole state is in this sync
-            state = await self._room_state(room_id)
+            timeline.extend((room_id, event) for event in _events(room.get("timeline")))
+            try:
+                state = await self._room_state(room_id)
+            except (TransportError, RemoteProtocolError) as error:
+                # not followed until its state can be read (the next sync, or room_send
+                # asks again); its events are delivered all the same: one room whose
+                # /state fails must not fail, and so repeat, every sync
+                log.warning("could not read the state of %s: %s", room_id, error)
+                continue
             if known or full:
                 for event in state_events:
                     if "state_key" in event:
                         state.apply(event)
             if state.encrypted and (changed or not known) and self.machine is not None:
                 await self.machine.update_tracked_users(state.key_recipients())
-            timeline.extend((room_id, event) for event in _events(room.get("timeline")))
         return timeline
 
     async def _fill_gaps(
