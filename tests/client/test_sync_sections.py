@@ -33,6 +33,19 @@ def message(n: int) -> dict[str, Any]:
     return {"type": "m.room.message", "event_id": f"$m{n}", "sender": "@a:x", "content": {}}
 
 
+async def client_with(handler: Any) -> Client:
+    """A logged-in client without crypto, its server answered by ``handler``."""
+    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
+    client = Client(
+        "https://hs.example",
+        store=store,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=1),
+    )
+    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    return client
+
+
 async def client_answering(*syncs: Any, messages: Any = None) -> tuple[Client, list[str]]:
     answers = iter(syncs)
     asked: list[str] = []
@@ -49,16 +62,22 @@ async def client_answering(*syncs: Any, messages: Any = None) -> tuple[Client, l
             return httpx.Response(200, json=[member(ME, "join"), "junk", 7])
         return httpx.Response(404, json={"errcode": "M_NOT_FOUND", "error": "no"})
 
-    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
-    client = Client(
-        "https://hs.example",
-        store=store,
-        transport=httpx.MockTransport(handler),
-        retry=RetryPolicy(attempts=1),
-    )
-    client.restore(Session("https://hs.example", ME, "DEV", "token"))
-    return client, asked
+    return await client_with(handler), asked
 
+
+#: an invite for us from alice, as rooms.invite carries it
+INVITE = {
+    "invite_state": {
+        "events": [
+            {
+                "type": "m.room.member",
+                "state_key": ME,
+                "sender": "@alice:x",
+                "content": {"membership": "invite"},
+            }
+        ]
+    }
+}
 
 HOSTILE_ROOMS: list[Any] = [
     None,
@@ -89,19 +108,7 @@ async def test_malformed_rooms_sections_raise_nothing(rooms: Any) -> None:
 
 
 async def test_an_invite_is_told_once_joined_and_the_room_followed() -> None:
-    invite = {
-        "invite_state": {
-            "events": [
-                {
-                    "type": "m.room.member",
-                    "state_key": ME,
-                    "sender": "@alice:x",
-                    "content": {"membership": "invite"},
-                }
-            ]
-        }
-    }
-    sync = {"next_batch": "s1", "rooms": {"invite": {ROOM: invite}}}
+    sync = {"next_batch": "s1", "rooms": {"invite": {ROOM: INVITE}}}
     client, asked = await client_answering(sync, {**sync, "next_batch": "s2"})
     client.auto_join = True
     told: list[Invite] = []
@@ -240,14 +247,9 @@ async def test_close_during_a_gap_fill_ends_start_and_commits_nothing() -> None:
         await closed.wait()  # the first page is out when the application closes
         return httpx.Response(200, json={"chunk": [message(8)], "end": "more"})
 
-    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
-    client = Client(
-        "https://hs.example",
-        store=store,
-        transport=httpx.MockTransport(handler),
-        retry=RetryPolicy(attempts=1),
-    )
-    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    client = await client_with(handler)
+    store = client.store
+    assert store is not None
     seen: list[Any] = []
     client.on_room_event(seen.append)
     client.on_gap(seen.append)
@@ -287,19 +289,7 @@ async def test_a_sync_that_failed_after_its_gap_was_filled_fills_it_again() -> N
 
 
 async def test_an_invite_repeated_by_the_server_is_told_once_until_the_room_is_left() -> None:
-    invite = {
-        "invite_state": {
-            "events": [
-                {
-                    "type": "m.room.member",
-                    "state_key": ME,
-                    "sender": "@alice:x",
-                    "content": {"membership": "invite"},
-                }
-            ]
-        }
-    }
-    invited = {"rooms": {"invite": {ROOM: invite}}}
+    invited = {"rooms": {"invite": {ROOM: INVITE}}}
     rejected = {"next_batch": "s3", "rooms": {"leave": {ROOM: {}}}}
     syncs = [{**invited, "next_batch": "s1"}, {**invited, "next_batch": "s2"}, rejected]
     client, asked = await client_answering(*syncs, {**invited, "next_batch": "s4"})
@@ -349,14 +339,9 @@ async def test_a_joined_room_whose_state_cannot_be_read_does_not_stop_the_sync_l
             return httpx.Response(403, json={"errcode": "M_FORBIDDEN", "error": "not in room"})
         return httpx.Response(200, json=[member(ME, "join")])
 
-    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
-    client = Client(
-        "https://hs.example",
-        store=store,
-        transport=httpx.MockTransport(handler),
-        retry=RetryPolicy(attempts=1),
-    )
-    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    client = await client_with(handler)
+    store = client.store
+    assert store is not None
     seen: list[str] = []
     client.on_room_event(lambda event: seen.append(event.event_id))
     for _ in range(3):

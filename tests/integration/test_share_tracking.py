@@ -11,6 +11,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from olmstead import Client
 from olmstead.client.rooms import RoomEvent
 from tests.integration.harness import Wire, close_client, open_client, session_of
 from tests.integration.test_messaging import crypto_client, messages
@@ -34,33 +35,52 @@ class HeldQueries(Wire):
         return await super().handle_async_request(request)
 
 
+async def bot_on_a_held_wire(
+    url: str, tmp_path: Path, bot_user: dict[str, Any]
+) -> tuple[Client, HeldQueries]:
+    wire = HeldQueries()
+    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
+    await bot.init_crypto()
+    await bot.sync_once()
+    return bot, wire
+
+
+async def invite_and_join(bot: Client, room: str, member: Client, user: dict[str, Any]) -> None:
+    await bot.invite(room, user["user_id"])
+    await member.sync_once()
+    await member.join(room)
+
+
+async def send_while_the_query_is_held(
+    bot: Client, wire: HeldQueries, room: str, body: str
+) -> tuple[asyncio.Task[Any], asyncio.Task[str]]:
+    """The bot's sync, its /keys/query held back, and ``room_send(body)`` waiting for it."""
+    wire.hold = True
+    syncing = asyncio.create_task(bot.sync_once())
+    await asyncio.wait_for(wire.held.wait(), 30)
+    sending = asyncio.create_task(
+        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": body})
+    )
+    await asyncio.sleep(1.0)
+    assert not sending.done()  # the share waits for the query
+    return syncing, sending
+
+
 async def test_a_member_who_joins_while_the_query_is_held_reads_the_next_message(
     homeserver: Any, new_user: Any, tmp_path: Path
 ) -> None:
     url = homeserver.base_url
     bot_user, carol_user = new_user(), new_user()
-    wire = HeldQueries()
-    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
-    await bot.init_crypto()
-    await bot.sync_once()
+    bot, wire = await bot_on_a_held_wire(url, tmp_path, bot_user)
     carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
     room = await bot.create_room()
     await bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "before carol"})
 
-    await bot.invite(room, carol_user["user_id"])
-    await carol.sync_once()
-    await carol.join(room)
+    await invite_and_join(bot, room, carol, carol_user)
 
-    # the bot's sync sees carol join and queries her devices; the query hangs
-    wire.hold = True
-    syncing = asyncio.create_task(bot.sync_once())
-    await asyncio.wait_for(wire.held.wait(), 30)
-    # the echo bot answers at this moment: its share must wait for carol's devices
-    sending = asyncio.create_task(
-        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "welcome carol"})
-    )
-    await asyncio.sleep(1.0)
-    assert not sending.done()
+    # the bot's sync sees carol join and queries her devices; the query hangs. The echo
+    # bot answers at this moment: its share must wait for carol's devices
+    syncing, sending = await send_while_the_query_is_held(bot, wire, room, "welcome carol")
     wire.release.set()
     await syncing
     await sending
@@ -76,15 +96,10 @@ async def test_a_query_abandoned_by_a_cancelled_task_does_not_hold_later_shares(
 ) -> None:
     url = homeserver.base_url
     bot_user, carol_user = new_user(), new_user()
-    wire = HeldQueries()
-    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
-    await bot.init_crypto()
-    await bot.sync_once()
+    bot, wire = await bot_on_a_held_wire(url, tmp_path, bot_user)
     carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
     room = await bot.create_room()
-    await bot.invite(room, carol_user["user_id"])
-    await carol.sync_once()
-    await carol.join(room)
+    await invite_and_join(bot, room, carol, carol_user)
 
     # the application gives its sync a deadline; it passes while carol's query hangs
     wire.hold = True
@@ -120,10 +135,7 @@ async def test_a_member_who_leaves_while_the_share_waits_gets_no_key(
 ) -> None:
     url = homeserver.base_url
     bot_user, carol_user, dave_user, erin_user = new_user(), new_user(), new_user(), new_user()
-    wire = HeldQueries()
-    bot = await open_client(url, tmp_path / "bot.db", session_of(url, bot_user), wire)
-    await bot.init_crypto()
-    await bot.sync_once()
+    bot, wire = await bot_on_a_held_wire(url, tmp_path, bot_user)
     carol, carol_seen = await crypto_client(url, tmp_path / "carol.db", carol_user)
     dave, _ = await crypto_client(url, tmp_path / "dave.db", dave_user)
     erin, erin_seen = await crypto_client(url, tmp_path / "erin.db", erin_user)
@@ -135,17 +147,8 @@ async def test_a_member_who_leaves_while_the_share_waits_gets_no_key(
     await bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "before"})
 
     # erin joins: the bot's sync queries her devices, and the query hangs
-    await bot.invite(room, erin_user["user_id"])
-    await erin.sync_once()
-    await erin.join(room)
-    wire.hold = True
-    syncing = asyncio.create_task(bot.sync_once())
-    await asyncio.wait_for(wire.held.wait(), 30)
-    sending = asyncio.create_task(
-        bot.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "after dave"})
-    )
-    await asyncio.sleep(0.5)
-    assert not sending.done()
+    await invite_and_join(bot, room, erin, erin_user)
+    syncing, sending = await send_while_the_query_is_held(bot, wire, room, "after dave")
     # dave leaves while the share waits; another sync of the bot's sees it
     await dave.http.request("POST", f"/_matrix/client/v3/rooms/{quote(room)}/leave", {})
     for _ in range(20):
