@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from olmstead import Client, Invite, MemoryDatabase, MemoryStore, Session, Timel
 from olmstead.client.gaps import POSITION_PREFIX
 from olmstead.client.rooms import RoomEvent
 from olmstead.http import RetryPolicy
-from tests.conftest import FAST_LEASE, KEY
+from tests.conftest import FAST_LEASE, KEY, Backend
 
 ME = "@bot:x"
 ROOM = "!room:x"
@@ -349,3 +350,48 @@ async def test_a_joined_room_whose_state_cannot_be_read_does_not_stop_the_sync_l
     assert seen == ["$m2", "$m3"]  # its events are delivered all the same
     assert await store.get_value("sync_token") == "s3"
     assert set(client.rooms) == {"!good:x"}  # not followed until its state can be read
+
+
+@pytest.mark.parametrize(
+    "bad_room",
+    ["!" + secrets.token_hex(4000) + ":x", "!\ud800:x"],  # too long to index; no UTF-8
+)
+async def test_a_room_id_the_spec_does_not_allow_never_stops_the_sync_loop(
+    backend: Backend, bad_room: str
+) -> None:
+    by_since = {
+        None: {
+            "next_batch": "s1",
+            "rooms": {
+                "join": {
+                    bad_room: {"timeline": {"events": [message(1)]}},
+                    ROOM: {"timeline": {"events": [message(2)]}},
+                },
+                "leave": {bad_room: {}},
+            },
+        },
+        "s1": {"next_batch": "s2", "rooms": {"join": {ROOM: {"timeline": {"events": []}}}}},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sync"):
+            body = json.dumps(by_since[request.url.params.get("since")])
+            return httpx.Response(200, content=body.encode())
+        return httpx.Response(200, json=[])
+
+    store = await backend.open()
+    client = Client(
+        "https://hs.example",
+        store=store,
+        transport=httpx.MockTransport(handler),
+        retry=RetryPolicy(attempts=1),
+    )
+    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    seen: list[str] = []
+    client.on_room_event(lambda event: seen.append(event.event_id))
+    for _ in range(2):
+        await client.sync_once()
+    assert seen == ["$m2"]
+    assert await store.get_value("sync_token") == "s2"
+    assert set(client.rooms) == {ROOM}
+    assert await store.get_value(POSITION_PREFIX + ROOM) == "$m2"

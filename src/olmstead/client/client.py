@@ -36,7 +36,7 @@ import httpx
 from olmstead import key_state
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
-from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
+from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState, is_identifier
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
     ConnectionFailed,
@@ -492,13 +492,11 @@ class Client:
         """Report a sync's new invites (and join them with ``auto_join``); forget left rooms."""
         if not isinstance(rooms, Mapping):
             return
-        left = rooms.get("leave")
-        for room_id in left if isinstance(left, Mapping) else ():
+        for room_id in _rooms_section(rooms, "leave"):
             self._rooms.pop(room_id, None)
             self._invited.discard(room_id)
             self._timelines.left(room_id)
-        joined = rooms.get("join")
-        for room_id in joined if isinstance(joined, Mapping) else ():
+        for room_id in _rooms_section(rooms, "join"):
             self._invited.discard(room_id)
         for invite in read_invites(rooms.get("invite"), self._session().user_id):
             if invite.room_id in self._invited or invite.room_id in self._rooms:
@@ -618,11 +616,9 @@ class Client:
             return {}
         next_batch = answer.get("next_batch")
         rooms = answer.get("rooms", {})
-        joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
-        timeline = await self._take_rooms(
-            joined if isinstance(joined, Mapping) else {}, full=since is None or full_state
-        )
-        timeline = await self._fill_gaps(joined if isinstance(joined, Mapping) else {}, timeline)
+        joined = _rooms_section(rooms, "join")
+        timeline = await self._take_rooms(joined, full=since is None or full_state)
+        timeline = await self._fill_gaps(joined, timeline)
         await self._take_invites_and_leaves(rooms)
         if self.machine is not None:
             fallback_types = answer.get(
@@ -739,6 +735,15 @@ class Client:
         if self.machine is None:
             raise LocalProtocolError("encryption is not set up: call init_crypto() first")
         return self.machine
+
+
+def _rooms_section(rooms: Any, name: str) -> dict[str, Any]:
+    """A sync's ``rooms.join`` or ``rooms.leave``, keyed by valid room IDs only: a room ID
+    the spec does not allow is never followed, nor its position stored."""
+    section = rooms.get(name) if isinstance(rooms, Mapping) else None
+    if not isinstance(section, Mapping):
+        return {}
+    return {room_id: room for room_id, room in section.items() if is_identifier(room_id, "!")}
 
 
 def _events(section: Any) -> list[Mapping[str, Any]]:
