@@ -115,7 +115,7 @@ class RoomState:
         elif kind == "m.room.name" and key == "":
             name = content.get("name")
             self.name = name[:MAX_NAME_LENGTH] if isinstance(name, str) and name else None
-        elif kind == "m.room.member":
+        elif kind == "m.room.member" and is_identifier(key, "@"):  # tracked, so stored
             membership = content.get("membership")
             self.joined.discard(key)
             self.invited.discard(key)
