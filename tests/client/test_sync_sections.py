@@ -395,3 +395,24 @@ async def test_a_room_id_the_spec_does_not_allow_never_stops_the_sync_loop(
     assert await store.get_value("sync_token") == "s2"
     assert set(client.rooms) == {ROOM}
     assert await store.get_value(POSITION_PREFIX + ROOM) == "$m2"
+
+
+async def test_a_cancelled_sync_cancels_its_long_poll() -> None:
+    polling, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        polling.set()
+        try:
+            await asyncio.sleep(3600)  # the server holds the long-poll
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return httpx.Response(200, json={"next_batch": "never"})
+
+    client = await client_with(handler)
+    syncing = asyncio.create_task(client.start())
+    await asyncio.wait_for(polling.wait(), 5)
+    syncing.cancel()  # an application shutting down cancels its sync task
+    with pytest.raises(asyncio.CancelledError):
+        await syncing
+    await asyncio.wait_for(cancelled.wait(), 5)  # not left running, unawaited

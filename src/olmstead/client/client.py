@@ -697,6 +697,9 @@ class Client:
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({request, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # our caller was cancelled: so is the long-poll
+            request.cancel()
+            raise
         finally:
             stopped.cancel()
         if not request.done():
