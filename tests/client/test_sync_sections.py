@@ -20,6 +20,7 @@ from olmstead import Client, Invite, MemoryDatabase, MemoryStore, Session, Timel
 from olmstead.client.gaps import POSITION_PREFIX
 from olmstead.client.rooms import RoomEvent
 from olmstead.http import RetryPolicy
+from olmstead.store.base import CryptoStore
 from tests.conftest import FAST_LEASE, KEY, Backend
 
 ME = "@bot:x"
@@ -34,9 +35,10 @@ def message(n: int) -> dict[str, Any]:
     return {"type": "m.room.message", "event_id": f"$m{n}", "sender": "@a:x", "content": {}}
 
 
-async def client_with(handler: Any) -> Client:
+async def client_with(handler: Any, store: CryptoStore | None = None) -> Client:
     """A logged-in client without crypto, its server answered by ``handler``."""
-    store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
+    if store is None:
+        store = await MemoryStore.open(KEY, MemoryDatabase(), lease=FAST_LEASE)
     client = Client(
         "https://hs.example",
         store=store,
@@ -380,13 +382,7 @@ async def test_a_room_id_the_spec_does_not_allow_never_stops_the_sync_loop(
         return httpx.Response(200, json=[])
 
     store = await backend.open()
-    client = Client(
-        "https://hs.example",
-        store=store,
-        transport=httpx.MockTransport(handler),
-        retry=RetryPolicy(attempts=1),
-    )
-    client.restore(Session("https://hs.example", ME, "DEV", "token"))
+    client = await client_with(handler, store)
     seen: list[str] = []
     client.on_room_event(lambda event: seen.append(event.event_id))
     for _ in range(2):
