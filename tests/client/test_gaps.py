@@ -85,7 +85,16 @@ async def test_nothing_is_fetched_unless_limited_with_a_known_position() -> None
         [],
         None,
     )
-    assert await timelines.fill(ROOM, {"limited": True}, [event(10)]) == ([], None)
+    found, gap = await timelines.fill(ROOM, {"limited": True}, [event(10)])
+    assert found == []  # nowhere to page back from: nothing fetched, the gap reported
+    assert gap is not None
+    assert (gap.after_event_id, gap.before_event_id, gap.fetched, gap.token) == (
+        "$e3",
+        "$e10",
+        0,
+        None,
+    )
+    assert "prev_batch" in gap.reason
     assert await timelines.fill(ROOM, limited(), [event(3), event(4)]) == ([], None)  # in the sync
     fresh, seen_fresh = await timelines_with(history(9), position=None)
     assert await fresh.fill(ROOM, limited(), [event(10)]) == ([], None)  # a new room: no gap

@@ -54,6 +54,7 @@ def test_encryption_settings_come_from_the_state_event() -> None:
     assert room.encryption == RoomSettings(rotation_period_msgs=10)
     room.apply({"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "x"}})
     assert room.encryption == RoomSettings(rotation_period_msgs=10)  # unknown: ignored
+    assert room.algorithm == "m.megolm.v1.aes-sha2"
 
 
 def test_members_names_and_encryption_are_read_and_kept_current() -> None:
@@ -117,6 +118,10 @@ def test_an_unknown_algorithm_still_counts_as_encrypted() -> None:
         {"type": "m.room.member", "state_key": 5, "content": {"membership": "join"}},
         {"type": "m.room.member", "state_key": "@z:x", "content": "join"},
         {"type": "m.room.member", "state_key": "@z:x", "content": {"membership": 1}},
+        # not user IDs the spec allows: tracked users are stored, and these could not be
+        {"type": "m.room.member", "state_key": "z:x", "content": {"membership": "join"}},
+        {"type": "m.room.member", "state_key": "@" + "z" * 300, "content": {"membership": "join"}},
+        {"type": "m.room.member", "state_key": "@\ud800:x", "content": {"membership": "join"}},
         {"type": "m.room.name", "state_key": "", "content": {"name": ["x"]}},
         {"type": "m.room.name", "state_key": "other", "content": {"name": "Evil"}},
         {

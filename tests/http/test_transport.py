@@ -18,6 +18,7 @@ from olmstead import (
     KeysQueryRequest,
     KeyStateError,
     KeysUploadRequest,
+    LocalProtocolError,
     MatrixHttpError,
     OneTimeKeyConflict,
     RateLimited,
@@ -156,3 +157,19 @@ async def test_a_duplicate_key_message_without_the_old_key_is_still_typed() -> N
         await http.send(UPLOAD)
     assert caught.value.key_id == "signed_curve25519:AAAAAAAAAAE"
     assert caught.value.old_key is None
+
+
+@pytest.mark.parametrize("code", [200, 500])
+async def test_json_nested_too_deep_to_parse_is_a_remote_error(code: int) -> None:
+    deep = ("[" * 200_000 + "]" * 200_000).encode()  # parsing it overflows Python's stack
+    http, _ = http_with([lambda _request: httpx.Response(code, content=deep)])
+    with pytest.raises(RemoteProtocolError if code == 200 else MatrixHttpError):
+        await http.request("GET", "/_matrix/client/v3/sync")
+
+
+async def test_a_request_after_close_is_a_local_error() -> None:
+    http, seen = http_with([status(200, {})])
+    await http.close()
+    with pytest.raises(LocalProtocolError, match="closed"):
+        await http.request("GET", "/_matrix/client/v3/sync")
+    assert seen == []

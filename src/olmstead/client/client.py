@@ -40,9 +40,10 @@ from olmstead.attachments import EncryptedFile, file_content
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.media import FileSource, Media
-from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState
+from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState, is_identifier
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
+    ConnectionFailed,
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
@@ -53,7 +54,7 @@ from olmstead.errors import (
     TransportError,
     UnknownRoomKey,
 )
-from olmstead.http.endpoints import CLIENT_V3, account_data_path
+from olmstead.http.endpoints import CLIENT_V3, account_data_path, route
 from olmstead.http.transport import MatrixHttp, RetryPolicy
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
@@ -225,7 +226,7 @@ class Client:
                 return
             for request in requests:
                 try:
-                    answer = await self.http.send(request)
+                    answer = await self._send(request)
                     await machine.mark_request_as_sent(request.request_id, answer)
                 except (TransportError, RemoteProtocolError) as error:
                     # one bad answer fails one request; the rest of the round goes on
@@ -342,8 +343,7 @@ class Client:
         body: Mapping[str, Any] = content
         if room.encrypted:
             machine = self._may_encrypt_in(room)  # before any claim or share leaves
-            recipients = room.key_recipients()
-            await self._query_members(recipients)
+            recipients = await self._query_members(room)
             claim = await machine.get_missing_sessions(recipients)
             if claim is not None:
                 await self._send_and_mark(claim)
@@ -357,34 +357,56 @@ class Client:
         event_id: str = answer["event_id"]
         return event_id
 
-    async def _query_members(self, user_ids: set[str]) -> None:
-        """Before a share: the device list of every member is current.
+    async def _query_members(self, room: RoomState) -> set[str]:
+        """Before a share: the members who get the key, each with a current device list.
 
         A member whose list changed is queried now, or, if a query is in flight
         (the sync loop's), after it was answered; a member who joined while it was
-        in flight is queried again. Bounded: after ``KEY_QUERY_WAIT`` seconds or
-        ``KEY_QUERY_ROUNDS`` rounds the share goes on, and members still outdated
-        (their server did not answer) get the key only on their known devices.
+        in flight is queried again. The members are read again after every wait, so
+        one who left meanwhile gets no key (the session rotates). Bounded: after
+        ``KEY_QUERY_WAIT`` seconds or ``KEY_QUERY_ROUNDS`` rounds the share goes on,
+        and members still outdated (their server did not answer) get the key only on
+        their known devices.
         """
         machine = self._machine()
-        await machine.update_tracked_users(user_ids)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + KEY_QUERY_WAIT
         for _ in range(KEY_QUERY_ROUNDS):
+            # the sync loop keeps the room current while we wait (a join replaces it)
+            user_ids = self._rooms.get(room.room_id, room).key_recipients()
+            await machine.update_tracked_users(user_ids)
             await self.process_outgoing()  # makes the query unless one is in flight
             if not machine.outdated_users(user_ids):
-                return
+                return user_ids
             left = deadline - loop.time()
             if not machine.key_query_in_flight or left <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await machine.wait_for_key_query()
+        user_ids = self._rooms.get(room.room_id, room).key_recipients()
+        await machine.update_tracked_users(user_ids)
         log.warning(
             "sharing a room key without the current devices of %s: their device lists "
             "could not be queried",
             ", ".join(sorted(machine.outdated_users(user_ids))),
         )
+        return user_ids
+
+    async def _send(self, request: OutgoingRequest) -> dict[str, Any]:
+        """``request``'s answer. A request whose task is cancelled while it is out is
+        reported as failed (no answer) before the cancellation goes on: the machine hands
+        it out again rather than wait for an answer that will never be read (a query
+        left in flight would hold every later share and stop device tracking)."""
+        try:
+            return await self.http.send(request)
+        except asyncio.CancelledError:
+            method, path = route(request)
+            abandoned = ConnectionFailed(method, path, "the task sending it was cancelled")
+            await asyncio.shield(
+                self._machine().mark_request_as_failed(request.request_id, abandoned)
+            )
+            raise
 
     # --- relations ---------------------------------------------------------------------------
 
@@ -571,7 +593,7 @@ class Client:
     async def _send_and_mark(self, request: OutgoingRequest) -> None:
         machine = self._machine()
         try:
-            answer = await self.http.send(request)
+            answer = await self._send(request)
         except TransportError as error:
             await machine.mark_request_as_failed(request.request_id, error)
             raise
@@ -602,19 +624,29 @@ class Client:
                 continue
             state_events = _events(room.get("state")) + _events(room.get("timeline"))
             changed = any(
-                e.get("type") in KEY_STATE_EVENTS and "state_key" in e for e in state_events
+                isinstance(e.get("type"), str)  # a list or object is unhashable
+                and e.get("type") in KEY_STATE_EVENTS
+                and "state_key" in e
+                for e in state_events
             )
             known = room_id in self._rooms
             if full and not known:
                 self._rooms[room_id] = RoomState(room_id)  # its whole state is in this sync
-            state = await self._room_state(room_id)
+            timeline.extend((room_id, event) for event in _events(room.get("timeline")))
+            try:
+                state = await self._room_state(room_id)
+            except (TransportError, RemoteProtocolError) as error:
+                # not followed until its state can be read (the next sync, or room_send
+                # asks again); its events are delivered all the same: one room whose
+                # /state fails must not fail, and so repeat, every sync
+                log.warning("could not read the state of %s: %s", room_id, error)
+                continue
             if known or full:
                 for event in state_events:
                     if "state_key" in event:
                         state.apply(event)
             if state.encrypted and (changed or not known) and self.machine is not None:
                 await self.machine.update_tracked_users(state.key_recipients())
-            timeline.extend((room_id, event) for event in _events(room.get("timeline")))
         return timeline
 
     async def _fill_gaps(
@@ -629,28 +661,28 @@ class Client:
         for room_id, event in timeline:
             by_room.setdefault(room_id, []).append(event)
         filled: list[tuple[str, Mapping[str, Any]]] = []
-        for room_id, events in by_room.items():
-            room = joined.get(room_id)
-            section = room.get("timeline") if isinstance(room, Mapping) else None
-            missing, gap = await self._timelines.fill(room_id, section, events)
+        for room_id, room in joined.items():
+            if not isinstance(room, Mapping):
+                continue
+            # a limited timeline may bring no events of its own: its gap is still one
+            events = by_room.get(room_id, [])
+            missing, gap = await self._timelines.fill(room_id, room.get("timeline"), events)
             if gap is not None:
                 for callback in self._gap_callbacks:
                     callback(gap)
             filled.extend((room_id, event) for event in missing + events)
-            self._timelines.moved(room_id, events)
+            self._timelines.moved(room_id, missing + events)
         return filled
 
     async def _take_invites_and_leaves(self, rooms: Any) -> None:
         """Report a sync's new invites (and join them with ``auto_join``); forget left rooms."""
         if not isinstance(rooms, Mapping):
             return
-        left = rooms.get("leave")
-        for room_id in left if isinstance(left, Mapping) else ():
+        for room_id in _rooms_section(rooms, "leave"):
             self._rooms.pop(room_id, None)
             self._invited.discard(room_id)
             self._timelines.left(room_id)
-        joined = rooms.get("join")
-        for room_id in joined if isinstance(joined, Mapping) else ():
+        for room_id in _rooms_section(rooms, "join"):
             self._invited.discard(room_id)
         for invite in read_invites(rooms.get("invite"), self._session().user_id):
             if invite.room_id in self._invited or invite.room_id in self._rooms:
@@ -772,11 +804,9 @@ class Client:
             return {}
         next_batch = answer.get("next_batch")
         rooms = answer.get("rooms", {})
-        joined = rooms.get("join", {}) if isinstance(rooms, Mapping) else {}
-        timeline = await self._take_rooms(
-            joined if isinstance(joined, Mapping) else {}, full=since is None or full_state
-        )
-        timeline = await self._fill_gaps(joined if isinstance(joined, Mapping) else {}, timeline)
+        joined = _rooms_section(rooms, "join")
+        timeline = await self._take_rooms(joined, full=since is None or full_state)
+        timeline = await self._fill_gaps(joined, timeline)
         await self._take_invites_and_leaves(rooms)
         if self.machine is not None:
             fallback_types = answer.get(
@@ -838,7 +868,8 @@ class Client:
                 self._report(problem)
             except OlmsteadError as error:  # the HTTP layer already retried with backoff
                 log.warning("sync failed: %s", error)
-                await asyncio.sleep(5)
+                with contextlib.suppress(TimeoutError):  # a pause that stop() ends at once
+                    await asyncio.wait_for(self._stop.wait(), 5)
 
     def stop(self) -> None:
         """End ``start()``: a long-poll in progress is abandoned, processing is finished."""
@@ -854,6 +885,9 @@ class Client:
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({request, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # our caller was cancelled: so is the long-poll
+            request.cancel()
+            raise
         finally:
             stopped.cancel()
         if not request.done():
@@ -892,6 +926,15 @@ class Client:
         if self.machine is None:
             raise LocalProtocolError("encryption is not set up: call init_crypto() first")
         return self.machine
+
+
+def _rooms_section(rooms: Any, name: str) -> dict[str, Any]:
+    """A sync's ``rooms.join`` or ``rooms.leave``, keyed by valid room IDs only: a room ID
+    the spec does not allow is never followed, nor its position stored."""
+    section = rooms.get(name) if isinstance(rooms, Mapping) else None
+    if not isinstance(section, Mapping):
+        return {}
+    return {room_id: room for room_id, room in section.items() if is_identifier(room_id, "!")}
 
 
 def _events(section: Any) -> list[Mapping[str, Any]]:

@@ -119,18 +119,24 @@ class Timelines:
         """The events missing before a sync's timeline for ``room_id``, oldest first.
 
         ``section`` is the room's ``timeline`` object from the sync, ``timeline``
-        its events. Nothing is fetched unless it is ``limited`` with a
-        ``prev_batch``, the room has a position and that event is not in the timeline.
+        its events. Nothing is fetched unless it is ``limited``, the room has a
+        position and that event is not in the timeline; a ``limited`` timeline
+        without a string ``prev_batch`` is reported as a gap at once.
         """
         if not isinstance(section, Mapping) or section.get("limited") is not True:
             return [], None
         token, last = section.get("prev_batch"), await self.position(room_id)
-        if not isinstance(token, str) or last is None:
+        if last is None:
             return [], None
-        in_sync = {e.get("event_id") for e in timeline}
+        # only string IDs: a hostile event_id (a list, an object) is unhashable
+        in_sync = {e["event_id"] for e in timeline if isinstance(e.get("event_id"), str)}
         if last in in_sync:
             return [], None
         first = next((e["event_id"] for e in timeline if isinstance(e.get("event_id"), str)), None)
+        if not isinstance(token, str):  # events were skipped, and nowhere to page back from
+            log.warning("a gap in %s after %s: the sync gave no prev_batch", room_id, last)
+            why = "the sync's limited timeline has no prev_batch to page back from"
+            return [], TimelineGap(room_id, last, first, 0, None, why)
         found, token, reason = await self._page_back(room_id, token, last, in_sync)
         found.reverse()
         gap = None
@@ -147,7 +153,7 @@ class Timelines:
         return found, gap
 
     async def _page_back(
-        self, room_id: str, token: str, last: str, in_sync: set[Any]
+        self, room_id: str, token: str, last: str, in_sync: set[str]
     ) -> tuple[list[Event], str | None, str | None]:
         """Events newest first until ``last``; the token reached; why it stopped early."""
         found: list[Event] = []

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from olmstead.client.rooms import MAX_NAME_LENGTH
+from olmstead.client.rooms import MAX_NAME_LENGTH, is_identifier
 
 __all__ = ["Invite", "read_invites"]
 
@@ -45,7 +45,7 @@ def read_invites(section: Any, own_user_id: str) -> list[Invite]:
         return []
     invites = []
     for room_id, room in section.items():
-        if not isinstance(room_id, str) or not room_id.startswith("!"):
+        if not is_identifier(room_id, "!"):
             continue
         invite = _read_invite(room_id, room, own_user_id)
         if invite is not None:

@@ -21,6 +21,20 @@ __all__ = ["Room", "RoomEvent", "RoomState"]
 KEY_STATE_EVENTS = {"m.room.member", "m.room.encryption", "m.room.history_visibility"}
 #: display names, room names and algorithm names are cut to this many characters
 MAX_NAME_LENGTH = 1000
+#: the spec's bound on a room or user ID, sigil and server name included (appendix
+#: "Identifier Grammar"); longer ones could not be stored (PostgreSQL's index rows)
+MAX_ID_BYTES = 255
+
+
+def is_identifier(value: Any, sigil: str) -> bool:
+    """Whether ``value`` is a string starting with ``sigil`` ("!" a room, "@" a user) that
+    is valid UTF-8 of at most ``MAX_ID_BYTES`` bytes."""
+    if not isinstance(value, str) or not value.startswith(sigil):
+        return False
+    try:
+        return len(value.encode()) <= MAX_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate, which JSON allows
+        return False
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ class RoomState:
         elif kind == "m.room.name" and key == "":
             name = content.get("name")
             self.name = name[:MAX_NAME_LENGTH] if isinstance(name, str) and name else None
-        elif kind == "m.room.member":
+        elif kind == "m.room.member" and is_identifier(key, "@"):  # tracked, so stored
             membership = content.get("membership")
             self.joined.discard(key)
             self.invited.discard(key)

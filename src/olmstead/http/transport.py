@@ -23,6 +23,7 @@ import httpx
 
 from olmstead.errors import (
     ConnectionFailed,
+    LocalProtocolError,
     MatrixHttpError,
     OneTimeKeyConflict,
     RateLimited,
@@ -151,6 +152,7 @@ class MatrixHttp:
 
     @contextlib.asynccontextmanager
     async def _stream_once(self, path: str) -> AsyncIterator[httpx.Response]:
+        self._ensure_open("GET", path)
         try:
             async with self._client.stream("GET", path, headers=self._auth()) as response:
                 if not response.is_success:
@@ -163,6 +165,12 @@ class MatrixHttp:
                 yield response
         except httpx.TransportError as exc:
             raise ConnectionFailed("GET", path, f"{type(exc).__name__}: {exc}") from exc
+
+    def _ensure_open(self, method: str, path: str) -> None:
+        if self._client.is_closed:  # httpx would raise a RuntimeError
+            raise LocalProtocolError(
+                f"{method} {path}: the client was closed (close()); nothing was sent"
+            )
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
@@ -200,6 +208,7 @@ class MatrixHttp:
         read_timeout: float | None,
         raw: tuple[Callable[[], AsyncIterator[bytes]], dict[str, str]] | None = None,
     ) -> Any:
+        self._ensure_open(method, path)
         headers = self._auth()
         extra: dict[str, Any] = {} if read_timeout is None else {"timeout": read_timeout}
         if raw is not None:  # a streamed body, made anew for every attempt
@@ -215,7 +224,7 @@ class MatrixHttp:
             raise ConnectionFailed(method, path, f"{type(exc).__name__}: {exc}") from exc
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             payload = None
         if response.is_success:
             if not isinstance(payload, dict | list):
