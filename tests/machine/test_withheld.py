@@ -8,9 +8,19 @@ import pytest
 
 from olmstead.errors import RoomKeyWithheld, UnknownRoomKey
 from olmstead.requests import ToDeviceRequest
+from tests.conftest import Backend
 from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, open_session
+from tests.machine.test_keys_upload import open_machine
 from tests.machine.test_megolm import ALICE, BOB, CAROL, ROOM, Timeline
 
+WITHHELD_CONTENT = {
+    "algorithm": "m.megolm.v1.aes-sha2",
+    "room_id": ROOM,
+    "session_id": "session",
+    "sender_key": "alicesdevicekey",
+    "code": "m.unverified",
+    "reason": "not verified",
+}
 CODES = ["m.blacklisted", "m.unverified", "m.unauthorised", "m.unavailable", "m.no_olm"]
 
 
@@ -164,3 +174,34 @@ async def test_an_encrypted_notice_counts_and_must_name_its_own_device() -> None
     with pytest.raises(RoomKeyWithheld) as caught:
         await bob.machine.decrypt_room_event(ROOM, event)
     assert caught.value.code == "m.unverified"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"code": "m.unverified\x00"},  # JSON allows NUL; PostgreSQL text does not
+        {"session_id": "\ud800session"},  # a lone surrogate: not UTF-8, no store keeps it
+        {"room_id": "!room\x00:example.org"},
+        {"sender_key": "key\udc00"},
+    ],
+)
+async def test_a_notice_no_store_can_keep_is_refused_and_the_sync_commits(
+    backend: Backend, change: dict[str, Any]
+) -> None:
+    bob = await open_machine(backend)
+    content = {**WITHHELD_CONTENT, **change}
+    event = {"type": "m.room_key.withheld", "sender": ALICE, "content": content}
+    (passed,) = await bob.receive_sync_changes(to_device_events=[event], sync_token="s1")
+    assert passed is event
+    assert await bob.store.get_value("sync_token") == "s1"  # one bad event stops nothing
+    assert await bob.store.get_withheld(ROOM, "session") == []  # refused: nothing stored
+
+
+async def test_a_reason_no_store_can_keep_is_cleaned(backend: Backend) -> None:
+    bob = await open_machine(backend)
+    content = {**WITHHELD_CONTENT, "reason": "nul\x00 and \ud800 surrogate"}
+    event = {"type": "m.room_key.withheld", "sender": ALICE, "content": content}
+    await bob.receive_sync_changes(to_device_events=[event], sync_token="s1")
+    assert await bob.store.get_value("sync_token") == "s1"
+    (kept,) = await bob.store.get_withheld(ROOM, "session")
+    assert kept.reason == "nul and ? surrogate"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from olmstead.errors import RoomKeyWithheld
 from olmstead.store.base import CryptoStore, WithheldRecord
@@ -67,14 +67,15 @@ async def read_withheld(
     reason = content.get("reason", "")
     if not (
         content.get("algorithm") == _MEGOLM
-        and isinstance(sender_key, str)
+        and _is_text(sender_key)
         and 0 < len(sender_key) <= _MAX_ID
-        and isinstance(code, str)
+        and _is_text(code)
         and 0 < len(code) <= _MAX_ID
-        and isinstance(room_id, str)
+        and _is_text(room_id)
         and len(room_id) <= _MAX_ID
-        and isinstance(session_id, str)
+        and _is_text(session_id)
         and len(session_id) <= _MAX_ID
+        and _is_text(sender)
     ):
         log.warning("ignored a withheld notice from %s: malformed or not Megolm", sender)
         return None
@@ -90,8 +91,27 @@ async def read_withheld(
     if device is not None and device.user_id != sender:
         log.warning("ignored a withheld notice from %s for a device of %s", sender, device.user_id)
         return None
-    text = reason[:_MAX_REASON] if isinstance(reason, str) else ""
+    text = _clean(reason[:_MAX_REASON]) if isinstance(reason, str) else ""
     return WithheldRecord(room_id, session_id, sender_key, sender, code, text)
+
+
+def _is_text(value: Any) -> TypeGuard[str]:
+    """A string every store can keep: JSON allows NUL (PostgreSQL refuses it in text) and
+    lone surrogates (not UTF-8, so SQLite and PostgreSQL refuse them)."""
+    return isinstance(value, str) and "\x00" not in value and _encodes(value)
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clean(reason: str) -> str:
+    """The reason as every store can keep it (it is shown, not parsed)."""
+    return reason.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
 
 
 async def find_withheld(
