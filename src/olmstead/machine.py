@@ -945,7 +945,7 @@ class OlmMachine:
             await self._refresh()
             now = self._clock()
             requests: list[OutgoingRequest] = []
-            requests.extend(self.outbox.take_unsent())
+            requests.extend(self.outbox.take_unsent(now))
             requests.extend(self._pending_to_device)
             self._pending_to_device.clear()
             if self._pending_marker is not None and self._marker_backoff.ready(now):
@@ -1070,7 +1070,7 @@ class OlmMachine:
             request = self._in_flight.pop(request_id, None)
             if self.outbox.owns(request_id):  # committed: it goes out again, unchanged
                 self._stale_requests.discard(request_id)
-                self.outbox.failed(request_id)
+                self.outbox.failed(request_id, error, self._clock())
                 return
             if request is None and request_id in self._stale_requests:
                 self._stale_requests.discard(request_id)

@@ -209,6 +209,8 @@ async def test_a_room_key_send_that_failed_goes_out_again_unchanged() -> None:
     down = MatrixHttpError("PUT", "/sendToDevice", 502, None, "bad gateway")
     await alice.machine.mark_request_as_failed(keys.request_id, down)
     assert await alice.machine.share_room_key(ROOM, [BOB]) == []  # bob counts as served...
+    assert await alice.machine.outgoing_requests() == []  # (not in the same round)
+    alice.clock.now += 300
     (again,) = await alice.machine.outgoing_requests()  # ...so the very request comes back
     assert again == keys
     await deliver_room_keys([again], alice, bob)

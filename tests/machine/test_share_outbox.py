@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 from olmstead import MatrixHttpError
 from olmstead.requests import ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
-from tests.machine.pair import deliveries, learn_devices, new_peer, open_session
+from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, open_session
 from tests.machine.test_delivery_queue import reopen_with
 from tests.machine.test_megolm import ALICE, BOB, CAROL, ROOM, Timeline
 
@@ -61,6 +63,8 @@ async def test_a_failed_share_goes_out_again_and_counts_only_when_confirmed() ->
     await alice.machine.mark_request_as_failed(
         share.request_id, MatrixHttpError("PUT", "/sendToDevice", 502, None, "Bad gateway")
     )
+    assert await to_device(alice) == []  # not again in the same round: after a backoff
+    alice.clock.now += 300
     (again,) = [
         r for r in await alice.machine.outgoing_requests() if isinstance(r, ToDeviceRequest)
     ]
@@ -100,3 +104,43 @@ async def test_an_answer_from_before_a_reload_still_settles_the_share() -> None:
     assert [
         r for r in await alice.machine.outgoing_requests() if isinstance(r, ToDeviceRequest)
     ] == []
+
+
+async def to_device(peer: Peer) -> list[ToDeviceRequest]:
+    return [r for r in await peer.machine.outgoing_requests() if isinstance(r, ToDeviceRequest)]
+
+
+async def test_a_share_the_server_refuses_goes_out_again_only_after_a_growing_backoff() -> None:
+    alice = await new_peer(ALICE, "ALICEDEV")
+    bob, carol = await new_peer(BOB, "BOBDEV"), await new_peer(CAROL, "CARDEV")
+    await open_session(alice, bob)
+    await open_session(alice, carol)
+    (refused,) = await alice.machine.share_room_key(ROOM, [BOB])
+    forbidden = MatrixHttpError("PUT", "/sendToDevice", 403, "M_FORBIDDEN", "no")
+    await alice.machine.mark_request_as_failed(refused.request_id, forbidden)
+    sent_at = [alice.clock.now]
+    for _ in range(200):  # what Client.process_outgoing does: ask, send, report, ask again
+        for request in await to_device(alice):
+            assert request == refused  # unchanged every time
+            sent_at.append(alice.clock.now)
+            await alice.machine.mark_request_as_failed(request.request_id, forbidden)
+        alice.clock.now += 1
+    assert 5 <= len(sent_at) <= 12  # 2 s doubling to 5 minutes: no storm
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert gaps[-1] > gaps[0]
+    # a later share (carol joins) is not held back by the refused one
+    (later,) = await alice.machine.share_room_key(ROOM, [BOB, CAROL])
+    assert set(later.messages) == {CAROL}
+    await alice.machine.mark_request_as_sent(later.request_id, {})
+
+
+async def test_a_rate_limited_share_waits_as_long_as_the_server_asked() -> None:
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    await open_session(alice, bob)
+    (share,) = await alice.machine.share_room_key(ROOM, [BOB])
+    rated = MatrixHttpError("PUT", "/sendToDevice", 429, "M_LIMIT_EXCEEDED", "slow", 120.0)
+    await alice.machine.mark_request_as_failed(share.request_id, rated)
+    alice.clock.now += 100
+    assert await to_device(alice) == []  # the server asked for 120 s
+    alice.clock.now += 21
+    assert await to_device(alice) == [share]
