@@ -594,7 +594,9 @@ class Client:
         machine = self._machine()
         try:
             answer = await self._send(request)
-        except TransportError as error:
+        except (TransportError, RemoteProtocolError) as error:
+            # a share left neither failed nor confirmed would wait in the outbox, never
+            # sent again, and its recipients would be skipped by every later share
             await machine.mark_request_as_failed(request.request_id, error)
             raise
         await machine.mark_request_as_sent(request.request_id, answer)
