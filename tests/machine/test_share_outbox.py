@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
-from olmstead import MatrixHttpError
+from olmstead import MatrixHttpError, MemoryStore, OlmMachine
 from olmstead.requests import ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
+from tests.conftest import FAST_LEASE, KEY, pause
 from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, open_session
 from tests.machine.test_delivery_queue import reopen_with
 from tests.machine.test_megolm import ALICE, BOB, CAROL, ROOM, Timeline
@@ -144,3 +146,40 @@ async def test_a_rate_limited_share_waits_as_long_as_the_server_asked() -> None:
     assert await to_device(alice) == []  # the server asked for 120 s
     alice.clock.now += 21
     assert await to_device(alice) == [share]
+
+
+async def test_after_another_holder_had_the_store_the_outbox_is_read_again() -> None:
+    alice = await new_peer(ALICE, "ALICEDEV")
+    bob, carol = await new_peer(BOB, "BOBDEV"), await new_peer(CAROL, "CARDEV")
+    await open_session(alice, bob)
+    await learn_devices(alice, carol)
+    (share,) = await alice.machine.share_room_key(ROOM, [BOB])
+    down = MatrixHttpError("PUT", "/sendToDevice", 502, None, "Bad gateway")
+    await alice.machine.mark_request_as_failed(share.request_id, down)  # to go out again
+
+    # alice's process freezes; another takes the store, sends her share and confirms
+    # it, then makes a share of its own (an m.no_olm to carol) and dies before sending it
+    pause(alice.machine.store)
+    lock = alice.db.lock
+    assert lock is not None
+    alice.db.lock = type(lock)(lock.holder, lock.acquired_at, 0.0, lock.generation)
+    other = await OlmMachine.open(
+        await MemoryStore.open(KEY, alice.db, lease=FAST_LEASE),
+        ALICE,
+        "ALICEDEV",
+        clock=alice.clock,
+    )
+    (resent,) = await to_device(Peer(other, alice.db, alice.published, alice.clock))
+    assert resent == share
+    await other.mark_request_as_sent(resent.request_id, {})
+    (notice,) = await other.share_room_key(ROOM, [BOB, CAROL])
+    assert notice.event_type == "m.room_key.withheld"
+    await other.store.close()
+    await asyncio.sleep(FAST_LEASE.duration)
+
+    # alice resumes: the store's outbox, not what she had in memory
+    alice.clock.now += 600
+    assert await to_device(alice) == [notice]  # hers was confirmed: not sent again
+    stored = await alice.machine.store.get_outbound_group_session(ROOM)
+    assert stored is not None
+    assert stored.shared_with == {BOB: {"BOBDEV": 0}}

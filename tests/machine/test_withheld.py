@@ -132,6 +132,15 @@ async def test_a_notice_from_an_unknown_device_does_not_explain_another_sender_s
         await bob.machine.decrypt_room_event(ROOM, event)
 
 
+async def test_a_notice_from_another_user_does_not_explain_an_event_without_sender_key() -> None:
+    _alice, bob, _requests, event = await held_back()
+    del event["content"]["sender_key"]  # deprecated: newer senders leave it out
+    carol = await new_peer(CAROL, "CAROLDEV")  # bob does not know carol's device
+    await bob.machine.receive_sync_changes(to_device_events=[notice(carol, event, "m.blacklisted")])
+    with pytest.raises(UnknownRoomKey):  # the session is alice's: carol cannot explain it
+        await bob.machine.decrypt_room_event(ROOM, event)
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -171,6 +180,7 @@ async def test_an_encrypted_notice_counts_and_must_name_its_own_device() -> None
         if content is other:
             with pytest.raises(UnknownRoomKey):
                 await bob.machine.decrypt_room_event(ROOM, event)
+            assert await bob.machine.store.get_withheld(ROOM, own["session_id"]) == []
     with pytest.raises(RoomKeyWithheld) as caught:
         await bob.machine.decrypt_room_event(ROOM, event)
     assert caught.value.code == "m.unverified"
