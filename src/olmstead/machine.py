@@ -444,9 +444,9 @@ class OlmMachine:
             raise
         self.megolm.committed(changes.inbound_group_sessions)
         self.delivery.sessions_committed(
-            [(r.room_id, r.session_id) for r in changes.inbound_group_sessions]
-            + [(w.room_id, w.session_id) for w in changes.withheld]
+            (r.room_id, r.session_id) for r in changes.inbound_group_sessions
         )
+        self.delivery.notices_committed(changes.withheld)
         if changes.devices:
             self._device_epoch += 1
             for device in changes.devices:

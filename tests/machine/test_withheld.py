@@ -215,3 +215,29 @@ async def test_a_reason_no_store_can_keep_is_cleaned(backend: Backend) -> None:
     assert await bob.store.get_value("sync_token") == "s1"
     (kept,) = await bob.store.get_withheld(ROOM, "session")
     assert kept.reason == "nul and ? surrogate"
+
+
+async def test_a_kept_event_is_told_of_its_notice_once_whoever_sends_more() -> None:
+    alice, bob, _requests, event = await held_back()
+    await bob.machine.commit_deliveries(keep=[(ROOM, event)])
+    assert await bob.machine.retry_waiting_events() == []
+    await bob.machine.receive_sync_changes(to_device_events=[notice(alice, event, "m.unavailable")])
+    (told,) = await bob.machine.retry_waiting_events()
+    assert isinstance(told.result, RoomKeyWithheld)
+    await bob.machine.commit_deliveries()
+
+    carol = await new_peer(CAROL, "CAROLDEV")  # bob does not know carol's device
+    again = [
+        notice(alice, event, "m.unavailable"),  # the same notice, repeated
+        notice(carol, event, "m.no_olm", room_id=None, session_id=None),  # a stranger's
+        notice(carol, event, "m.blacklisted"),  # a stranger's, for alice's session
+    ]
+    for sent in again:
+        await bob.machine.receive_sync_changes(to_device_events=[sent])
+        assert await bob.machine.retry_waiting_events() == []  # nothing new for the event
+        await bob.machine.commit_deliveries()
+
+    await bob.machine.receive_sync_changes(to_device_events=[notice(alice, event, "m.unverified")])
+    (changed,) = await bob.machine.retry_waiting_events()  # alice changed her mind: told
+    assert isinstance(changed.result, RoomKeyWithheld)
+    assert changed.result.code == "m.unverified"

@@ -26,7 +26,7 @@ from typing import Any
 
 from olmstead.errors import DecryptionError, LocalProtocolError, RoomKeyWithheld, UnknownRoomKey
 from olmstead.sessions.group_sessions import DecryptedRoomEvent
-from olmstead.store.base import CryptoStore, WaitingRoomEvent
+from olmstead.store.base import CryptoStore, WaitingRoomEvent, WithheldRecord
 
 __all__ = ["DeliverySettings", "RoomEventQueue", "WaitingResult"]
 
@@ -76,6 +76,10 @@ class RoomEventQueue:
         self._arrived: set[Pair] = set()
         #: a notice that covers every session of a device came: look at every event
         self._arrived_all = False
+        #: whose new notices came since the last retry: (room, session, sender), and the
+        #: senders of notices for every session; only their events are told again
+        self._told: set[tuple[str, str, str]] = set()
+        self._told_all: set[str] = set()
         #: read every kept event at the next retry (at start, after a reload)
         self._resume = True
         #: when the oldest kept event runs out of time (inf: none kept)
@@ -84,6 +88,7 @@ class RoomEventQueue:
         self._grown = True
         #: what the last retry looked at, cleared once its outcomes are committed
         self._looked: tuple[set[Pair], bool, bool] | None = None
+        self._looked_told: tuple[set[tuple[str, str, str]], set[str]] = (set(), set())
 
     # --- what the machine tells it ------------------------------------------------------------
 
@@ -94,6 +99,17 @@ class RoomEventQueue:
                 self._arrived.add((room_id, session_id))
             else:  # an m.no_olm for every session of a device
                 self._arrived_all = True
+
+    def notices_committed(self, notices: Iterable[WithheldRecord]) -> None:
+        """New withheld notices were committed: their sessions are looked at, and the
+        events of their senders told of them."""
+        notices = list(notices)
+        self.sessions_committed((n.room_id, n.session_id) for n in notices)
+        for notice in notices:
+            if notice.session_id:
+                self._told.add((notice.room_id, notice.session_id, notice.sender))
+            else:
+                self._told_all.add(notice.sender)
 
     def forget(self) -> None:
         """After a reload: read everything from the store again."""
@@ -137,6 +153,7 @@ class RoomEventQueue:
         full = self._resume or self._arrived_all or over > 0 or now >= self._next_due
         looked = set(self._arrived)
         self._looked = (looked, full, self._arrived_all)
+        self._looked_told = (set(self._told), set(self._told_all))
         if full:
             entries = await store.get_waiting_events()
             wait = self.settings.key_wait
@@ -158,8 +175,7 @@ class RoomEventQueue:
     ) -> list[WaitingResult]:
         """What the application is told of each event decrypted again (nothing if it is
         still waiting and nothing new is known of its key)."""
-        assert self._looked is not None
-        arrived, _full, arrived_all = self._looked
+        told, told_all = self._looked_told
         found = []
         for n, (entry, result) in enumerate(zip(entries, results, strict=True)):
             due = n < over or now - entry.received_at >= self.settings.key_wait
@@ -168,8 +184,9 @@ class RoomEventQueue:
             elif due:
                 found.append(WaitingResult(entry.room_id, entry.event, _final(result, entry, now)))
             elif isinstance(result, RoomKeyWithheld) and (
-                arrived_all or (entry.room_id, entry.session_id) in arrived
-            ):  # a notice came while it waited: told now, still kept
+                (entry.room_id, entry.session_id, result.sender) in told
+                or result.sender in told_all
+            ):  # its sender's notice came while it waited: told now, still kept
                 result.final = False
                 found.append(WaitingResult(entry.room_id, entry.event, result))
         return found
@@ -184,6 +201,8 @@ class RoomEventQueue:
             self._resume = False
         if arrived_all:
             self._arrived_all = False
+        self._told -= self._looked_told[0]
+        self._told_all -= self._looked_told[1]
         self._looked = None
 
 

@@ -57,7 +57,7 @@ async def read_withheld(
     the Curve25519 key it was Olm-encrypted with, if it was. Refused (logged,
     nothing stored): a malformed notice, one of another algorithm, one without a
     session that is not ``m.no_olm``, one whose device belongs to another user,
-    and an encrypted one that names another device's key.
+    an encrypted one that names another device's key, and a repeat of a stored one.
     """
     if not isinstance(sender, str) or not isinstance(content, Mapping):
         log.warning("ignored a withheld notice: no sender or content")
@@ -92,7 +92,11 @@ async def read_withheld(
         log.warning("ignored a withheld notice from %s for a device of %s", sender, device.user_id)
         return None
     text = _clean(reason[:_MAX_REASON]) if isinstance(reason, str) else ""
-    return WithheldRecord(room_id, session_id, sender_key, sender, code, text)
+    notice = WithheldRecord(room_id, session_id, sender_key, sender, code, text)
+    if notice in await store.get_withheld(room_id, session_id):
+        log.debug("ignored a repeated withheld notice from %s", sender)
+        return None  # senders resend them: nothing new to keep or tell
+    return notice
 
 
 def _is_text(value: Any) -> TypeGuard[str]:
