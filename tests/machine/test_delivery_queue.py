@@ -10,12 +10,13 @@ import pytest
 
 from olmstead import LocalProtocolError, MemoryStore, OlmMachine
 from olmstead.delivery import DeliverySettings, WaitingResult
-from olmstead.errors import OlmSessionError, UnknownRoomKey
+from olmstead.errors import DecryptionError, OlmSessionError, UnknownRoomKey
 from olmstead.machine import UndecryptableToDevice
 from olmstead.requests import KeysClaimRequest, KeysQueryRequest, ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
-from tests.conftest import FAST_LEASE, KEY
+from tests.conftest import FAST_LEASE, KEY, Backend
 from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, send
+from tests.machine.test_keys_upload import open_machine
 from tests.machine.test_megolm import ALICE, BOB, ROOM, Timeline
 from tests.machine.test_withheld import held_back
 
@@ -202,3 +203,36 @@ async def test_a_rolled_back_store_reports_the_events_it_cannot_read() -> None:
     assert isinstance(final.result, UnknownRoomKey)
     assert final.result.final
     assert final.event_id == event["event_id"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"session_id": "a\x00b"},  # any room member writes the content; PostgreSQL refuses NUL
+        {"session_id": "\ud800"},  # a lone surrogate is valid JSON, not UTF-8
+        {"event_id": "$e\x00"},
+        {"event_id": "$e\udc00"},
+    ],
+)
+async def test_an_event_with_an_id_no_store_can_keep_fails_for_good_and_the_sync_commits(
+    backend: Backend, change: dict[str, str]
+) -> None:
+    bob = await open_machine(backend)
+    event: dict[str, Any] = {
+        "type": "m.room.encrypted",
+        "event_id": "$e",
+        "sender": ALICE,
+        "origin_server_ts": 1,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": "s", "ciphertext": "AAAA"},
+    }
+    if "session_id" in change:
+        event["content"]["session_id"] = change["session_id"]
+    else:
+        event["event_id"] = change["event_id"]
+    (result,) = await bob.decrypt_room_events(ROOM, [event])
+    assert isinstance(result, DecryptionError)
+    assert not isinstance(result, UnknownRoomKey)  # reported once, as final; never kept
+    assert result.final
+    await bob.commit_deliveries(sync_token="s1")
+    assert await bob.store.get_value("sync_token") == "s1"
+    assert await bob.store.get_waiting_events() == []

@@ -42,6 +42,7 @@ from olmstead.store.base import (
     InboundGroupSessionRecord,
     MessageIndex,
     OutboundGroupSessionRecord,
+    is_storable_text,
 )
 
 __all__ = [
@@ -305,6 +306,12 @@ class GroupSessions:
         session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
         if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(session_id, str):
             return DecryptionError("not a Megolm event", sender)
+        if not (
+            is_storable_text(room_id)
+            and is_storable_text(event_id)
+            and is_storable_text(session_id)
+        ):  # looked up and kept in the store, which would refuse it (and the sync with it)
+            return DecryptionError("a room, event or session ID no store can keep", sender)
         record = await self.inbound(room_id, session_id)
         if record is None:
             withheld = await find_withheld(

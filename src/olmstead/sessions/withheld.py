@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 from olmstead.errors import RoomKeyWithheld
-from olmstead.store.base import CryptoStore, WithheldRecord
+from olmstead.store.base import CryptoStore, WithheldRecord, is_storable_text
 
 __all__ = ["WITHHELD_CODES", "WITHHELD_TYPE", "find_withheld", "read_withheld"]
 
@@ -67,15 +67,15 @@ async def read_withheld(
     reason = content.get("reason", "")
     if not (
         content.get("algorithm") == _MEGOLM
-        and _is_text(sender_key)
+        and is_storable_text(sender_key)
         and 0 < len(sender_key) <= _MAX_ID
-        and _is_text(code)
+        and is_storable_text(code)
         and 0 < len(code) <= _MAX_ID
-        and _is_text(room_id)
+        and is_storable_text(room_id)
         and len(room_id) <= _MAX_ID
-        and _is_text(session_id)
+        and is_storable_text(session_id)
         and len(session_id) <= _MAX_ID
-        and _is_text(sender)
+        and is_storable_text(sender)
     ):
         log.warning("ignored a withheld notice from %s: malformed or not Megolm", sender)
         return None
@@ -97,20 +97,6 @@ async def read_withheld(
         log.debug("ignored a repeated withheld notice from %s", sender)
         return None  # senders resend them: nothing new to keep or tell
     return notice
-
-
-def _is_text(value: Any) -> TypeGuard[str]:
-    """A string every store can keep: JSON allows NUL (PostgreSQL refuses it in text) and
-    lone surrogates (not UTF-8, so SQLite and PostgreSQL refuse them)."""
-    return isinstance(value, str) and "\x00" not in value and _encodes(value)
-
-
-def _encodes(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _clean(reason: str) -> str:

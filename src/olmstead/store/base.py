@@ -21,7 +21,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import vodozemac
 
@@ -45,6 +45,7 @@ __all__ = [
     "WaitingRoomEvent",
     "WithheldRecord",
     "account_from_row",
+    "is_storable_text",
     "new_holder_name",
     "next_lock_row",
 ]
@@ -156,6 +157,19 @@ class MessageIndex:
     index: int
     event_id: str
     origin_ts: int
+
+
+def is_storable_text(value: Any) -> TypeGuard[str]:
+    """A string every store can keep as text. JSON allows NUL (PostgreSQL refuses it in
+    text) and lone surrogates (not UTF-8: SQLite and PostgreSQL refuse them); an ID or a
+    code from the network that is not storable is refused where it enters."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
