@@ -74,6 +74,7 @@ from olmstead.store.base import (
     OlmSessionRecord,
     OutboundGroupSessionRecord,
     OutboxEntry,
+    is_storable_text,
 )
 from olmstead.upload_guard import OneTimeKeysDrained, UploadGuard, UploadPolicy
 
@@ -387,7 +388,7 @@ class OlmMachine:
         if isinstance(self.upload_guard.problem, DeviceIdInUse | DeviceIdentityConflict):
             return  # an unusable device sends nothing encrypted, not even an m.dummy
         device = await self.store.get_device_by_curve25519(sender_key)
-        if device is None and isinstance(sender, str) and changes is not None:
+        if device is None and is_storable_text(sender) and changes is not None:
             if len(self._wedged_unknown) < MAX_WEDGED_UNKNOWN:
                 self._wedged_unknown[sender_key] = sender
                 marked = (

@@ -7,6 +7,7 @@ import copy
 import json
 from typing import Any
 
+import pytest
 import vodozemac
 
 from olmstead import KeysClaimRequest, MatrixHttpError
@@ -15,6 +16,7 @@ from olmstead.machine import UNWEDGE_INTERVAL, UndecryptableToDevice
 from olmstead.olm import account as own
 from olmstead.requests import ToDeviceRequest
 from olmstead.sessions.olm_sessions import DecryptedToDevice
+from tests.conftest import Backend
 from tests.machine.pair import (
     Peer,
     deliveries,
@@ -24,6 +26,7 @@ from tests.machine.pair import (
     reopen,
     send,
 )
+from tests.machine.test_keys_upload import open_machine
 
 ALICE, BOB = "@alice:example.org", "@bob:example.org"
 
@@ -285,3 +288,33 @@ async def test_a_failed_unwedge_claim_is_retried_at_the_next_breakage() -> None:
     )
     await receive(bob, tampered(await send(alice, bob, "m.test", {}), bob))
     assert len(await claims(bob)) == 1
+
+
+@pytest.mark.parametrize(
+    ("sender", "sender_key"),
+    [
+        ("@e\x00:x", "k" * 43),  # the server writes the sender; PostgreSQL refuses NUL
+        ("@e\ud800:x", "k" * 43),  # a lone surrogate is valid JSON, not UTF-8
+        ("@e:x", "k\x00" + "k" * 41),  # any sender writes the sender key
+        ("@e:x", "k\ud800" + "k" * 41),
+    ],
+)
+async def test_an_olm_message_with_a_sender_or_key_no_store_can_keep_fails_and_the_sync_commits(
+    backend: Backend, sender: str, sender_key: str
+) -> None:
+    bob = await open_machine(backend)
+    # a pre-key message no session decrypts, from a device bob does not know
+    body = base64.b64encode(b"\x03" + bytes(60)).decode().rstrip("=")
+    event = {
+        "type": "m.room.encrypted",
+        "sender": sender,
+        "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": sender_key,
+            "ciphertext": {bob.identity_keys["curve25519"]: {"type": 0, "body": body}},
+        },
+    }
+    (result,) = await bob.receive_sync_changes(to_device_events=[event], sync_token="s1")
+    assert isinstance(result, UndecryptableToDevice)
+    assert await bob.store.get_value("sync_token") == "s1"
+    assert await bob.store.get_tracked_users() == {}  # nobody is followed for it

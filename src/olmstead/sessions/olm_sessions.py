@@ -35,7 +35,13 @@ from olmstead.errors import (
 from olmstead.identities.device import Device
 from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import KeysClaimRequest
-from olmstead.store.base import AccountRecord, Changes, CryptoStore, OlmSessionRecord
+from olmstead.store.base import (
+    AccountRecord,
+    Changes,
+    CryptoStore,
+    OlmSessionRecord,
+    is_storable_text,
+)
 
 __all__ = ["OLM_ALGORITHM", "DecryptedToDevice", "OlmPayload", "OlmSessions"]
 
@@ -211,6 +217,8 @@ class OlmSessions:
         ciphertext = content.get("ciphertext")
         if content.get("algorithm") != OLM_ALGORITHM or not isinstance(sender_key, str):
             return DecryptionError("not an Olm message", sender), changes
+        if not is_storable_text(sender_key):  # looked up in the store, which would refuse it
+            return DecryptionError("a sender key no store can keep", sender), changes
         mine = ciphertext.get(own_keys["curve25519"]) if isinstance(ciphertext, Mapping) else None
         if not isinstance(mine, Mapping):
             return NotForThisDevice(
