@@ -1,9 +1,9 @@
 """olmstead: Matrix end-to-end encryption on vodozemac, with keys that never drift silently.
 
 The public API is what ``__all__`` lists; everything else may change.
-``olmstead.PostgresStore`` is imported on first use, so asyncpg is needed only by
-those who use it (the ``postgres`` extra); it is left out of ``__all__`` so that
-``from olmstead import *`` works without it.
+``olmstead.PostgresStore`` and ``olmstead.PostgresDatabase`` are imported on first
+use, so asyncpg is needed only by those who use them (the ``postgres`` extra); they
+are left out of ``__all__`` so that ``from olmstead import *`` works without it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -41,12 +41,19 @@ from olmstead.errors import (
     RoomKeyWithheld,
     SenderMismatch,
     StaleKeysRemain,
+    StoreConnectionLost,
     StoreCorrupt,
+    StoreDiskFull,
     StoreError,
+    StoreFileReplaced,
     StoreLocked,
     StoreLockLost,
     StoreMigrationError,
     StoreMismatch,
+    StoreOutOfConnections,
+    StorePoolerRefused,
+    StoreReadOnly,
+    StoreUnavailable,
     TransportError,
     UnknownRoomKey,
     WrongPickleKey,
@@ -85,14 +92,15 @@ from olmstead.store.base import (
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
 if TYPE_CHECKING:
+    from olmstead.store.postgres import PostgresDatabase as PostgresDatabase
     from olmstead.store.postgres import PostgresStore as PostgresStore
 
 
 def __getattr__(name: str) -> Any:
-    if name == "PostgresStore":
-        from olmstead.store.postgres import PostgresStore
+    if name in ("PostgresStore", "PostgresDatabase"):
+        from olmstead.store import postgres
 
-        return PostgresStore
+        return getattr(postgres, name)
     raise AttributeError(f"module 'olmstead' has no attribute {name!r}")
 
 
@@ -153,12 +161,19 @@ __all__ = [
     "Session",
     "SqliteStore",
     "StaleKeysRemain",
+    "StoreConnectionLost",
     "StoreCorrupt",
+    "StoreDiskFull",
     "StoreError",
+    "StoreFileReplaced",
     "StoreLockLost",
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "StoreOutOfConnections",
+    "StorePoolerRefused",
+    "StoreReadOnly",
+    "StoreUnavailable",
     "TimelineGap",
     "ToDeviceRequest",
     "TransportError",

@@ -22,7 +22,14 @@ attributes, so tools need not parse messages.
     │   ├── StoreLocked           another process holds the store's writer lease
     │   ├── StoreLockLost         this process lost its lease; it must stop writing
     │   ├── StoreMigrationError   the schema cannot be brought to this version
-    │   └── StoreMismatch         the store belongs to another user or device
+    │   ├── StoreMismatch         the store belongs to another user or device
+    │   ├── StoreUnavailable      the database or disk cannot be used now; try again later
+    │   │   ├── StoreConnectionLost   the connection broke or could not be made
+    │   │   ├── StoreOutOfConnections the database server has no connection left
+    │   │   ├── StoreDiskFull         the disk under the store is full
+    │   │   └── StoreReadOnly         the store's file system or database is read-only
+    │   ├── StorePoolerRefused    a connection pooler refused prepared statements
+    │   └── StoreFileReplaced     the store's file was replaced or removed underneath
     ├── DecryptionError           an event could not be decrypted, or not trusted
     │   ├── NotForThisDevice      the ciphertext has no part for our Curve25519 key
     │   ├── OlmSessionError       no Olm session decrypts it, nor can one be created
@@ -44,6 +51,10 @@ attributes, so tools need not parse messages.
         └── MatrixHttpError       an error answer, with status, errcode and Retry-After
             ├── RateLimited       429 / M_LIMIT_EXCEEDED
             └── OneTimeKeyConflict  see above
+
+A ``StoreUnavailable`` passes: the client's sync loop waits with backoff and
+carries on by itself when the store is back. A write it interrupted may or may
+not have landed; the machine reloads its state from the store before it goes on.
 
 Local and remote misuse are told apart as in h11: a ``LocalProtocolError`` is
 fixed in the calling code, a ``RemoteProtocolError`` is the server's doing.
@@ -80,12 +91,19 @@ __all__ = [
     "RoomKeyWithheld",
     "SenderMismatch",
     "StaleKeysRemain",
+    "StoreConnectionLost",
     "StoreCorrupt",
+    "StoreDiskFull",
     "StoreError",
+    "StoreFileReplaced",
     "StoreLockLost",
     "StoreLocked",
     "StoreMigrationError",
     "StoreMismatch",
+    "StoreOutOfConnections",
+    "StorePoolerRefused",
+    "StoreReadOnly",
+    "StoreUnavailable",
     "TransportError",
     "UnknownRoomKey",
     "WrongPickleKey",
@@ -260,6 +278,110 @@ class StoreMismatch(StoreError):
             f"{store} holds the keys of {stored[0]} device {stored[1]}, not of {asked[0]} "
             f"device {asked[1]}. Using it would upload one device's keys for another. Open "
             "the store that belongs to this device, or use a new store for a new device."
+        )
+
+
+class StoreUnavailable(StoreError):
+    """The store's database or disk cannot be used just now; it may well come back.
+
+    ``store`` names the store, ``reason`` says what happened in a few words
+    ("the server terminated the connection", "the disk is full") and ``detail`` is
+    the driver's or the operating system's own message. A read that failed changed
+    nothing. A write that failed before its commit changed nothing; one cut off
+    during its commit may have landed or not, so the machine reloads its state from
+    the store before its next operation. Retry later: ``Client.start`` waits with
+    backoff and carries on by itself.
+    """
+
+    advice = "olmstead retries with backoff; nothing needs to be done if it comes back."
+
+    def __init__(self, store: str, reason: str, detail: str) -> None:
+        self.store = store
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{store}: {reason} ({detail}). {self.advice}")
+
+
+class StoreConnectionLost(StoreUnavailable):
+    """The connection to the database broke, or no new one could be made.
+
+    Terminated by the server (``pg_terminate_backend``, a restart, a shutdown), a
+    failover, a proxy's idle timeout, or the server not reachable at all.
+    """
+
+    advice = (
+        "A database restart or failover does this; olmstead reconnects and retries with "
+        "backoff. If it lasts, check that the server is running and the DSN is right."
+    )
+
+
+class StoreOutOfConnections(StoreUnavailable):
+    """The database server refused a connection: it has none left (``max_connections``)."""
+
+    advice = (
+        "Each PostgresStore.open makes its own pool; with many accounts in one process, "
+        "open them on one shared pool instead (PostgresDatabase.open(dsn, pool_size=…) and "
+        "database.open_store(key, account=…)), or put a pooler such as pgbouncer in front, "
+        "or raise the server's max_connections."
+    )
+
+
+class StoreDiskFull(StoreUnavailable):
+    """The disk (or the database server's disk) under the store is full."""
+
+    advice = (
+        "Nothing was written: the store is as it was before this write. Free some space; "
+        "olmstead retries with backoff. Do not delete the store or its -wal file."
+    )
+
+
+class StoreReadOnly(StoreUnavailable):
+    """The store's file system, file or database accepts no writes (a read-only mount,
+    file permissions, a standby promoted the wrong way round after a failover)."""
+
+    advice = (
+        "Nothing was written. Make the store writable again (remount, permissions, point "
+        "the DSN at the primary); olmstead retries with backoff."
+    )
+
+
+class StorePoolerRefused(StoreError):
+    """A connection pooler between olmstead and PostgreSQL refused prepared statements.
+
+    pgbouncer in transaction or statement pooling mode (before 1.21, or with
+    ``max_prepared_statements = 0``) hands each transaction another server
+    connection, where a named prepared statement does not exist. olmstead's own
+    pools never prepare named statements; a pool made elsewhere may.
+    """
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(
+            f"{store}: a connection pooler (pgbouncer in transaction mode, most likely) "
+            f"refused a prepared statement ({detail}). Open the store with a DSN or a "
+            "PostgresDatabase, whose pools prepare no named statements; if you pass your own "
+            "asyncpg pool, create it with statement_cache_size=0; or set pgbouncer's "
+            "max_prepared_statements (1.21 and later), or use pool_mode = session."
+        )
+
+
+class StoreFileReplaced(StoreError):
+    """The store's file was removed, moved or replaced while the store was open.
+
+    Writes would go to a file nobody will open again. Nothing was written; close
+    the store, find out who replaced it (a restore from backup, a deploy that copies
+    files, a cleanup job) and open the right file again.
+    """
+
+    def __init__(self, store: str, detail: str) -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(
+            f"{store} was replaced or removed while open ({detail}). Nothing was written; "
+            "writes would be lost with the old file. Stop this process, find out what "
+            "replaced the file (a restore from backup rolls the keys back), and open the "
+            "store again."
         )
 
 

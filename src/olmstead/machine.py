@@ -148,6 +148,8 @@ class OlmMachine:
         self._record = record
         self._identity: dict[str, str] | None = None
         self._generation = generation
+        #: the lease generation of a commit that failed (its outcome unknown), until reloaded
+        self._failed_commit_at: int | None = None
         self._clock = clock
         self._in_flight: dict[str, OutgoingRequest] = {}
         self._mutex = asyncio.Lock()
@@ -437,6 +439,8 @@ class OlmMachine:
         try:
             await self.store.save_changes(changes, generation=self._generation)
         except BaseException:
+            if self._generation != -1:
+                self._failed_commit_at = self._generation
             self._generation = -1  # forces _refresh to reload
             self.olm.forget()
             self.megolm.forget()
@@ -1165,22 +1169,38 @@ class OlmMachine:
             raise StoreCorrupt(
                 self.store.name, "the account vanished while another process held it"
             )
-        log.warning(
-            "%s changed hands (lease generation %d -> %d); reloaded the account",
-            self.store.name,
-            self._generation,
-            generation,
-        )
+        tracked = await self.store.get_tracked_users()  # read all before changing anything
+        failed_at, self._failed_commit_at = self._failed_commit_at, None
+        if failed_at == generation:
+            log.warning(
+                "%s: a commit failed, and whether it landed is unknown; reloaded the state "
+                "from the store (the lease stayed ours, generation %d)",
+                self.store.name,
+                generation,
+            )
+        else:
+            log.warning(
+                "%s changed hands (lease generation %d -> %d); reloaded the account",
+                self.store.name,
+                self._generation if failed_at is None else failed_at,
+                generation,
+            )
         self._record = record
         self._generation = generation
         # requests handed out before belong to state that may be gone: answers to them
         # are logged and dropped, and whatever is still needed is asked for again
-        self._stale_requests |= set(self._in_flight) | set(self._session_claims)
-        self._in_flight.clear()
+        kept: dict[str, OutgoingRequest] = {}
+        if failed_at == generation:
+            # nobody else wrote: to-device messages made from committed ratchets must
+            # still reach their devices, and are sent (or retried) as before
+            kept = {k: r for k, r in self._in_flight.items() if isinstance(r, ToDeviceRequest)}
+        self._stale_requests |= (set(self._in_flight) - set(kept)) | set(self._session_claims)
+        self._in_flight = kept
         self._session_claims.clear()
         self._unwedge_claims.clear()
-        self._pending_to_device.clear()
-        self._pending_marker, self._latest_marker = None, ""  # the next holder's may be newer
+        if failed_at != generation:
+            self._pending_to_device.clear()
+            self._pending_marker, self._latest_marker = None, ""  # the next holder's is newer
         self._outbound.clear()
         self.olm.forget()
         self.megolm.forget()
@@ -1188,9 +1208,7 @@ class OlmMachine:
         self._forget_devices()
         self._identity = None
         await self.outbox.load(self.store)
-        self.devices = DeviceTracker(
-            record.user_id, record.device_id, await self.store.get_tracked_users()
-        )
+        self.devices = DeviceTracker(record.user_id, record.device_id, tracked)
         self._query_settled.set()  # the query in flight, if any, was dropped with the rest
 
 

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import httpx
 
 from olmstead import key_state, relations
 from olmstead.attachments import EncryptedFile, file_content
+from olmstead.backoff import Backoff
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.media import FileSource, Media
@@ -51,6 +53,7 @@ from olmstead.errors import (
     OlmsteadError,
     RemoteProtocolError,
     RoomKeyWithheld,
+    StoreError,
     TransportError,
     UnknownRoomKey,
 )
@@ -80,6 +83,9 @@ _MAX_REQUESTS_PER_ROUND = 1000
 #: how long a share waits for the members' device lists (seconds), and in how many rounds
 KEY_QUERY_WAIT = 30.0
 KEY_QUERY_ROUNDS = 4
+#: seconds ``start`` waits after the store failed, doubling with each failure up to the max
+STORE_RETRY_FIRST = 0.5
+STORE_RETRY_MAX = 15.0
 
 
 @dataclass(frozen=True)
@@ -855,9 +861,19 @@ class Client:
         return answer
 
     async def start(self, *, initial_sync_limit: int = 20, timeout_ms: int = 30_000) -> None:
-        """Sync until ``stop()``. Key problems are logged once; syncing goes on without uploads."""
+        """Sync until ``stop()``; it ends for nothing else.
+
+        Key problems are logged once; syncing goes on without uploads. While the store
+        fails (``StoreError``: its database down, its disk full) it waits with backoff,
+        ``STORE_RETRY_FIRST`` doubling up to ``STORE_RETRY_MAX`` seconds, and carries on
+        by itself when the store is back: nothing is committed meanwhile, so nothing
+        is encrypted or sent, and the sync token stays where it was, so the events of
+        the failed sync come again. Any other failure is logged and the loop restarts
+        after 5 s.
+        """
         self._stop.clear()
         first = True
+        store_down = Backoff(STORE_RETRY_FIRST, STORE_RETRY_MAX)
         while not self._stop.is_set():
             try:
                 await self.sync_once(
@@ -866,12 +882,26 @@ class Client:
                     full_state=first,
                 )
                 first = False
+                if store_down.failures:
+                    log.warning("the store works again after %d failed syncs", store_down.failures)
+                    store_down.succeeded()
             except KeyStateError as problem:
                 self._report(problem)
+            except StoreError as error:
+                delay = store_down.failed(time.monotonic())
+                log.warning("the store failed (%s); syncing again in %.1f s", error, delay)
+                await self._pause(delay)
             except OlmsteadError as error:  # the HTTP layer already retried with backoff
                 log.warning("sync failed: %s", error)
-                with contextlib.suppress(TimeoutError):  # a pause that stop() ends at once
-                    await asyncio.wait_for(self._stop.wait(), 5)
+                await self._pause(5)
+            except Exception:  # a bug; one bad sync must not end the loop
+                log.exception("the sync loop failed unexpectedly; restarting it in 5 s")
+                await self._pause(5)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if ``stop()`` comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     def stop(self) -> None:
         """End ``start()``: a long-poll in progress is abandoned, processing is finished."""

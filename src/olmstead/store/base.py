@@ -866,13 +866,24 @@ class CryptoStore(ABC):
         self._renewer = asyncio.create_task(self._renew_forever(), name=f"lease {self.name}")
 
     async def _renew_forever(self) -> None:
+        failing = False  # logged once per outage, not once a second
         while True:
             await asyncio.sleep(self._lease_settings.renew_every)
             try:
                 row = await self._try_lock(self.holder, self._lease_settings.duration)
-            except Exception:  # a failed renewal is retried; the fence guards writes
-                log.exception("%s: renewing the lease failed", self.name)
+            except Exception as error:  # retried; the fence guards writes meanwhile
+                if not failing:
+                    log.warning(
+                        "%s: renewing the lease failed (%s); trying again every %.1f s",
+                        self.name,
+                        error,
+                        self._lease_settings.renew_every,
+                    )
+                failing = True
                 continue
+            if failing:
+                log.warning("%s: the lease is renewed again", self.name)
+                failing = False
             if row.holder == self.holder:
                 if self._lock is not None and row.generation != self._lock.generation:
                     log.warning(

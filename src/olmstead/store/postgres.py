@@ -9,17 +9,41 @@ commits only if it still names this holder and generation.
 Opening migrates the shared schema (under an advisory lock), then proves the
 pickle key against this account's key check before anything of the account is
 written. Needs the ``postgres`` extra (PyPI ``asyncpg``).
+
+Many accounts in one process share one pool: ``PostgresDatabase.open(dsn,
+pool_size=…)`` once, then ``database.open_store(key, account=…)`` per device.
+``PostgresStore.open(dsn, …)`` makes a pool of its own per account, which runs a
+server out of connections at about a hundred accounts.
+
+The pools olmstead makes prepare no named statements (asyncpg's statement cache
+is off), so they work through a pooler in transaction mode (pgbouncer).
+Every failure of the driver becomes a ``StoreError`` in ``store_error``, the one
+place that maps them: a lost connection, a server shutting down, a pooler that
+refused a prepared statement, a full disk, a read-only server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+import contextlib
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
+from olmstead.errors import (
+    LocalProtocolError,
+    StoreConnectionLost,
+    StoreCorrupt,
+    StoreDiskFull,
+    StoreError,
+    StoreLockLost,
+    StoreMigrationError,
+    StoreOutOfConnections,
+    StorePoolerRefused,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 from olmstead.key_state import DRAINED
 from olmstead.store.base import (
     CryptoStore,
@@ -35,9 +59,19 @@ from olmstead.store.base import (
 from olmstead.store.migrations.postgres import MIGRATIONS
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresDatabase", "PostgresStore", "store_error"]
 
 T = TypeVar("T")
+#: connections a store opened with a DSN keeps (its own pool)
+OWN_POOL_SIZE = 4
+#: what the driver raises when the database, the network or the pooler fails
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 _MIGRATION_LOCK = 0x6F6C6D73  # "olms": one advisory lock for schema changes
 _NOW = "extract(epoch from clock_timestamp())::double precision"
 #: where each kind of pickle lives, and the rest of its primary key (after account_id)
@@ -64,6 +98,7 @@ class PostgresStore(CryptoStore):
         self.account_id = account_id
         self._pool = pool
         self._owns_pool = owns_pool
+        self._database: PostgresDatabase | None = None
 
     @classmethod
     async def open(
@@ -75,25 +110,30 @@ class PostgresStore(CryptoStore):
         lease: LeaseSettings | None = None,
         holder: str | None = None,
         pool: asyncpg.Pool | None = None,
+        migrate: bool = True,
     ) -> PostgresStore:
         """Open the device ``account`` in the database at ``dsn``; creates what is missing.
 
-        Pass ``pool`` to share one connection pool between the accounts of a process.
+        This makes a pool of ``OWN_POOL_SIZE`` connections for this account alone. For
+        many accounts in one process use ``PostgresDatabase`` (one shared pool), or pass
+        ``pool``: one made with ``statement_cache_size=0`` if a pooler may sit between.
+
+        Raises ``WrongPickleKey``, ``StoreCorrupt``, ``StoreMigrationError``,
+        ``StoreLocked``, ``StoreUnavailable`` (``StoreOutOfConnections`` when the server
+        has no connection left) or ``StoreError``.
         """
         name = f"PostgreSQL store {_redacted(dsn)} account {account!r}"
         owns_pool = pool is None
         try:
-            if pool is None:
-                pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-            # an existing account's key and account are proven before anything is written
-            derived = await _prove_existing(pool, account, pickle_key, name)
-            await _migrate(pool, name)
-            if derived is None:
-                derived = await _check_key(pool, account, pickle_key, name)
-        except (asyncpg.PostgresError, OSError) as exc:
-            if owns_pool and pool is not None:
-                await pool.close()
-            raise StoreError(f"{name}: {exc}. Is PostgreSQL running and the DSN right?") from exc
+            with _mapped(name):
+                if pool is None:
+                    pool = await _create_pool(dsn, OWN_POOL_SIZE, prepared_statements=False)
+                # an existing account's key and account are proven before anything is written
+                derived = await _prove_existing(pool, account, pickle_key, name)
+                if migrate:
+                    await _migrate(pool, name)
+                if derived is None:
+                    derived = await _check_key(pool, account, pickle_key, name)
         except BaseException:
             if owns_pool and pool is not None:
                 await pool.close()
@@ -122,10 +162,8 @@ class PostgresStore(CryptoStore):
         account) or ``StoreError`` (the database cannot be reached).
         """
         name = f"PostgreSQL store {_redacted(dsn)} account {account!r}"
-        try:
-            conn = await asyncpg.connect(dsn)
-        except (asyncpg.PostgresError, OSError) as exc:
-            raise StoreError(f"{name}: {exc}. Is PostgreSQL running and the DSN right?") from exc
+        with _mapped(name):
+            conn = await _connect(dsn)
         try:
             try:
                 version = await conn.fetchval("SELECT max(version) FROM olmstead_schema") or 0
@@ -149,8 +187,8 @@ class PostgresStore(CryptoStore):
                 account,
                 DRAINED,
             )
-        except asyncpg.PostgresError as exc:
-            raise StoreError(f"{name}: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise store_error(name, exc) from exc
         finally:
             await conn.close()
         found = None if row is None else account_from_row(tuple(row), derived.key, name)
@@ -160,22 +198,20 @@ class PostgresStore(CryptoStore):
     @staticmethod
     async def read_lease(dsn: str, account: str = "default") -> tuple[LockRow | None, float]:
         """The account's writer lease and the database's clock, read-only (no key needed)."""
-        try:
-            conn = await asyncpg.connect(dsn)
+        with _mapped(f"PostgreSQL store {_redacted(dsn)}"):
+            conn = await _connect(dsn)
             try:
                 return await _read_lease(conn, account)
             except asyncpg.UndefinedTableError:
                 return None, 0.0
             finally:
                 await conn.close()
-        except (asyncpg.PostgresError, OSError) as exc:
-            raise StoreError(f"PostgreSQL store {_redacted(dsn)}: {exc}") from exc
 
     @staticmethod
     async def release_stale_lease(dsn: str, account: str, holder: str) -> bool:
         """Mark ``holder``'s lease released if it ran out; whether it did."""
-        try:
-            conn = await asyncpg.connect(dsn)
+        with _mapped(f"PostgreSQL store {_redacted(dsn)}"):
+            conn = await _connect(dsn)
             try:
                 result = await conn.execute(
                     "UPDATE olmstead_lease SET expires_at = 0 WHERE account_id = $1 "
@@ -185,16 +221,12 @@ class PostgresStore(CryptoStore):
                 )
             finally:
                 await conn.close()
-        except (asyncpg.PostgresError, OSError) as exc:
-            raise StoreError(f"PostgreSQL store {_redacted(dsn)}: {exc}") from exc
         return bool(result == "UPDATE 1")
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        try:
+        with _mapped(self.name):
             async with self._pool.acquire() as conn:
                 return await fn(conn)
-        except (asyncpg.PostgresError, OSError) as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -646,8 +678,178 @@ class PostgresStore(CryptoStore):
         )
 
     async def _close_backend(self) -> None:
+        if self._database is not None:
+            self._database._stores.discard(self)
         if self._owns_pool:
             await self._pool.close()
+
+
+class PostgresDatabase:
+    """One PostgreSQL database and one connection pool, handing out a store per account.
+
+    For a bridge or any process with many devices: every account's reads, writes and
+    lease renewals share ``pool_size`` connections, however many accounts there are
+    (200 accounts run on 10). Each store still proves its own pickle key and holds
+    its own writer lease.
+
+        database = await PostgresDatabase.open("postgresql://bridge@db/bridge", pool_size=10)
+        store = await database.open_store(PickleKey(key), account="@alice:example.org")
+        ...
+        await database.close()    # closes the stores it handed out, then the pool
+
+    No named prepared statements unless ``prepared_statements=True``: the pool then
+    works through pgbouncer in transaction mode. Connected straight to PostgreSQL,
+    prepared statements save a parse per query (see docs/operations.md for what
+    that was measured to be worth).
+    """
+
+    def __init__(self, dsn: str, pool: asyncpg.Pool, pool_size: int) -> None:
+        self.name = f"PostgreSQL database {_redacted(dsn)}"
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._pool = pool
+        self._stores: set[PostgresStore] = set()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        prepared_statements: bool = False,
+    ) -> PostgresDatabase:
+        """Connect a pool of up to ``pool_size`` connections and bring the schema up to date.
+
+        Raises ``StoreMigrationError``, ``StoreUnavailable`` or ``StoreError``.
+        """
+        if pool_size < 1:
+            raise LocalProtocolError("pool_size must be at least 1")
+        name = f"PostgreSQL database {_redacted(dsn)}"
+        with _mapped(name):
+            pool = await _create_pool(dsn, pool_size, prepared_statements=prepared_statements)
+            try:
+                await _migrate(pool, name)
+            except BaseException:
+                await pool.close()
+                raise
+        return cls(dsn, pool, pool_size)
+
+    async def open_store(
+        self,
+        pickle_key: PickleKey,
+        *,
+        account: str = "default",
+        lease: LeaseSettings | None = None,
+        holder: str | None = None,
+    ) -> PostgresStore:
+        """The store of ``account`` on this database's pool (created if missing).
+
+        Raises what ``PostgresStore.open`` raises. Closing the store leaves the pool open.
+        """
+        if self._closed:
+            raise StoreError(f"{self.name} is closed")
+        store = await PostgresStore.open(
+            self.dsn,
+            pickle_key,
+            account=account,
+            lease=lease,
+            holder=holder,
+            pool=self._pool,
+            migrate=False,
+        )
+        self._stores.add(store)
+        store._database = self
+        return store
+
+    async def close(self) -> None:
+        """Close every store this database handed out (releasing their leases), then the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        for store in list(self._stores):
+            await store.close()
+        await self._pool.close()
+
+    async def __aenter__(self) -> PostgresDatabase:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def store_error(name: str, exc: BaseException) -> StoreError:
+    """The ``StoreError`` that says what a failure of asyncpg, the network or the server
+    was; ``name`` names the store. The one place the PostgreSQL backend maps them."""
+    if isinstance(exc, StoreError):
+        return exc
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    detail = str(exc).strip() or type(exc).__name__
+    if sqlstate in ("26000", "42P05") or (
+        "prepared statement" in detail and ("does not exist" in detail or "already" in detail)
+    ):
+        return StorePoolerRefused(name, detail)
+    if sqlstate == "53300" or "too many clients" in detail or "connection slots" in detail:
+        return StoreOutOfConnections(name, "the server has no connection left", detail)
+    if sqlstate == "53100":
+        return StoreDiskFull(name, "the database server's disk is full", detail)
+    if sqlstate == "25006":
+        return StoreReadOnly(
+            name, "the server accepts no writes (a standby, or a read-only database)", detail
+        )
+    if sqlstate == "57P01":
+        return StoreConnectionLost(
+            name, "the server terminated the connection (an administrator, or a shutdown)", detail
+        )
+    if sqlstate == "57P02":
+        return StoreConnectionLost(name, "the server crashed and closed the connection", detail)
+    if sqlstate == "57P03":
+        return StoreConnectionLost(name, "the server is starting up or shutting down", detail)
+    if sqlstate == "55000" and "accepting connections" in detail:
+        return StoreConnectionLost(name, "the database does not accept connections now", detail)
+    if sqlstate.startswith("08") or isinstance(
+        exc, asyncpg.PostgresConnectionError | ConnectionError
+    ):
+        return StoreConnectionLost(name, "the connection to the database broke", detail)
+    if isinstance(exc, OSError | TimeoutError):
+        return StoreConnectionLost(name, "the database server cannot be reached", detail)
+    if isinstance(exc, asyncpg.InterfaceError) and ("closed" in detail or "in progress" in detail):
+        return StoreConnectionLost(name, "the connection to the database broke", detail)
+    if sqlstate.startswith("28") or sqlstate == "3D000":
+        return StoreError(
+            f"{name}: the server refused the login or the database ({detail}). Check the "
+            "DSN's user, password and database name, and the server's pg_hba.conf."
+        )
+    if sqlstate.startswith("53") or sqlstate.startswith("57"):
+        return StoreUnavailable(name, "the server cannot serve this now", detail)
+    return StoreError(f"{name}: {detail}")
+
+
+@contextlib.contextmanager
+def _mapped(name: str) -> Iterator[None]:
+    """Raise every driver failure inside as the ``StoreError`` that says what it was."""
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise store_error(name, exc) from exc
+
+
+async def _create_pool(dsn: str, size: int, *, prepared_statements: bool) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        # no named prepared statements: a pooler in transaction mode (pgbouncer) hands
+        # each transaction another server connection, where they do not exist
+        statement_cache_size=100 if prepared_statements else 0,
+        timeout=10,
+    )
+    return pool
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    """One connection for a short read-only look (diagnosis); no named statements."""
+    return await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
 
 
 async def _read_lease(conn: asyncpg.Connection, account: str) -> tuple[LockRow | None, float]:

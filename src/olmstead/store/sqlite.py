@@ -9,11 +9,18 @@ Opening is read-only until the pickle key is proven: a wrong key or a damaged
 file is reported before a single byte is written. A missing file is created; an
 existing file that is empty or not an olmstead store is refused, never reused,
 since starting a new account there would give the device a new identity.
+
+A new store, its -wal and -shm files and its copies are created 0600, whatever
+the umask. Failures of SQLite and the file system are mapped in ``_store_error``:
+a full disk (``StoreDiskFull``), a read-only file (``StoreReadOnly``), a file
+replaced or removed while open (``StoreFileReplaced``), damage (``StoreCorrupt``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -24,7 +31,15 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
-from olmstead.errors import StoreCorrupt, StoreError, StoreLockLost, StoreMigrationError
+from olmstead.errors import (
+    StoreCorrupt,
+    StoreDiskFull,
+    StoreError,
+    StoreFileReplaced,
+    StoreLockLost,
+    StoreMigrationError,
+    StoreReadOnly,
+)
 from olmstead.key_state import DRAINED
 from olmstead.store.base import (
     CryptoStore,
@@ -37,7 +52,7 @@ from olmstead.store.base import (
     new_holder_name,
     next_lock_row,
 )
-from olmstead.store.files import link_into_place, read_only_uri
+from olmstead.store.files import create_private, link_into_place, read_only_uri
 from olmstead.store.migrations.sqlite import MIGRATIONS
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
@@ -71,6 +86,8 @@ class SqliteStore(CryptoStore):
         self.path = path
         self._conn = conn
         self._executor = executor
+        # the file this connection has open: a write checks the path still names it
+        self._file_id = _file_id(path)
 
     @classmethod
     async def open(
@@ -94,6 +111,9 @@ class SqliteStore(CryptoStore):
             conn, derived = await loop.run_in_executor(
                 executor, _open_and_check, path, name, pickle_key
             )
+        except (sqlite3.DatabaseError, OSError) as exc:  # a new store on a full disk, …
+            executor.shutdown(wait=False)
+            raise _store_error(name, exc) from exc
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -171,8 +191,12 @@ class SqliteStore(CryptoStore):
         """A consistent copy of the whole store at ``target`` (mode 0600), under the same key."""
 
         def copy() -> None:
-            self._conn.execute("VACUUM INTO ?", (str(target),))
-            os.chmod(target, 0o600)
+            create_private(target)  # VACUUM INTO fills an empty file, keeping its mode
+            try:
+                self._conn.execute("VACUUM INTO ?", (str(target),))
+            except BaseException:
+                os.unlink(target)
+                raise
 
         await self._run(copy)
 
@@ -180,7 +204,7 @@ class SqliteStore(CryptoStore):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise _store_error(self.name, exc) from exc
 
     async def _load_account_row(self) -> tuple[str, str, str, str] | None:
@@ -361,8 +385,18 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    def _check_in_place(self) -> None:
+        """Refuse to write to a file the path no longer names (SQLite would, silently)."""
+        try:
+            now = _file_id(self.path)
+        except FileNotFoundError:
+            raise StoreFileReplaced(self.name, "the file is gone") from None
+        if now != self._file_id:
+            raise StoreFileReplaced(self.name, "another file now has its name")
+
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
         def write(conn: sqlite3.Connection) -> None:
+            self._check_in_place()
             row = _lock_row(conn)
             if row is None or row.holder != holder or row.generation != generation:
                 raise StoreLockLost(self.name, f"now held by {row.holder if row else 'nobody'}")
@@ -473,6 +507,7 @@ class SqliteStore(CryptoStore):
     ) -> None:
 
         def rekey(conn: sqlite3.Connection) -> None:
+            self._check_in_place()
             row = _lock_row(conn)
             if row is None or row.holder != holder or row.generation != generation:
                 raise StoreLockLost(self.name, f"now held by {row.holder if row else 'nobody'}")
@@ -500,6 +535,7 @@ class SqliteStore(CryptoStore):
 
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
         def take(conn: sqlite3.Connection) -> LockRow:
+            self._check_in_place()
             row = _lock_row(conn)
             new = next_lock_row(row, holder, duration, time.time())
             if new != row:
@@ -525,15 +561,39 @@ class SqliteStore(CryptoStore):
 # --- runs on the store's worker thread -----------------------------------------------------
 
 
-def _store_error(name: str, exc: sqlite3.DatabaseError) -> StoreError:
-    """Damage is ``StoreCorrupt``; a busy, full or read-only disk is not, and says so."""
+#: SQLite's primary result codes that _store_error tells apart
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+#: SQLITE_READONLY_DBMOVED: the file was renamed, removed or replaced while open
+_SQLITE_READONLY_DBMOVED = _SQLITE_READONLY | (4 << 8)
+
+
+def _store_error(name: str, exc: sqlite3.DatabaseError | OSError) -> StoreError:
+    """The ``StoreError`` that says what a failure of SQLite or the file system was: the
+    one place the SQLite backend maps them. Only damage is ``StoreCorrupt``."""
     text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return StoreDiskFull(name, "the disk is full", text)
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return StoreReadOnly(name, "the file or its file system accepts no writes", text)
+        return StoreError(f"{name}: the file system failed ({text}): check the disk.")
+    code = getattr(exc, "sqlite_errorcode", None) or 0
+    primary = code & 0xFF
+    if code == _SQLITE_READONLY_DBMOVED:
+        return StoreFileReplaced(name, text)
+    if primary == _SQLITE_FULL:
+        return StoreDiskFull(name, "the disk is full", text)
+    if primary == _SQLITE_READONLY:
+        return StoreReadOnly(name, "the file or its file system accepts no writes", text)
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in text:
         return StoreError(
             f"{name} stayed busy for 30 s ({text}): another process keeps a transaction "
             "open on it. Find that process; olmstead holds transactions for milliseconds."
         )
-    if isinstance(exc, sqlite3.OperationalError) and "malformed" not in text:
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text:
+        return StoreCorrupt(name, text)
+    if isinstance(exc, sqlite3.OperationalError) or primary == _SQLITE_IOERR:
         return StoreError(
             f"{name} could not be read or written ({text}): check the disk (space, "
             "permissions, a read-only mount). The store itself is not known to be damaged; "
@@ -559,10 +619,14 @@ def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], 
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = body(conn)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # a failed COMMIT (a full disk) leaves the transaction open; a full disk or an
+        # I/O error may already have rolled it back: either way, none of it stays
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result
 
 
@@ -642,6 +706,11 @@ def _open_and_check(
     return conn, derived
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
 def _version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
@@ -654,17 +723,29 @@ def _create(path: Path, name: str, pickle_key: PickleKey) -> tuple[sqlite3.Conne
     """
     record, _derived = pickle_key.new_key_check()
     building = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.building")
-    conn = _connect(building)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
+        create_private(building)  # 0600: SQLite gives the -wal and -shm files this mode too
+    except OSError as exc:
+        raise _store_error(name, exc) from exc
+    try:
+        conn = _connect(building)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
 
-        def init(conn: sqlite3.Connection) -> None:
-            _apply(conn, 0)
-            conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (record,))
+            def init(conn: sqlite3.Connection) -> None:
+                _apply(conn, 0)
+                conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)", (record,))
 
-        _transaction(conn, init)
-    finally:
-        conn.close()
+            _transaction(conn, init)
+        finally:
+            conn.close()
+    except BaseException:
+        for leftover in (
+            building,
+            *(building.with_name(building.name + s) for s in ("-wal", "-shm")),
+        ):
+            leftover.unlink(missing_ok=True)
+        raise
     link_into_place(building, path)  # another process's store, if it was first, stays
     return _open_and_check(path, name, pickle_key)
 
