@@ -136,6 +136,8 @@ class Client:
         self._timelines = Timelines(self.http, store)
         self._gap_callbacks: list[GapCallback] = []
         self._stop = asyncio.Event()
+        #: the sync token and the to-device events committed under it (see sync_once)
+        self._taken: tuple[str | None, frozenset[str]] = (None, frozenset())
         self._reported_problem: KeyStateError | None = None
 
     # --- who we are ------------------------------------------------------------------------
@@ -821,14 +823,18 @@ class Client:
                 "device_unused_fallback_key_types",
                 answer.get("org.matrix.msc2732.device_unused_fallback_key_types"),
             )
-            to_device = answer.get("to_device", {})
+            # a sync retried after a store failure brings back the to-device events it
+            # already committed; their Olm messages would not decrypt a second time
+            to_device = _not_yet_taken(_events(answer.get("to_device")), since, self._taken)
             results = await self.machine.receive_sync_changes(
                 # an absent field is no news, not zero: guessing zero would upload more keys
                 one_time_key_counts=answer.get("device_one_time_keys_count"),
                 unused_fallback_key_types=fallback_types,
                 device_lists=answer.get("device_lists"),
-                to_device_events=_events(to_device),
+                to_device_events=to_device,
             )
+            before = self._taken[1] if self._taken[0] == since else frozenset()
+            self._taken = (since, before | {_fingerprint(e) for e in to_device})
             self._dispatch_to_device(results)
             settled = await self._deliver_waiting()  # the keys this sync brought, first
             keep, delivered = await self._decrypt_timeline(timeline)
@@ -860,8 +866,18 @@ class Client:
                 self._report(problem)
         return answer
 
-    async def start(self, *, initial_sync_limit: int = 20, timeout_ms: int = 30_000) -> None:
+    async def start(
+        self,
+        *,
+        initial_sync_limit: int = 20,
+        timeout_ms: int = 30_000,
+        timeline_limit: int | None = None,
+    ) -> None:
         """Sync until ``stop()``; it ends for nothing else.
+
+        ``initial_sync_limit`` caps the first sync's timeline per room; ``timeline_limit``
+        every later one's (``None``: the server's default, 10 on Synapse). A sync after a
+        long pause brings only the last that many events of each room.
 
         Key problems are logged once; syncing goes on without uploads. While the store
         fails (``StoreError``: its database down, its disk full) it waits with backoff,
@@ -878,7 +894,7 @@ class Client:
             try:
                 await self.sync_once(
                     timeout_ms=0 if first else timeout_ms,
-                    limit=initial_sync_limit if first else None,
+                    limit=initial_sync_limit if first else timeline_limit,
                     full_state=first,
                 )
                 first = False
@@ -972,6 +988,19 @@ def _rooms_section(rooms: Any, name: str) -> dict[str, Any]:
 def _events(section: Any) -> list[Mapping[str, Any]]:
     events = section.get("events") if isinstance(section, Mapping) else None
     return [e for e in events if isinstance(e, Mapping)] if isinstance(events, list) else []
+
+
+def _fingerprint(event: Mapping[str, Any]) -> str:
+    return json.dumps(event, sort_keys=True, default=str)
+
+
+def _not_yet_taken(
+    events: list[Mapping[str, Any]], since: str | None, taken: tuple[str | None, frozenset[str]]
+) -> list[Mapping[str, Any]]:
+    """The to-device events not committed already by an earlier try of the same sync."""
+    if taken[0] != since or not taken[1]:
+        return events
+    return [event for event in events if _fingerprint(event) not in taken[1]]
 
 
 def _plain(room_id: str, event: Mapping[str, Any]) -> RoomEvent:

@@ -24,7 +24,10 @@ refused a prepared statement, a full disk, a read-only server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -62,8 +65,13 @@ from olmstead.store.pickle_key import DerivedKey, PickleKey
 __all__ = ["PostgresDatabase", "PostgresStore", "store_error"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 #: connections a store opened with a DSN keeps (its own pool)
 OWN_POOL_SIZE = 4
+#: the value every commit sets to its own random ID (see ``PostgresStore._write``)
+LAST_COMMIT = "olmstead.last_commit"
+#: reads to find out whether a commit cut off by a lost connection landed
+LANDED_CHECKS = 5
 #: what the driver raises when the database, the network or the pooler fails
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -226,7 +234,14 @@ class PostgresStore(CryptoStore):
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         with _mapped(self.name):
             async with self._pool.acquire() as conn:
-                return await fn(conn)
+                try:
+                    return await fn(conn)
+                except DRIVER_ERRORS as exc:
+                    if _breaks_connection(exc):
+                        # never back into the pool half-broken (a closed one is detached)
+                        with contextlib.suppress(Exception):
+                            conn.terminate()
+                    raise
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -443,6 +458,30 @@ class PostgresStore(CryptoStore):
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def _write(self, changes: SerializedChanges, holder: str, generation: int) -> None:
+        """One transaction; it also records a random commit ID, so that when the connection
+        breaks during the commit a fresh one can tell whether the commit landed."""
+        commit_id = uuid.uuid4().hex
+        try:
+            await self._run(self._writer(changes, holder, generation, commit_id))
+        except StoreConnectionLost:
+            if not await self._landed(commit_id):
+                raise  # not seen (yet): the outcome stays unknown to the caller
+            log.warning("%s: the connection broke during a commit that landed", self.name)
+
+    async def _landed(self, commit_id: str) -> bool:
+        """Whether the commit that recorded ``commit_id`` is in the database (a few tries)."""
+        for attempt in range(LANDED_CHECKS):
+            try:
+                found = await self.get_value(LAST_COMMIT)
+            except StoreUnavailable:
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            return found == commit_id
+        return False
+
+    def _writer(
+        self, changes: SerializedChanges, holder: str, generation: int, commit_id: str
+    ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
         a = self.account_id
 
         async def write(conn: asyncpg.Connection) -> None:
@@ -565,7 +604,7 @@ class PostgresStore(CryptoStore):
                     a,
                     [(request_id,) for request_id in changes.outbox_sent],
                 )
-                for key, value in changes.values.items():
+                for key, value in {**changes.values, LAST_COMMIT: commit_id}.items():
                     if value is None:
                         await conn.execute(
                             "DELETE FROM olmstead_kv WHERE account_id = $1 AND key = $2", a, key
@@ -580,7 +619,7 @@ class PostgresStore(CryptoStore):
                             value,
                         )
 
-        await self._run(write)
+        return write
 
     async def count_secrets(self) -> dict[str, int]:
         async def count(conn: asyncpg.Connection) -> dict[str, int]:
@@ -813,7 +852,9 @@ def store_error(name: str, exc: BaseException) -> StoreError:
         return StoreConnectionLost(name, "the connection to the database broke", detail)
     if isinstance(exc, OSError | TimeoutError):
         return StoreConnectionLost(name, "the database server cannot be reached", detail)
-    if isinstance(exc, asyncpg.InterfaceError) and ("closed" in detail or "in progress" in detail):
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError) and (
+        "closed" in detail or "in progress" in detail
+    ):
         return StoreConnectionLost(name, "the connection to the database broke", detail)
     if sqlstate.startswith("28") or sqlstate == "3D000":
         return StoreError(
@@ -823,6 +864,13 @@ def store_error(name: str, exc: BaseException) -> StoreError:
     if sqlstate.startswith("53") or sqlstate.startswith("57"):
         return StoreUnavailable(name, "the server cannot serve this now", detail)
     return StoreError(f"{name}: {detail}")
+
+
+def _breaks_connection(exc: BaseException) -> bool:
+    """Whether the connection that raised ``exc`` may be unusable (not a plain SQL error)."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    return str(getattr(exc, "sqlstate", "") or "").startswith(("08", "57"))
 
 
 @contextlib.contextmanager
