@@ -20,6 +20,7 @@ for tools, what was seen, and what to do. ``olmstead repair`` acts on the causes
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -41,7 +42,7 @@ from olmstead.imports.foreign import (
     UnknownForeignKey,
 )
 from olmstead.store.base import Inspection, LockRow
-from olmstead.store.files import read_only_uri
+from olmstead.store.files import open_to_others, read_only_uri, sqlite_files
 from olmstead.store.named import is_postgres
 from olmstead.store.pickle_key import PickleKey
 from olmstead.store.sqlite import SqliteStore
@@ -108,6 +109,8 @@ class Report:
     device: DeviceState | None = None
     #: the candidate or known default that opens a store the given key does not
     opener: str | None = field(default=None, repr=False)
+    #: files holding keys that users other than their owner can read
+    exposed: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -172,19 +175,24 @@ async def diagnose(
     server: Credentials | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     given: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Diagnose a store (SQLite path or PostgreSQL DSN) and, given credentials, its device.
 
     ``key`` is the pickle key the operator believes is right. For foreign stores
     (mautrix, matrix-nio) it is optional and its text is tried first (``given``: the
     text of a key given the normal way), then ``candidates``, then the known defaults.
-    ``account`` names the device in a PostgreSQL store.
+    ``account`` names the device in a PostgreSQL store. An olmstead SQLite store's files
+    (with its -wal and -shm) and ``key_file`` are checked to be readable by their owner
+    alone.
     """
     kind = kind or store_kind(store)
     if kind == "olmstead":
         if key is None:
             raise ValueError("an olmstead store is diagnosed with the pickle key it should have")
         report = await _olmstead_store(store, key, account, list(candidates))
+        if not is_postgres(store):
+            report.findings.append(_file_modes(report, store, key_file))
     else:
         tries = [GivenKey(given)] if given else []
         report = await _foreign_store(store, kind, account, [*tries, *candidates])
@@ -297,6 +305,30 @@ async def _olmstead_store(
             )
         )
     return report
+
+
+def _file_modes(report: Report, store: str, key_file: str | os.PathLike[str] | None) -> Finding:
+    """Whether users other than the owner can read the store's files or its key file."""
+    paths = [str(p) for p in sqlite_files(store)] + ([os.fspath(key_file)] if key_file else [])
+    modes = {}
+    for path in paths:
+        try:
+            if open_to_others(path):
+                modes[path] = oct(os.stat(path).st_mode & 0o777)[2:]
+        except OSError:
+            continue  # a -wal that vanished between the listing and the look
+    if not modes:
+        return Finding("files", "ok", "files_private", "only their owner can read the files")
+    report.exposed = list(modes)
+    listed = ", ".join(f"{path} ({mode})" for path, mode in modes.items())
+    return Finding(
+        "files",
+        "warning",
+        "files_readable",
+        f"other users can read {listed}: a store holds room IDs, device lists and the sync "
+        "token in the clear and its secrets under the pickle key; a key file is the key",
+        f"`olmstead repair` makes them 0600 (or: chmod 600 {' '.join(modes)})",
+    )
 
 
 async def _read_lease(store: str, account: str) -> tuple[LockRow | None, float]:

@@ -37,6 +37,7 @@ from olmstead.errors import LocalProtocolError, MatrixHttpError, TransportError
 from olmstead.http.endpoints import CLIENT_V3
 from olmstead.http.transport import MatrixHttp
 from olmstead.store import CryptoStore, PickleKey, SqliteStore
+from olmstead.store.files import PRIVATE_FILE
 from olmstead.store.named import is_postgres, open_store
 from olmstead.upload_guard import OneTimeKeysDrained
 
@@ -106,6 +107,15 @@ def plan_repairs(report: Report, options: RepairOptions) -> list[Repair]:
                 )
             )
         return repairs
+    if "files_readable" in causes and report.exposed:
+        exposed = list(report.exposed)
+        repairs.append(
+            Repair(
+                "files_readable",
+                f"make {', '.join(exposed)} readable by their owner alone (mode 0600)",
+                lambda: _make_private(exposed),
+            )
+        )
     if "lock_stale" in causes:
         repairs.append(
             Repair("lock_stale", "release the dead process's lease", lambda: _release(options))
@@ -144,6 +154,12 @@ def plan_repairs(report: Report, options: RepairOptions) -> list[Repair]:
 
 
 # --- the repairs -------------------------------------------------------------------------------
+
+
+async def _make_private(paths: list[str]) -> Outcome:
+    for path in paths:
+        os.chmod(path, PRIVATE_FILE)
+    return Outcome(f"made {', '.join(paths)} mode 0600")
 
 
 async def _release(options: RepairOptions) -> Outcome:

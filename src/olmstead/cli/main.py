@@ -21,6 +21,7 @@ from olmstead.cli.stores import (
 )
 from olmstead.errors import OlmsteadError
 from olmstead.store import PickleKey
+from olmstead.store.files import write_private
 from olmstead.store.named import open_store
 
 __all__ = ["main"]
@@ -150,6 +151,7 @@ def doctor(
             candidates=given.candidates,
             server=given.credentials,
             given=given.given,
+            key_file=key_file,
         )
     )
     click.echo(report.to_json() if as_json else report.to_text())
@@ -218,6 +220,7 @@ def repair(
             candidates=candidates,
             server=credentials,
             given=given.given,
+            key_file=key_file,
         )
     )
     click.echo(report.to_text())
@@ -311,8 +314,7 @@ def export_keys(store: str, account: str, key_file: Path | None, out: Path) -> N
                 return await machine.export_room_keys(passphrase, progress=bar.update), total
 
     armoured, total = _run(run)
-    out.write_text(armoured)
-    out.chmod(0o600)
+    write_private(out, armoured.encode())  # 0600 from the start, whole or not at all
     click.echo(f"Exported {total} room keys to {out}.")
 
 
