@@ -99,6 +99,8 @@ UNWEDGE_INTERVAL = 3600.0
 MAX_WEDGED_UNKNOWN = 1000
 #: users whose devices are kept in memory (a bridge's busiest rooms)
 DEVICE_CACHE_USERS = 5000
+#: requests handed out before a reload whose answers are still recognised (and dropped)
+STALE_REQUESTS = 1000
 
 
 class OlmMachine:
@@ -143,7 +145,8 @@ class OlmMachine:
         self._marker_backoff = Backoff(policy.first_delay, policy.max_delay)
         #: the marker the server held when we last looked (a drain records it answered)
         self._marker_seen: key_state.KeyStateMarker | None = None
-        self._stale_requests: set[str] = set()
+        #: requests handed out before a reload, oldest first (at most STALE_REQUESTS kept)
+        self._stale_requests: dict[str, None] = {}
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._identity: dict[str, str] | None = None
@@ -402,6 +405,10 @@ class OlmMachine:
             UNWEDGE_INTERVAL
         ):
             return
+        if len(self._unwedged_at) >= DEVICE_CACHE_USERS:  # months of wedged devices: bounded
+            self._unwedged_at = {
+                k: t for k, t in self._unwedged_at.items() if now - t < UNWEDGE_INTERVAL
+            }
         self._unwedged_at[sender_key] = now
         self._to_unwedge[sender_key] = device
         log.warning(
@@ -1056,7 +1063,7 @@ class OlmMachine:
                 log.warning("a response to %s came after its keys stopped pending", request_id)
                 self.upload_guard.on_upload_success()
             elif request_id in self._stale_requests:
-                self._stale_requests.discard(request_id)
+                self._stale_requests.pop(request_id, None)
                 log.warning("dropped the answer to %s: it was sent before a reload", request_id)
             else:
                 raise LocalProtocolError(
@@ -1078,7 +1085,7 @@ class OlmMachine:
                 self.outbox.failed(request_id, error, self._clock())
                 return
             if request is None and request_id in self._stale_requests:
-                self._stale_requests.discard(request_id)
+                self._stale_requests.pop(request_id, None)
                 return
             wedged = self._session_claims.pop(request_id, None)
             if wedged is not None and request_id in self._unwedge_claims:
@@ -1194,7 +1201,11 @@ class OlmMachine:
             # nobody else wrote: to-device messages made from committed ratchets must
             # still reach their devices, and are sent (or retried) as before
             kept = {k: r for k, r in self._in_flight.items() if isinstance(r, ToDeviceRequest)}
-        self._stale_requests |= (set(self._in_flight) - set(kept)) | set(self._session_claims)
+        for request_id in [*self._in_flight, *self._session_claims]:
+            if request_id not in kept:
+                self._stale_requests[request_id] = None
+        while len(self._stale_requests) > STALE_REQUESTS:  # answers that never came
+            del self._stale_requests[next(iter(self._stale_requests))]
         self._in_flight = kept
         self._session_claims.clear()
         self._unwedge_claims.clear()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from olmstead.cli.stores import (
 from olmstead.errors import OlmsteadError
 from olmstead.store import PickleKey
 from olmstead.store.files import write_private
-from olmstead.store.named import open_store
+from olmstead.store.named import is_postgres, open_store
 
 __all__ = ["main"]
 
@@ -262,6 +263,30 @@ def repair(
 @main.group()
 def store() -> None:
     """Work on a crypto store."""
+
+
+@store.command()
+@STORE
+@ACCOUNT
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def stats(store: str, account: str, as_json: bool) -> None:
+    """Rows and bytes per table of a store (read-only; no pickle key needed)."""
+    from olmstead.store.stats import postgres_table_stats, sqlite_table_stats
+
+    if is_postgres(store):
+        found = _run(lambda: postgres_table_stats(store, account))
+    else:
+        found = sqlite_table_stats(store)
+    if as_json:
+        click.echo(json.dumps([asdict(t) for t in found], indent=2))
+        return
+    width = max([len(t.table) for t in found] + [5])
+    click.echo(f"{'table':<{width}}  {'rows':>12}  {'bytes':>14}")
+    for t in found:
+        click.echo(f"{t.table:<{width}}  {t.rows:>12,}  {t.bytes:>14,}")
+    click.echo(
+        f"{'total':<{width}}  {sum(t.rows for t in found):>12,}  {sum(t.bytes for t in found):>14,}"
+    )
 
 
 @store.command()

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -62,7 +62,7 @@ from olmstead.store.base import (
 from olmstead.store.migrations.postgres import MIGRATIONS
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
-__all__ = ["PostgresDatabase", "PostgresStore", "store_error"]
+__all__ = ["PostgresDatabase", "PostgresStore", "connect_mapped", "store_error"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -893,6 +893,17 @@ async def _create_pool(dsn: str, size: int, *, prepared_statements: bool) -> asy
         timeout=10,
     )
     return pool
+
+
+@contextlib.asynccontextmanager
+async def connect_mapped(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """One short-lived connection (no named statements), its failures as ``StoreError``."""
+    with _mapped(f"PostgreSQL store {_redacted(dsn)}"):
+        conn = await _connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
 
 async def _connect(dsn: str) -> asyncpg.Connection:
