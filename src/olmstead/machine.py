@@ -999,7 +999,7 @@ class OlmMachine:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
             if self.outbox.owns(request_id):  # even from before a reload: the server has it
-                self._stale_requests.discard(request_id)
+                self._stale_requests.pop(request_id, None)
                 changes = Changes()
                 entry = self.outbox.confirm(request_id, changes)
                 assert entry is not None
@@ -1081,7 +1081,7 @@ class OlmMachine:
             await self._refresh()
             request = self._in_flight.pop(request_id, None)
             if self.outbox.owns(request_id):  # committed: it goes out again, unchanged
-                self._stale_requests.discard(request_id)
+                self._stale_requests.pop(request_id, None)
                 self.outbox.failed(request_id, error, self._clock())
                 return
             if request is None and request_id in self._stale_requests:
