@@ -62,6 +62,7 @@ from olmstead.http.transport import RetryPolicy
 from olmstead.identities.device import Device
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
+from olmstead.metrics import Metrics, PrometheusMetrics
 from olmstead.requests import (
     AccountDataRequest,
     KeysClaimRequest,
@@ -140,6 +141,7 @@ __all__ = [
     "MegolmDecryptionFailed",
     "MemoryDatabase",
     "MemoryStore",
+    "Metrics",
     "NotForThisDevice",
     "OlmMachine",
     "OlmSessionError",
@@ -149,6 +151,7 @@ __all__ = [
     "OutboxEntry",
     "OutgoingRequest",
     "PickleKey",
+    "PrometheusMetrics",
     "RateLimited",
     "RemoteProtocolError",
     "ReplayedMessage",

@@ -28,7 +28,7 @@ from typing import Any
 
 import vodozemac
 
-from olmstead import key_export, key_state
+from olmstead import key_export, key_state, metrics
 from olmstead.backoff import Backoff
 from olmstead.delivery import DeliverySettings, RoomEventQueue, WaitingResult
 from olmstead.errors import (
@@ -41,6 +41,7 @@ from olmstead.errors import (
     MatrixHttpError,
     OlmSessionError,
     OlmsteadError,
+    OneTimeKeyConflict,
     RemoteProtocolError,
     StoreCorrupt,
     StoreMismatch,
@@ -667,6 +668,10 @@ class OlmMachine:
             await self._refresh()
             results, changes = await self.megolm.decrypt_many(room_id, events)
             await self._commit(changes)
+            for result in results:
+                metrics.room_event(
+                    type(result).__name__ if isinstance(result, DecryptionError) else "decrypted"
+                )
             return results
 
     # --- room events waiting for their key -----------------------------------------------------
@@ -1051,10 +1056,12 @@ class OlmMachine:
                 try:
                     await self._mark_keys_uploaded(response)
                 except RemoteProtocolError as exc:
+                    metrics.key_upload("failed")
                     self.upload_guard.on_upload_failure(
                         exc, self._clock(), self.identity_keys["ed25519"]
                     )
                     raise
+                metrics.key_upload("ok")
                 self.upload_guard.on_upload_success()
                 self._note_published(current)
             elif isinstance(request, KeysUploadRequest):
@@ -1109,6 +1116,9 @@ class OlmMachine:
             elif self.upload_guard.owns(request_id):
                 self.upload_guard.on_failure(request_id, self._clock())
             elif isinstance(request, KeysUploadRequest):
+                metrics.key_upload(
+                    "conflict" if isinstance(error, OneTimeKeyConflict) else "failed"
+                )
                 self.upload_guard.on_upload_failure(
                     error, self._clock(), self.identity_keys["ed25519"]
                 )
@@ -1121,6 +1131,7 @@ class OlmMachine:
     async def _after_drain(self, report: OneTimeKeysDrained) -> None:
         """Our stale keys are gone from the server: refill, and remember what was answered."""
         self._reports.append(report)
+        metrics.keys_drained(report.drained)
         self._record.server_key_count = 0  # a drain claims every one-time key we had
         # the fallback key may be as stale as the rest (its claim proves only our
         # signature, not that the store still has its private half): replace it

@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 import httpx
 
-from olmstead import key_state, relations
+from olmstead import key_state, metrics, relations
 from olmstead.attachments import EncryptedFile, file_content
 from olmstead.backoff import Backoff
 from olmstead.client.gaps import TimelineGap, Timelines
@@ -904,13 +904,16 @@ class Client:
             except KeyStateError as problem:
                 self._report(problem)
             except StoreError as error:
+                metrics.sync_loop_restart("store")
                 delay = store_down.failed(time.monotonic())
                 log.warning("the store failed (%s); syncing again in %.1f s", error, delay)
                 await self._pause(delay)
             except OlmsteadError as error:  # the HTTP layer already retried with backoff
+                metrics.sync_loop_restart("error")
                 log.warning("sync failed: %s", error)
                 await self._pause(5)
             except Exception:  # a bug; one bad sync must not end the loop
+                metrics.sync_loop_restart("unexpected")
                 log.exception("the sync loop failed unexpectedly; restarting it in 5 s")
                 await self._pause(5)
 

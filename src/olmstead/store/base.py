@@ -25,6 +25,7 @@ from typing import Any, TypeGuard
 
 import vodozemac
 
+from olmstead import metrics
 from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
 from olmstead.identities.device import Device
 from olmstead.store.pickle_key import DerivedKey, PickleKey
@@ -848,6 +849,7 @@ class CryptoStore(ABC):
             row = await self._try_lock(self.holder, settings.duration)
             if row.holder == self.holder:
                 if self._lock is not None and row.generation != self._lock.generation:
+                    metrics.lease_takeover()
                     log.warning(
                         "%s: lease generation moved from %d to %d; cached state is reloaded",
                         self.name,
@@ -886,6 +888,7 @@ class CryptoStore(ABC):
                 failing = False
             if row.holder == self.holder:
                 if self._lock is not None and row.generation != self._lock.generation:
+                    metrics.lease_takeover()
                     log.warning(
                         "%s: the lease was lost and taken back (generation %d -> %d); "
                         "writes of state read before are refused",

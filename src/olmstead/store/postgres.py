@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from olmstead import metrics
 from olmstead.errors import (
     LocalProtocolError,
     StoreConnectionLost,
@@ -878,8 +879,13 @@ def _mapped(name: str) -> Iterator[None]:
     """Raise every driver failure inside as the ``StoreError`` that says what it was."""
     try:
         yield
+    except StoreError as exc:  # raised inside: a lost lease, a wrong key
+        metrics.store_error(type(exc).__name__)
+        raise
     except DRIVER_ERRORS as exc:
-        raise store_error(name, exc) from exc
+        mapped = store_error(name, exc)
+        metrics.store_error(type(mapped).__name__)
+        raise mapped from exc
 
 
 async def _create_pool(dsn: str, size: int, *, prepared_statements: bool) -> asyncpg.Pool:

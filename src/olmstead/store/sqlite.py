@@ -31,6 +31,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
+from olmstead import metrics
 from olmstead.errors import (
     StoreCorrupt,
     StoreDiskFull,
@@ -204,8 +205,13 @@ class SqliteStore(CryptoStore):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
+        except StoreError as exc:  # raised on the worker: a lost lease, a replaced file
+            metrics.store_error(type(exc).__name__)
+            raise
         except (sqlite3.DatabaseError, OSError) as exc:
-            raise _store_error(self.name, exc) from exc
+            mapped = _store_error(self.name, exc)
+            metrics.store_error(type(mapped).__name__)
+            raise mapped from exc
 
     async def _load_account_row(self) -> tuple[str, str, str, str] | None:
         def read() -> tuple[str, str, str, str] | None:
