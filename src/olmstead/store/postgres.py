@@ -126,6 +126,7 @@ class PostgresStore(CryptoStore):
         This makes a pool of ``OWN_POOL_SIZE`` connections for this account alone. For
         many accounts in one process use ``PostgresDatabase`` (one shared pool), or pass
         ``pool``: one made with ``statement_cache_size=0`` if a pooler may sit between.
+        ``migrate=False`` leaves the schema alone (``PostgresDatabase`` migrated it once).
 
         Raises ``WrongPickleKey``, ``StoreCorrupt``, ``StoreMigrationError``,
         ``StoreLocked``, ``StoreUnavailable`` (``StoreOutOfConnections`` when the server
