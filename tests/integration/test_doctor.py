@@ -57,6 +57,7 @@ def key_file(directory: Path) -> Path:
     """The harness's raw pickle key, as a key file."""
     path = directory / "harness.key"
     path.write_text(base64.b64encode(b"i" * 32).decode())
+    path.chmod(0o600)  # a key file readable by others is a finding of its own
     return path
 
 
