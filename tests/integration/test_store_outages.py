@@ -113,13 +113,13 @@ async def settle(peers: list[Peer], expected: dict[int, list[str]], seconds: flo
 
 
 def check_outcome(peer: Peer, expected: list[str]) -> None:
-    """Every message meant for ``peer`` was delivered or reported undecryptable (at once,
-    while it waits for its key); no gap was left; the loop is alive; no key conflict."""
+    """Every message meant for ``peer`` was delivered (an outage delays a room key, the
+    outbox sends it once the store is back: none may be lost); no gap was left; the loop
+    is alive; no key conflict."""
     assert peer.loop is not None
     assert not peer.loop.done(), peer.loop  # the loop never died
     missing = set(expected) - set(peer.delivered.values())
-    room_failures = {k: v for k, v in peer.reported.items() if k != "None"}
-    assert len(missing) <= len(room_failures), (missing, peer.reported)
+    assert not missing, (missing, peer.reported)
     assert peer.gaps == 0
     assert peer.client.machine is not None
     assert peer.client.machine.key_problem is None
