@@ -26,6 +26,7 @@ from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
     DeviceUnusable,
+    InsecureDevice,
     KeyFileError,
     KeyStateError,
     LocalProtocolError,
@@ -53,6 +54,8 @@ from olmstead.errors import (
 )
 from olmstead.http.transport import RetryPolicy
 from olmstead.identities.device import Device
+from olmstead.identities.trust import SharingStrategy, TrustLevel
+from olmstead.identities.user_identity import CrossSigningKey, IdentityChanged, UserIdentity
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.requests import (
@@ -108,6 +111,7 @@ __all__ = [
     "Changes",
     "Client",
     "ConnectionFailed",
+    "CrossSigningKey",
     "CryptoStore",
     "DecryptedRoomEvent",
     "DecryptedToDevice",
@@ -118,7 +122,9 @@ __all__ = [
     "DeviceIdentityConflict",
     "DeviceUnusable",
     "EncryptedFile",
+    "IdentityChanged",
     "InboundGroupSessionRecord",
+    "InsecureDevice",
     "Invite",
     "KeyFileError",
     "KeySettings",
@@ -151,6 +157,7 @@ __all__ = [
     "RoomSettings",
     "SenderMismatch",
     "Session",
+    "SharingStrategy",
     "SqliteStore",
     "StaleKeysRemain",
     "StoreCorrupt",
@@ -162,9 +169,11 @@ __all__ = [
     "TimelineGap",
     "ToDeviceRequest",
     "TransportError",
+    "TrustLevel",
     "UndecryptableToDevice",
     "UnknownRoomKey",
     "UploadPolicy",
+    "UserIdentity",
     "WaitingResult",
     "WaitingRoomEvent",
     "WithheldRecord",
