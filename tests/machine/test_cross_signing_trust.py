@@ -791,3 +791,24 @@ async def test_no_single_mutation_of_a_cross_signing_answer_is_accepted_as_trust
                 assert trust is not TrustLevel.VERIFIED
                 assert identity is not None or trust is not TrustLevel.CROSS_SIGNED
     assert tried > 100
+
+
+async def test_events_that_waited_for_their_key_carry_trust_and_can_be_refused() -> None:
+    from tests.machine.test_delivery_queue import keep
+    from tests.machine.test_withheld import held_back
+
+    for refuse in (False, True):
+        alice, bob, requests, event = await held_back()  # bob knows alice: no identity
+        bob.machine.only_cross_signed_senders = refuse
+        await keep(bob, event)
+        for request in requests:
+            await bob.machine.receive_sync_changes(
+                to_device_events=[deliveries(request, alice, bob)]
+            )
+        (outcome,) = await bob.machine.retry_waiting_events()
+        if refuse:
+            assert isinstance(outcome.result, InsecureDevice)
+            assert outcome.settles  # final: the key came, the sender is refused
+        else:
+            assert not isinstance(outcome.result, Exception)
+            assert outcome.result.trust is TrustLevel.OWNER_HAS_NO_IDENTITY
