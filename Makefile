@@ -4,10 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# matrix-js-sdk with its Rust crypto, a peer the tests drive with Node (pinned by its lock)
+JSPEER := tests/jspeer
 
-.PHONY: test demo lint bench
+.PHONY: test demo lint bench jspeer
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(JSPEER)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -20,8 +22,14 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml | $(JSPEER)/node_modules/.installed
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,homeserver,postgres]'
+	touch $@
+
+jspeer: $(JSPEER)/node_modules/.installed
+
+$(JSPEER)/node_modules/.installed: $(JSPEER)/package.json $(JSPEER)/package-lock.json
+	cd $(JSPEER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@

@@ -26,6 +26,7 @@ from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
     DeviceUnusable,
+    InsecureDevice,
     KeyFileError,
     KeyStateError,
     LocalProtocolError,
@@ -60,6 +61,8 @@ from olmstead.errors import (
 )
 from olmstead.http.transport import RetryPolicy
 from olmstead.identities.device import Device
+from olmstead.identities.trust import SharingStrategy, TrustLevel
+from olmstead.identities.user_identity import CrossSigningKey, IdentityChanged, UserIdentity
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.metrics import Metrics, PrometheusMetrics
@@ -117,6 +120,7 @@ __all__ = [
     "Changes",
     "Client",
     "ConnectionFailed",
+    "CrossSigningKey",
     "CryptoStore",
     "DecryptedRoomEvent",
     "DecryptedToDevice",
@@ -127,7 +131,9 @@ __all__ = [
     "DeviceIdentityConflict",
     "DeviceUnusable",
     "EncryptedFile",
+    "IdentityChanged",
     "InboundGroupSessionRecord",
+    "InsecureDevice",
     "Invite",
     "KeyFileError",
     "KeySettings",
@@ -162,6 +168,7 @@ __all__ = [
     "RoomSettings",
     "SenderMismatch",
     "Session",
+    "SharingStrategy",
     "SqliteStore",
     "StaleKeysRemain",
     "StoreConnectionLost",
@@ -180,9 +187,11 @@ __all__ = [
     "TimelineGap",
     "ToDeviceRequest",
     "TransportError",
+    "TrustLevel",
     "UndecryptableToDevice",
     "UnknownRoomKey",
     "UploadPolicy",
+    "UserIdentity",
     "WaitingResult",
     "WaitingRoomEvent",
     "WithheldRecord",

@@ -37,7 +37,9 @@ attributes, so tools need not parse messages.
     │   ├── UnknownRoomKey        the room key has not arrived (yet); kept until it does
     │   ├── RoomKeyWithheld       the sender withheld the room key (m.room_key.withheld)
     │   ├── MegolmDecryptionFailed  the room event does not decrypt with its session
-    │   └── ReplayedMessage       a message index seen before with another event
+    │   ├── ReplayedMessage       a message index seen before with another event
+    │   └── InsecureDevice        the sending device is not cross-signed by its owner, and
+    │                             the machine refuses such senders (MSC4153)
     ├── KeyStateError             device keys here and on the homeserver disagree
     │   ├── DeviceIdInUse         the device ID holds someone else's identity keys
     │   ├── DeviceIdentityConflict  another identity's one-time keys sit on our device ID
@@ -76,6 +78,7 @@ __all__ = [
     "DeviceIdInUse",
     "DeviceIdentityConflict",
     "DeviceUnusable",
+    "InsecureDevice",
     "KeyFileError",
     "KeyStateError",
     "LocalProtocolError",
@@ -478,6 +481,21 @@ class MegolmDecryptionFailed(DecryptionError):
 
 class ReplayedMessage(DecryptionError):
     """A Megolm message index came back with another event ID or timestamp: a replay."""
+
+
+class InsecureDevice(DecryptionError):
+    """The event decrypted, but its sending device is not cross-signed by its owner.
+
+    Raised only when the machine refuses such senders (``OlmMachine.only_cross_signed_senders``,
+    the spec's "exclude insecure devices", MSC4153). ``trust`` is the device's
+    ``TrustLevel`` value (``not_signed``, ``owner_has_no_identity`` or ``unknown_device``).
+    The sender's owner can fix it by cross-signing the device (verifying it from another
+    of their devices).
+    """
+
+    def __init__(self, message: str, sender: str | None, sender_key: str | None, trust: str):
+        self.trust = trust
+        super().__init__(message, sender, sender_key)
 
 
 # --- keys here against keys on the server ----------------------------------------------

@@ -7,7 +7,8 @@ decides which keys to make and send, ``upload_guard`` whether and when an upload
 go out and what a failed one means, ``devices`` whose device lists we follow, ``olm``
 the Olm sessions with other devices, ``megolm`` room keys, ``outbox`` the to-device
 requests kept until the server confirms them, ``delivery`` the room events waiting
-for their key); the machine alone commits to the store.
+for their key); other users' cross-signing identities and the trust levels of their
+devices come from ``identities``; the machine alone commits to the store.
 
 Every change follows one pattern: copy the state, change the copy, commit it with
 ``store.save_changes``, and only then adopt it and let anything leave. A crash at
@@ -36,6 +37,7 @@ from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
     DeviceUnusable,
+    InsecureDevice,
     KeyStateError,
     LocalProtocolError,
     MatrixHttpError,
@@ -48,6 +50,14 @@ from olmstead.errors import (
 )
 from olmstead.identities.device import Device
 from olmstead.identities.tracker import DeviceTracker
+from olmstead.identities.trust import (
+    SharingStrategy,
+    TrustLevel,
+    device_trust,
+    is_verified,
+    split_recipients,
+)
+from olmstead.identities.user_identity import IdentityChanged, UserIdentity, apply_identities
 from olmstead.keys_upload import KeySettings, KeysUpload
 from olmstead.olm import account as own
 from olmstead.outbox import Outbox
@@ -126,6 +136,12 @@ class OlmMachine:
         self.megolm = GroupSessions(store)
         self.outbox = Outbox()
         self.delivery = RoomEventQueue(delivery or DeliverySettings())
+        #: which devices get our room keys, unless ``share_room_key`` is given another
+        self.sharing_strategy = SharingStrategy.ALL_DEVICES
+        #: refuse decrypted events whose device is not cross-signed by its owner (MSC4153)
+        self.only_cross_signed_senders = False
+        self._identity_changes: list[IdentityChanged] = []
+        self._device_keys: dict[str, Any] | None = None
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
         # the stored devices of recent users, whole; _device_epoch moves with every
@@ -276,7 +292,10 @@ class OlmMachine:
 
     def device_keys(self) -> dict[str, Any]:
         """Our signed device keys, as ``/keys/upload`` and ``/keys/query`` carry them."""
-        return own.device_keys(self._record.account, self.user_id, self.device_id)
+        # kept: a device's keys never change, and every Olm payload carries them (MSC4147)
+        if self._device_keys is None:
+            self._device_keys = own.device_keys(self._record.account, self.user_id, self.device_id)
+        return dict(self._device_keys)
 
     # --- what the server said ------------------------------------------------------------------
 
@@ -369,6 +388,18 @@ class OlmMachine:
                 if isinstance(result, OlmSessionError) and result.sender_key is not None:
                     await self._note_wedged(result.sender_key, now, event.get("sender"), changes)
                 continue
+            result = await self._with_trust(result)
+            # room keys are kept whatever the sender's trust: the room events they open
+            # are refused one by one, each with its reason
+            if (
+                self.only_cross_signed_senders
+                and result.type != "m.room_key"
+                and not result.trust.cross_signed
+            ):
+                refused = _insecure(result.sender, result.sender_key, result.trust)
+                log.warning("to-device %s from %s: %s", result.type, result.sender, refused)
+                results.append(UndecryptableToDevice(event, refused))
+                continue
             if result.type == "m.room_key":
                 room_key = await self.megolm.accept_room_key(result)
                 if room_key is not None:
@@ -423,7 +454,7 @@ class OlmMachine:
         messages: dict[str, dict[str, dict[str, Any]]] = {}
         stepped = []
         now = self._clock()
-        dummy = self.olm.payload(self.identity_keys, "m.dummy", {})
+        dummy = self.olm.payload(self.identity_keys, "m.dummy", {}, self.device_keys())
         for device in devices:
             sealed = await self.olm.encrypt(self.identity_keys, device, dummy, now)
             if sealed is not None:
@@ -435,6 +466,105 @@ class OlmMachine:
             self.outbox.add(entry, changes)
             await self._commit(changes)
             self.outbox.committed([entry], hand_out=True)
+
+    # --- trust -----------------------------------------------------------------------------
+
+    async def _with_trust(self, event: DecryptedToDevice) -> DecryptedToDevice:
+        """The event with its sending device's trust level filled in."""
+        device = await self.store.get_device_by_curve25519(event.sender_key)
+        if not event.verified or device is None:
+            # not a device we know: its MSC4147 description, checked on decryption, may be
+            device = event.sender_device_keys
+        if device is None or (device.user_id, device.ed25519) != (
+            event.sender,
+            event.sender_ed25519,
+        ):
+            return event
+        levels = await self._trust_levels([device])
+        return replace(event, trust=levels[device.user_id, device.device_id])
+
+    async def _trust_levels(self, devices: Iterable[Device]) -> dict[tuple[str, str], TrustLevel]:
+        """The trust level of each device, by (user ID, device ID); one store read."""
+        devices = list(devices)
+        identities = await self.store.get_user_identities_of(
+            [self.user_id, *(d.user_id for d in devices)]
+        )
+        judge = self._judge(identities)
+        return {(d.user_id, d.device_id): judge(d) for d in devices}
+
+    def _judge(
+        self, identities: Mapping[str, UserIdentity | None]
+    ) -> Callable[[Device], TrustLevel]:
+        """A device's trust level from the identities read (each user's verification once)."""
+        own_identity = identities.get(self.user_id)
+        verified = {user: self._verified(i, own_identity) for user, i in identities.items()}
+        return lambda d: device_trust(d, identities.get(d.user_id), verified.get(d.user_id, False))
+
+    def _verified(self, identity: UserIdentity | None, own_identity: UserIdentity | None) -> bool:
+        own_device = (self.user_id, self.device_id, self.identity_keys["ed25519"])
+        return identity is not None and is_verified(identity, own_identity, own_device)
+
+    async def get_user_identity(self, user_id: str) -> UserIdentity | None:
+        """``user_id``'s pinned cross-signing identity (``None``: none known).
+
+        ``identity.changed_to`` holds a new identity the server lists, not adopted until
+        ``acknowledge_identity_change``.
+        """
+        return await self.store.get_user_identity(user_id)
+
+    async def is_identity_verified(self, user_id: str) -> bool:
+        """Whether we verified ``user_id``'s pinned identity (see ``TrustLevel.VERIFIED``)."""
+        identities = await self.store.get_user_identities_of([self.user_id, user_id])
+        identity = identities.get(user_id)
+        return self._verified(identity, identities.get(self.user_id))
+
+    async def get_device_trust(self, user_id: str, device_id: str) -> TrustLevel:
+        """The trust level of a device we know; ``UNKNOWN_DEVICE`` if we know none by that ID."""
+        if (user_id, device_id) == (self.user_id, self.device_id):
+            return TrustLevel.VERIFIED  # this device
+        device = (await self.store.get_devices(user_id)).get(device_id)
+        if device is None or device.deleted:
+            return TrustLevel.UNKNOWN_DEVICE
+        return (await self._trust_levels([device]))[user_id, device_id]
+
+    def take_identity_changes(self) -> list[IdentityChanged]:
+        """Master key changes seen since the last call, for the application."""
+        changes, self._identity_changes = self._identity_changes, []
+        return changes
+
+    async def acknowledge_identity_change(self, user_id: str) -> UserIdentity:
+        """Adopt the changed identity of ``user_id`` the server lists: pin its new master key.
+
+        Room keys go to the user's devices again (as the sharing strategy allows); the new
+        identity is not verified, whatever the old one was. Raises ``LocalProtocolError``
+        if no change of that user is waiting.
+        """
+        async with self._mutex:
+            await self._refresh()
+            identity = await self.store.get_user_identity(user_id)
+            if identity is None or identity.changed_to is None:
+                raise LocalProtocolError(
+                    f"no identity change of {user_id} is waiting to be acknowledged"
+                )
+            adopted = identity.changed_to
+            await self._commit(Changes(user_identities=[adopted]))
+            log.info("adopted the new master key %s of %s", adopted.master.key, user_id)
+            return adopted
+
+    async def _apply_identities(
+        self, response: Mapping[str, Any], users: list[str], changes: Changes
+    ) -> list[IdentityChanged]:
+        """Add the cross-signing identities of a ``/keys/query`` answer to ``changes``."""
+        stored = await self.store.get_user_identities_of([self.user_id, *users])
+        own_identity = stored.get(self.user_id)
+        outcome = apply_identities(
+            response,
+            users,
+            {user: stored.get(user) for user in users},
+            lambda identity: self._verified(identity, own_identity),
+        )
+        changes.user_identities.extend(outcome.identities)
+        return outcome.changes
 
     async def _commit(self, changes: Changes) -> None:
         """Commit, fenced by the generation our state was read under.
@@ -470,12 +600,19 @@ class OlmMachine:
     # --- Megolm: room keys and room events ------------------------------------------------------
 
     async def share_room_key(
-        self, room_id: str, user_ids: Iterable[str], settings: RoomSettings | None = None
+        self,
+        room_id: str,
+        user_ids: Iterable[str],
+        settings: RoomSettings | None = None,
+        strategy: SharingStrategy | None = None,
     ) -> list[ToDeviceRequest]:
         """Make sure every current device of ``user_ids`` holds our room key for ``room_id``.
 
-        Rotates the session first if it is spent, too old, or a device that had it
-        is no longer among the recipients. Devices we have no Olm session with get
+        Which devices count is the ``strategy`` (default: ``self.sharing_strategy``);
+        the devices it leaves out, and every device of a user whose verified identity
+        changed unacknowledged, get ``m.room_key.withheld`` (``m.unverified``) once per
+        session. Rotates the session first if it is spent, too old, or a device that had
+        it is no longer among the recipients. Devices we have no Olm session with get
         ``m.room_key.withheld`` (``m.no_olm``): claim sessions first with
         ``get_missing_sessions``. The requests are committed to the outbox with the
         ratchet steps that made them before they return; their recipients count as
@@ -489,18 +626,26 @@ class OlmMachine:
         async with self._mutex:
             await self._refresh()
             now = self._clock()
-            devices = [
-                device
-                for by_id in (await self._current_devices_of(user_ids)).values()
-                for device in by_id.values()
-            ]
-            await self.olm.load(device.curve25519 for device in devices)
             record = await self._outbound_session(room_id)
+            devices, refused = await self._recipients(user_ids, strategy or self.sharing_strategy)
+            await self.olm.load(device.curve25519 for device in devices)
             wanted = {(d.user_id, d.device_id) for d in devices}
-            had = {(u, d) for u, ds in (record.shared_with if record else {}).items() for d in ds}
+            # a device refused now that never had the key (withheld before) is no reason to
+            # rotate; one that had it is
+            had = {
+                (u, d)
+                for u, ds in (record.shared_with if record else {}).items()
+                for d, index in ds.items()
+                if index >= 0 or (u, d) not in refused
+            }
             if record is not None:  # on their way count as had: a leaver's share means rotation
                 sending = self.outbox.pending_recipients(room_id, record.session.session_id)
-                had |= {(u, d) for u, ds in sending.items() for d in ds}
+                had |= {
+                    (u, d)
+                    for u, ds in sending.items()
+                    for d, index in ds.items()
+                    if index >= 0 or (u, d) not in refused
+                }
             changes = Changes()
             if record is None or self.megolm.expired(record, now) or (had - wanted):
                 record = self.megolm.new_outbound(room_id, settings or RoomSettings(), now)
@@ -512,7 +657,7 @@ class OlmMachine:
                 )
                 changes.inbound_group_sessions.append(own)  # so we read our own messages
             key = self.megolm.room_key_content(record)
-            payload = self.olm.payload(self.identity_keys, "m.room_key", key)
+            payload = self.olm.payload(self.identity_keys, "m.room_key", key, self.device_keys())
             session_id = record.session.session_id
             pending = self.outbox.pending_recipients(room_id, session_id)
             encrypted: dict[str, dict[str, dict[str, Any]]] = {}
@@ -543,6 +688,18 @@ class OlmMachine:
                 changes.olm_sessions.append(sealed[1])
                 index = record.session.message_index
                 given_key.setdefault(device.user_id, {})[device.device_id] = index
+            for (user_id, device_id), why in refused.items():
+                given = record.shared_with.get(user_id, {}).get(device_id)
+                if given is None and pending.get(user_id, {}).get(device_id) is None:
+                    withheld.setdefault(user_id, {})[device_id] = {
+                        "algorithm": MEGOLM_ALGORITHM,
+                        "room_id": room_id,
+                        "session_id": session_id,
+                        "sender_key": self.identity_keys["curve25519"],
+                        "code": "m.unverified",
+                        "reason": why,
+                    }
+                    told_withheld.setdefault(user_id, {})[device_id] = -1
             entries = []
             if encrypted:
                 entries.append(
@@ -594,6 +751,25 @@ class OlmMachine:
                 if known is None or known < 0 or (0 <= index < known):
                     shared[user_id][device_id] = index
         changes.outbound_group_sessions.append(replace(record, shared_with=shared))
+
+    async def _recipients(
+        self, user_ids: Iterable[str], strategy: SharingStrategy
+    ) -> tuple[list[Device], dict[tuple[str, str], str]]:
+        """The devices that get the room key, and those refused with why (the strategy)."""
+        devices = [
+            device
+            for by_id in (await self._current_devices_of(user_ids)).values()
+            for device in by_id.values()
+        ]
+        users = {d.user_id for d in devices}
+        identities = await self.store.get_user_identities_of([self.user_id, *users])
+        blocked = [
+            user
+            for user in users
+            if (identity := identities.get(user)) is not None and identity.was_verified
+        ]
+        share, withheld = split_recipients(devices, strategy, self._judge(identities), blocked)
+        return share, {(w.device.user_id, w.device.device_id): w.reason for w in withheld}
 
     async def encrypt_room_event(
         self, room_id: str, event_type: str, content: Mapping[str, Any]
@@ -668,11 +844,47 @@ class OlmMachine:
             await self._refresh()
             results, changes = await self.megolm.decrypt_many(room_id, events)
             await self._commit(changes)
+            results = await self._room_events_trust(results)
             for result in results:
                 metrics.room_event(
                     type(result).__name__ if isinstance(result, DecryptionError) else "decrypted"
                 )
             return results
+
+    async def _room_events_trust(
+        self, results: list[DecryptedRoomEvent | DecryptionError]
+    ) -> list[DecryptedRoomEvent | DecryptionError]:
+        """Each decrypted event with its device's trust level; refused if the policy says."""
+        own_key = self.identity_keys["curve25519"]
+        senders: dict[str, Device] = {}
+        for result in results:
+            if (
+                isinstance(result, DecryptedRoomEvent)
+                and result.verified
+                and result.sender_key not in senders
+                and result.sender_key != own_key
+            ):
+                device = await self.store.get_device_by_curve25519(result.sender_key)
+                if device is not None:
+                    senders[result.sender_key] = device
+        levels = await self._trust_levels(senders.values()) if senders else {}
+        out: list[DecryptedRoomEvent | DecryptionError] = []
+        for result in results:
+            if not isinstance(result, DecryptedRoomEvent):
+                out.append(result)
+                continue
+            if result.sender_key == own_key and result.signing_key == self.identity_keys["ed25519"]:
+                trust = TrustLevel.VERIFIED  # our own messages
+            elif result.verified and result.sender_key in senders:
+                device = senders[result.sender_key]
+                trust = levels[device.user_id, device.device_id]
+            else:
+                trust = TrustLevel.UNKNOWN_DEVICE
+            if self.only_cross_signed_senders and not trust.cross_signed:
+                out.append(_insecure(result.sender, result.sender_key, trust))
+            else:
+                out.append(replace(result, trust=trust))
+        return out
 
     # --- room events waiting for their key -----------------------------------------------------
 
@@ -712,6 +924,7 @@ class OlmMachine:
                 for n, result in zip(positions, found, strict=True):
                     results[n] = result
             await self._commit(changes)
+            results = await self._room_events_trust(results)
             return self.delivery.outcomes(entries, results, over, now)
 
     async def commit_deliveries(
@@ -856,7 +1069,7 @@ class OlmMachine:
             stepped: list[OlmSessionRecord] = []
             without: list[Device] = []
             now = self._clock()
-            payload = self.olm.payload(self.identity_keys, event_type, content)
+            payload = self.olm.payload(self.identity_keys, event_type, content, self.device_keys())
             for device in devices:
                 encrypted = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if encrypted is None:
@@ -1032,17 +1245,20 @@ class OlmMachine:
                 return
             if self.devices.owns(request_id):
                 try:
-                    stored = await self._stored_devices_of(self.devices.queried_users())
+                    queried = self.devices.queried_users()
+                    stored = await self._stored_devices_of(queried)
                     outcome = self.devices.on_response(response, stored)
-                    await self._commit(
-                        Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
-                    )
+                    changes = Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
+                    reported = await self._apply_identities(response, queried, changes)
+                    await self._commit(changes)
                 finally:
                     self._query_settled.set()
                 for key, user_id in list(self._wedged_unknown.items()):
                     if user_id in stored:  # asked about: repaired now if the device is there
                         del self._wedged_unknown[key]
                         await self._note_wedged(key, self._clock())
+                # reported once committed: a change is never told before it is stored
+                self._identity_changes.extend(reported)
                 return
             if self.upload_guard.owns(request_id):
                 report = self.upload_guard.on_response(
@@ -1230,6 +1446,7 @@ class OlmMachine:
         self._forget_devices()
         self._identity = None
         await self.outbox.load(self.store)
+        self._device_keys = None
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked)
         self._query_settled.set()  # the query in flight, if any, was dropped with the rest
 
@@ -1237,6 +1454,21 @@ class OlmMachine:
 def _relation(content: Mapping[str, Any]) -> Mapping[str, Any] | None:
     relation = content.get("m.relates_to")
     return relation if isinstance(relation, Mapping) else None
+
+
+def _insecure(sender: str, sender_key: str, trust: TrustLevel) -> InsecureDevice:
+    why = {
+        TrustLevel.NOT_SIGNED: "its owner has not cross-signed it",
+        TrustLevel.OWNER_HAS_NO_IDENTITY: "its owner has no cross-signing identity",
+    }.get(trust, "it is not a device we know")
+    return InsecureDevice(
+        f"an event from {sender} was refused: the sending device ({sender_key}) is not "
+        f"cross-signed by its owner ({why}), and this machine refuses such devices. The "
+        "sender can fix it by verifying the device from another of their devices.",
+        sender,
+        sender_key,
+        trust.value,
+    )
 
 
 def _user_ids(value: Any) -> list[str]:

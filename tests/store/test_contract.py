@@ -17,6 +17,7 @@ from olmstead import (
     WrongPickleKey,
 )
 from olmstead.identities.device import Device
+from olmstead.identities.user_identity import UserIdentity, check_identity
 from olmstead.olm import account as own
 from olmstead.store import AccountRecord
 from olmstead.store.base import (
@@ -26,6 +27,7 @@ from olmstead.store.base import (
     OutboundGroupSessionRecord,
 )
 from tests.conftest import KEY, OTHER_KEY, Backend, pause
+from tests.cross_signing_keys import CrossSigningIdentity
 from tests.store.secrets_fixture import assert_intact, fill
 
 
@@ -169,6 +171,43 @@ async def test_devices_round_trip_by_user_and_by_curve25519(backend: Backend) ->
 
     await store.save_changes(Changes(devices=[phone.marked_deleted()]))
     assert (await store.get_devices("@alice:example.org"))["PHONE"].deleted
+
+
+def an_identity(user_id: str, *, own: bool = False) -> UserIdentity:
+    keys = CrossSigningIdentity(user_id)
+    return check_identity(
+        user_id,
+        keys.master_key(),
+        keys.self_signing_key(),
+        keys.user_signing_key() if own else None,
+    )
+
+
+async def test_user_identities_round_trip_with_a_pending_change(backend: Backend) -> None:
+    store = await backend.open()
+    bob, carol = an_identity("@bob:x"), an_identity("@carol:x", own=True)
+    await store.save_changes(Changes(user_identities=[bob, carol]))
+    await store.close()
+
+    store = await backend.open()
+    assert await store.get_user_identity("@bob:x") == bob
+    assert await store.get_user_identities_of(["@carol:x", "@bob:x", "@nobody:x"]) == {
+        "@carol:x": carol,
+        "@bob:x": bob,
+        "@nobody:x": None,
+    }
+    changed = UserIdentity(
+        bob.user_id,
+        bob.master,
+        bob.self_signing,
+        changed_to=an_identity("@bob:x"),
+        was_verified=True,
+    )
+    await store.save_changes(Changes(user_identities=[changed]))
+    await store.close()
+    store = await backend.open()
+    assert await store.get_user_identity("@bob:x") == changed
+    assert await store.get_user_identity("@carol:x") == carol
 
 
 async def test_tracked_users_are_set_updated_and_dropped(backend: Backend) -> None:

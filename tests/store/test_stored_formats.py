@@ -18,13 +18,21 @@ from typing import Any
 import asyncpg
 import pytest
 
-from olmstead import CryptoStore, OlmMachine, PickleKey, SqliteStore
+from olmstead import CryptoStore, OlmMachine, PickleKey, SqliteStore, TrustLevel
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store.migrations.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from olmstead.store.migrations.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from olmstead.store.postgres import PostgresStore
 from tests.conftest import POSTGRES_DSN, postgres_or_skip
-from tests.store.fixtures.make_fixture import ACCOUNT, DEVICE, FIXTURE_KEY, USER, with_database
+from tests.store.fixtures.make_fixture import (
+    ACCOUNT,
+    DEVICE,
+    FIXTURE_KEY,
+    PEER_DEVICE,
+    PEER_USER,
+    USER,
+    with_database,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VERSIONS = sorted(int(p.name[6:-7]) for p in FIXTURES.glob("schema*.sqlite"))
@@ -44,11 +52,18 @@ async def reads_its_sessions(store: CryptoStore, sent: dict[str, Any]) -> None:
     assert (got.type, got.content) == ("m.fixture", {"body": "over the stored Olm session"})
     event = await machine.decrypt_room_event(sent["room_id"], sent["room_event"])
     assert event.content["body"] == "under the stored room key"
+    if "peer_master_key" in sent:  # schema 8 on: a pinned identity, its device cross-signed
+        identity = await machine.get_user_identity(PEER_USER)
+        assert identity is not None
+        assert identity.master_key == sent["peer_master_key"]
+        assert await machine.get_device_trust(PEER_USER, PEER_DEVICE) is TrustLevel.CROSS_SIGNED
+        assert event.trust is TrustLevel.CROSS_SIGNED
 
 
 def test_there_is_a_fixture_of_every_schema_from_5() -> None:
+    # numbers are handed out per change and may leave gaps: one fixture per step
     assert VERSIONS[0] == 5
-    assert list(range(5, SQLITE_MIGRATIONS[-1][0] + 1)) == VERSIONS
+    assert [n for n, _d, _s in SQLITE_MIGRATIONS if n >= 5] == VERSIONS
 
 
 @pytest.mark.parametrize("version", VERSIONS)

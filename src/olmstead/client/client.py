@@ -10,12 +10,15 @@ out, and reports each answer back. It never reaches into the machine's state.
     await client.start(initial_sync_limit=20)      # sync until client.stop()
 
 ``room_send`` encrypts by itself in encrypted rooms: it brings the members'
-devices up to date, opens Olm sessions where missing, shares the room key, and
-only then sends. An event whose room key has not arrived (or was withheld) is
-reported at once to ``on_decryption_failure`` (``error.final`` unset), kept in
-the store with the sync token that brought it, and delivered when its key
-comes, across restarts; if the key has not come within ``key_wait`` seconds it
-is reported again, as final. docs/event-lifecycle.md has the whole story.
+devices up to date, opens Olm sessions where missing, shares the room key (with
+the devices the sharing strategy allows: ``sharing_strategy``, or per room
+``set_room_sharing_strategy``), and only then sends. A peer whose master key
+changed is reported to ``on_identity_changed`` callbacks. An event whose room key
+has not arrived (or was withheld) is reported at once to ``on_decryption_failure``
+(``error.final`` unset), kept in the store with the sync token that brought it,
+and delivered when its key comes, across restarts; if the key has not come within
+``key_wait`` seconds it is reported again, as final. docs/event-lifecycle.md has
+the whole story.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from olmstead.errors import (
 )
 from olmstead.http.endpoints import CLIENT_V3, account_data_path, route
 from olmstead.http.transport import MatrixHttp, RetryPolicy
+from olmstead.identities.trust import SharingStrategy
+from olmstead.identities.user_identity import IdentityChanged, UserIdentity
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.requests import OutgoingRequest
@@ -74,6 +79,7 @@ FailureCallback = Callable[[str | None, Mapping[str, Any], DecryptionError], obj
 ToDeviceCallback = Callable[[DecryptedToDevice], object]
 InviteCallback = Callable[[Invite], object]
 GapCallback = Callable[[TimelineGap], object]
+IdentityCallback = Callable[[IdentityChanged], object]
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +117,20 @@ class Client:
         auto_join: bool = False,
         key_wait: float = DeliverySettings.key_wait,
         max_waiting_events: int = DeliverySettings.max_waiting,
+        sharing_strategy: SharingStrategy = SharingStrategy.ALL_DEVICES,
+        only_cross_signed_senders: bool = False,
     ) -> None:
         """``key_wait``: seconds an encrypted room event waits for its room key before
         it is reported as final (default 900); ``max_waiting_events``: events kept
-        waiting at most (default 1000; past it the oldest are reported as final)."""
+        waiting at most (default 1000; past it the oldest are reported as final);
+        ``sharing_strategy``: which devices get our room keys (a room may have its own,
+        ``set_room_sharing_strategy``); ``only_cross_signed_senders``: refuse events from
+        devices their owner has not cross-signed (``InsecureDevice``, MSC4153)."""
         self.homeserver = homeserver
+        self.sharing_strategy = sharing_strategy
+        self._only_cross_signed_senders = only_cross_signed_senders
+        self._room_strategies: dict[str, SharingStrategy] = {}
+        self._identity_callbacks: list[IdentityCallback] = []
         self.store = store
         self.http = MatrixHttp(homeserver, transport=transport, retry=retry)
         self.media = Media(self.http)
@@ -202,6 +217,8 @@ class Client:
             upload_policy=self._upload_policy,
             delivery=self._delivery,
         )
+        self.machine.sharing_strategy = self.sharing_strategy
+        self.machine.only_cross_signed_senders = self._only_cross_signed_senders
         if self.machine.device_keys_shared:
             try:
                 marker = await self._key_state_marker(session)
@@ -244,6 +261,9 @@ class Client:
                 for report in machine.take_reports():
                     for callback in self._drained_callbacks:
                         callback(report)
+                for change in machine.take_identity_changes():
+                    for identity_callback in self._identity_callbacks:
+                        identity_callback(change)
         log.error("stopped a round of requests after %d", _MAX_REQUESTS_PER_ROUND)
 
     # --- rooms ---------------------------------------------------------------------------------
@@ -275,6 +295,38 @@ class Client:
     def on_to_device(self, callback: ToDeviceCallback) -> None:
         """Call ``callback`` with every to-device event that arrived Olm-encrypted."""
         self._to_device_callbacks.append(callback)
+
+    # --- trust ---------------------------------------------------------------------------------
+
+    @property
+    def only_cross_signed_senders(self) -> bool:
+        """Whether events from devices their owner has not cross-signed are refused."""
+        return self._only_cross_signed_senders
+
+    @only_cross_signed_senders.setter
+    def only_cross_signed_senders(self, refuse: bool) -> None:
+        self._only_cross_signed_senders = refuse
+        if self.machine is not None:
+            self.machine.only_cross_signed_senders = refuse
+
+    def on_identity_changed(self, callback: IdentityCallback) -> None:
+        """Call ``callback`` when a user's master key changes on the server.
+
+        The old key stays pinned until ``acknowledge_identity_change``; if we had
+        verified the user, no room keys go to them until then.
+        """
+        self._identity_callbacks.append(callback)
+
+    async def acknowledge_identity_change(self, user_id: str) -> UserIdentity:
+        """Accept ``user_id``'s new master key (``OlmMachine.acknowledge_identity_change``)."""
+        return await self._machine().acknowledge_identity_change(user_id)
+
+    def set_room_sharing_strategy(self, room_id: str, strategy: SharingStrategy | None) -> None:
+        """Share ``room_id``'s keys by ``strategy`` (``None``: the client's own again)."""
+        if strategy is None:
+            self._room_strategies.pop(room_id, None)
+        else:
+            self._room_strategies[room_id] = strategy
 
     async def create_room(
         self, *, invite: Iterable[str] = (), encrypted: bool = True, name: str | None = None
@@ -355,7 +407,10 @@ class Client:
             claim = await machine.get_missing_sessions(recipients)
             if claim is not None:
                 await self._send_and_mark(claim)
-            for request in await machine.share_room_key(room_id, recipients, room.encryption):
+            strategy = self._room_strategies.get(room_id, self.sharing_strategy)
+            for request in await machine.share_room_key(
+                room_id, recipients, room.encryption, strategy
+            ):
                 await self._send_and_mark(request)
             body = await machine.encrypt_room_event(room_id, event_type, content)
             event_type = "m.room.encrypted"
@@ -773,6 +828,7 @@ class Client:
                 event,
                 result.relation,
                 result.relation_mismatch,
+                result.trust,
             )
         )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from olmstead.identities.trust import TrustLevel
 from olmstead.sessions.group_sessions import MEGOLM_ALGORITHM, RoomSettings
 
 __all__ = ["Room", "RoomEvent", "RoomState"]
@@ -162,6 +163,8 @@ class RoomEvent:
     #: an encrypted event whose clear relation differs from the one the sender
     #: encrypted: the server or the sender changed it; trust neither
     relation_mismatch: bool = False
+    #: for encrypted events: the sending device's trust level (``None``: not encrypted)
+    trust: TrustLevel | None = None
 
     @property
     def rel_type(self) -> str | None:

@@ -48,6 +48,6 @@ def verify_signed_json(obj: dict[str, Any], user_id: str, key_id: str, ed25519_k
         public.verify_signature(
             signable_bytes(obj), vodozemac.Ed25519Signature.from_base64(signature)
         )
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: nested thousands deep
         return False
     return True

@@ -34,6 +34,7 @@ from olmstead.errors import (
     UnknownRoomKey,
 )
 from olmstead.identities.device import Device
+from olmstead.identities.trust import TrustLevel
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.sessions.withheld import find_withheld
 from olmstead.store.base import (
@@ -103,6 +104,9 @@ class DecryptedRoomEvent:
     #: the encrypted payload carries another ``m.relates_to`` than the clear one: the
     #: server (or the sender) changed it; ``content`` keeps the sender's encrypted one
     relation_mismatch: bool = False
+    #: the sending device's trust level (``UNKNOWN_DEVICE`` unless ``verified``); the
+    #: machine fills it in from the cross-signing identities it holds
+    trust: TrustLevel = TrustLevel.UNKNOWN_DEVICE
 
 
 class GroupSessions:

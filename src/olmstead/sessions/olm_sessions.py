@@ -5,6 +5,13 @@ carry a payload that binds sender and recipient: ``sender``, ``recipient``,
 ``recipient_keys.ed25519`` (ours) and ``keys.ed25519`` (theirs). Decryption
 checks all of them; a payload that fails is refused even though it decrypted.
 
+Payloads also carry the sender's signed device keys, ``sender_device_keys``
+(MSC4147), so a recipient that has not queried our keys yet can still tell which
+device sent the message and whether its owner cross-signed it. Incoming ones are
+checked: a valid self-signature, the sender's user ID, the Curve25519 key the
+message came from, the Ed25519 key the payload claims, and the same keys as the
+device we know under that ID, if we know it; a payload that fails is refused.
+
 Sessions are read from the store by the sender's Curve25519 key and cached (the
 last used first). Encrypting or decrypting steps a ratchet in the cached
 session; the machine commits the returned ``Changes`` before any plaintext or
@@ -32,7 +39,8 @@ from olmstead.errors import (
     OlmSessionError,
     SenderMismatch,
 )
-from olmstead.identities.device import Device
+from olmstead.identities.device import Device, InvalidDeviceKeys
+from olmstead.identities.trust import TrustLevel
 from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import KeysClaimRequest
 from olmstead.store.base import (
@@ -62,6 +70,10 @@ class DecryptedToDevice:
     verified: bool
     type: str
     content: dict[str, Any]
+    #: the device the payload's ``sender_device_keys`` (MSC4147) describe, checked
+    sender_device_keys: Device | None = None
+    #: the sending device's trust level; the machine fills it in
+    trust: TrustLevel = TrustLevel.UNKNOWN_DEVICE
 
 
 class OlmSessions:
@@ -158,18 +170,26 @@ class OlmSessions:
     # --- encryption ----------------------------------------------------------------------------
 
     def payload(
-        self, own_keys: Mapping[str, str], event_type: str, content: Mapping[str, Any]
+        self,
+        own_keys: Mapping[str, str],
+        event_type: str,
+        content: Mapping[str, Any],
+        device_keys: Mapping[str, Any] | None = None,
     ) -> OlmPayload:
-        """The payload of one event to many devices, serialised once (see ``OlmPayload``)."""
-        return OlmPayload(
-            {
-                "type": event_type,
-                "content": dict(content),
-                "sender": self.user_id,
-                "sender_device": self.device_id,
-                "keys": {"ed25519": own_keys["ed25519"]},
-            }
-        )
+        """The payload of one event to many devices, serialised once (see ``OlmPayload``).
+
+        ``device_keys``: our signed device keys, sent as ``sender_device_keys`` (MSC4147).
+        """
+        shared: dict[str, Any] = {
+            "type": event_type,
+            "content": dict(content),
+            "sender": self.user_id,
+            "sender_device": self.device_id,
+            "keys": {"ed25519": own_keys["ed25519"]},
+        }
+        if device_keys is not None:
+            shared["sender_device_keys"] = dict(device_keys)
+        return OlmPayload(shared)
 
     async def encrypt(
         self, own_keys: Mapping[str, str], device: Device, payload: OlmPayload, now: float
@@ -303,6 +323,19 @@ class OlmSessions:
                 f"the device with that Curve25519 key is {device.user_id} {device.device_id} "
                 f"with Ed25519 {device.ed25519}, not the key it claims"
             )
+        described = None
+        if "sender_device_keys" in payload:
+            described = _sender_device_keys(
+                payload["sender_device_keys"], sender, sender_key, claimed, device, problems
+            )
+            if described is not None and device is None:
+                # a device ID we know under other keys: the description is not that device
+                listed = (await self.store.get_devices(sender)).get(described.device_id)
+                if listed is not None and listed.ed25519 != described.ed25519:
+                    problems.append(
+                        f"its sender_device_keys give device {described.device_id} other keys "
+                        "than the ones we know"
+                    )
         if problems:
             return SenderMismatch(
                 f"an Olm message from {sender} was refused: " + "; ".join(problems),
@@ -318,7 +351,38 @@ class OlmSessions:
             device is not None,
             payload["type"],
             payload["content"],
+            described,
         )
+
+
+def _sender_device_keys(
+    keys: Any,
+    sender: str,
+    sender_key: str,
+    claimed: Any,
+    known: Device | None,
+    problems: list[str],
+) -> Device | None:
+    """Check a payload's ``sender_device_keys`` (MSC4147); the device, or ``None`` with why."""
+    device_id = keys.get("device_id") if isinstance(keys, dict) else None
+    if not isinstance(device_id, str):
+        problems.append("its sender_device_keys name no device")
+        return None
+    try:
+        device = Device.from_keys(sender, device_id, keys)
+    except InvalidDeviceKeys as exc:
+        problems.append(f"its sender_device_keys are refused: {exc}")
+        return None
+    if device.curve25519 != sender_key:
+        problems.append("its sender_device_keys hold another Curve25519 key than it came from")
+    if device.ed25519 != claimed:
+        problems.append("its sender_device_keys hold another Ed25519 key than it claims")
+    if known is not None and (known.device_id, known.ed25519) != (device_id, device.ed25519):
+        problems.append(
+            f"its sender_device_keys describe device {device_id}, not the known "
+            f"{known.device_id} with that Curve25519 key"
+        )
+    return device
 
 
 class OlmPayload:

@@ -28,6 +28,7 @@ import vodozemac
 from olmstead import metrics
 from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
 from olmstead.identities.device import Device
+from olmstead.identities.user_identity import UserIdentity
 from olmstead.store.pickle_key import DerivedKey, PickleKey
 
 __all__ = [
@@ -281,6 +282,8 @@ class Changes:
     outbox: list[OutboxEntry] = field(default_factory=list)
     #: request IDs of outbox entries the server confirmed
     outbox_sent: set[str] = field(default_factory=set)
+    #: other users' cross-signing identities (pinned, and any change awaiting acknowledgement)
+    user_identities: list[UserIdentity] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -299,6 +302,7 @@ class Changes:
             or self.withheld
             or self.outbox
             or self.outbox_sent
+            or self.user_identities
         )
 
 
@@ -329,6 +333,8 @@ class SerializedChanges:
     #: request_id, created_at, data JSON
     outbox: list[tuple[str, float, str]] = field(default_factory=list)
     outbox_sent: set[str] = field(default_factory=set)
+    #: user_id, identity JSON
+    user_identities: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -434,6 +440,10 @@ class CryptoStore(ABC):
     @abstractmethod
     async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
         """user_id, device_id and data JSON of the device with this Curve25519 key."""
+
+    @abstractmethod
+    async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
+        """user_id and identity JSON of each of ``user_ids`` that has a stored identity."""
 
     @abstractmethod
     async def get_tracked_users(self) -> dict[str, bool]:
@@ -564,6 +574,25 @@ class CryptoStore(ABC):
             for user_id in user_ids
             for device_id, data in await self._device_rows(user_id)
         ]
+
+    async def get_user_identity(self, user_id: str) -> UserIdentity | None:
+        """The stored cross-signing identity of ``user_id``, if any."""
+        return (await self.get_user_identities_of([user_id]))[user_id]
+
+    async def get_user_identities_of(
+        self, user_ids: Iterable[str]
+    ) -> dict[str, UserIdentity | None]:
+        """``get_user_identity`` for many users in one read."""
+        wanted = list(dict.fromkeys(user_ids))
+        found: dict[str, UserIdentity | None] = dict.fromkeys(wanted)
+        for user_id, data in await self._identity_rows_of(wanted):
+            try:
+                found[user_id] = UserIdentity.from_json(user_id, data)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise StoreCorrupt(
+                    self.name, f"the identity of {user_id} does not load: {exc}"
+                ) from None
+        return found
 
     async def get_message_indices(
         self, session_id: str, indices: Collection[int]
@@ -821,6 +850,7 @@ class CryptoStore(ABC):
                 ],
                 [(e.request_id, e.created_at, e.to_json()) for e in changes.outbox],
                 set(changes.outbox_sent),
+                [(i.user_id, i.to_json()) for i in changes.user_identities],
             )
             await self._write(serialized, self.holder, known)
         except StoreLockLost:

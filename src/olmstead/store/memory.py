@@ -50,6 +50,8 @@ class MemoryDatabase:
     withheld: dict[tuple[str, str, str], tuple[str, str, str]] = field(default_factory=dict)
     #: request_id -> (created_at, data JSON), in insertion order
     outbox: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: user_id -> identity JSON
+    user_identities: dict[str, str] = field(default_factory=dict)
     lock: LockRow | None = None
 
 
@@ -92,6 +94,9 @@ class MemoryStore(CryptoStore):
             if curve25519 == key:
                 return user_id, device_id, data
         return None
+
+    async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
+        return [(u, self._db.user_identities[u]) for u in user_ids if u in self._db.user_identities]
 
     async def get_tracked_users(self) -> dict[str, bool]:
         return dict(self._db.tracked_users)
@@ -170,6 +175,7 @@ class MemoryStore(CryptoStore):
             self._db.outbound_group[room_id] = (pickle, state)
         for room_id in changes.discarded_outbound:
             self._db.outbound_group.pop(room_id, None)
+        self._db.user_identities.update(changes.user_identities)
         for session_id, index, event_id, origin_ts in changes.message_indices:
             self._db.message_indices.setdefault(
                 (session_id, index), MessageIndex(session_id, index, event_id, origin_ts)

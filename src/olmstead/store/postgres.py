@@ -289,6 +289,17 @@ class PostgresStore(CryptoStore):
         )
         return [(row[0], row[1], row[2]) for row in rows]
 
+    async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT user_id, data FROM olmstead_user_identities "
+                "WHERE account_id = $1 AND user_id = ANY($2::text[])",
+                self.account_id,
+                user_ids,
+            )
+        )
+        return [(row[0], row[1]) for row in rows]
+
     async def _device_row_by_curve25519(self, key: str) -> tuple[str, str, str] | None:
         row = await self._run(
             lambda c: c.fetchrow(
@@ -605,6 +616,14 @@ class PostgresStore(CryptoStore):
                     "DELETE FROM olmstead_outbox WHERE account_id = $1 AND request_id = $2",
                     a,
                     [(request_id,) for request_id in changes.outbox_sent],
+                )
+                await _many(
+                    conn,
+                    "INSERT INTO olmstead_user_identities (account_id, user_id, data) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (account_id, user_id) DO UPDATE SET "
+                    "data = excluded.data",
+                    a,
+                    changes.user_identities,
                 )
                 for key, value in {**changes.values, LAST_COMMIT: commit_id}.items():
                     if value is None:

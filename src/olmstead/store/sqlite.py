@@ -254,6 +254,13 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
+        def read() -> list[tuple[str, str]]:
+            sql = "SELECT user_id, data FROM user_identities WHERE user_id IN ({})"
+            return [(r[0], r[1]) for r in _rows_in(self._conn, sql, (), user_ids)]
+
+        return await self._run(read)
+
     async def get_tracked_users(self) -> dict[str, bool]:
         def read() -> dict[str, bool]:
             rows = self._conn.execute("SELECT user_id, outdated FROM tracked_users").fetchall()
@@ -480,6 +487,11 @@ class SqliteStore(CryptoStore):
             conn.executemany(
                 "DELETE FROM outbox WHERE request_id = ?",
                 [(request_id,) for request_id in changes.outbox_sent],
+            )
+            conn.executemany(
+                "INSERT INTO user_identities (user_id, data) VALUES (?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET data = excluded.data",
+                changes.user_identities,
             )
             for key, value in changes.values.items():
                 if value is None:
@@ -767,7 +779,7 @@ def _migrate(conn: sqlite3.Connection, name: str) -> None:
     for number, description, _sql in MIGRATIONS:
 
         def step(conn: sqlite3.Connection, number: int = number) -> None:
-            if _version(conn) == number - 1:
+            if _version(conn) < number:  # numbers may leave gaps (see migrations)
                 _apply_one(conn, number)
 
         try:

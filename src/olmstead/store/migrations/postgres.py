@@ -127,4 +127,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        8,
+        "other users' cross-signing identities: the pinned one and any change",
+        """
+        CREATE TABLE olmstead_user_identities (
+            account_id TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            data       TEXT NOT NULL,
+            PRIMARY KEY (account_id, user_id)
+        );
+        """,
+    ),
 ]

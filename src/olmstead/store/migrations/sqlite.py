@@ -1,4 +1,8 @@
-"""The SQLite schema, as numbered steps. ``PRAGMA user_version`` records the last applied."""
+"""The SQLite schema, as numbered steps. ``PRAGMA user_version`` records the last applied.
+
+Numbers only grow; they are handed out per change, so a gap (a step another branch
+adds) is allowed: each step runs once, in order, on a store below its number.
+"""
 
 from __future__ import annotations
 
@@ -124,6 +128,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             request_id TEXT PRIMARY KEY,
             created_at REAL NOT NULL,
             data       TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        8,
+        "other users' cross-signing identities: the pinned one and any change",
+        """
+        CREATE TABLE user_identities (
+            user_id TEXT PRIMARY KEY,
+            data    TEXT NOT NULL
         );
         """,
     ),
