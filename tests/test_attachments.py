@@ -165,6 +165,24 @@ def test_mxc_uris() -> None:
             parse_mxc(bad)
 
 
+async def test_an_mxc_server_name_cannot_climb_out_of_the_download_path() -> None:
+    # "." and ".." fit the server-name grammar, but in the URL they are dot segments
+    for bad in ["mxc://../config", "mxc://./x", "mxc://.../x", "mxc://-x/y", "mxc://x/y?a=b"]:
+        with pytest.raises(AttachmentInfoInvalid):
+            parse_mxc(bad)
+    seen: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"m.upload.size": 1})
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = {**encrypt_attachment(b"x")[1].file_info(URL).to_content(), "url": "mxc://../config"}
+    with pytest.raises(AttachmentInfoInvalid):
+        await anext(media.stream_decrypted(info))
+    assert seen == []
+
+
 def test_file_content_carries_file_and_thumbnail_file() -> None:
     file = encrypt_attachment(b"image")[1].file_info(URL)
     thumb = encrypt_attachment(b"thumb")[1].file_info("mxc://example.org/thumb")

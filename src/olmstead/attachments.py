@@ -56,9 +56,11 @@ CHUNK_SIZE = 1 << 20
 VERSION = "v2"
 
 # mxc://<server name>/<media id>: a server name (host, IPv4, [IPv6], optional port) and
-# a media ID of [A-Za-z0-9_-] (spec: "Matrix Content (mxc://) URIs")
+# a media ID of [A-Za-z0-9_-] (spec: "Matrix Content (mxc://) URIs"). A host starts with
+# a letter or digit: the grammar's "." and ".." would be dot segments in the download
+# path, and mxc://../config would fetch /_matrix/client/v1/media/config with our token
 _MXC = re.compile(
-    r"mxc://(?P<server>[A-Za-z0-9.\-]+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)"
+    r"mxc://(?P<server>[A-Za-z0-9][A-Za-z0-9.\-]*(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)"
     r"/(?P<media>[A-Za-z0-9_\-]+)"
 )
 
