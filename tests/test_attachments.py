@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -251,3 +252,24 @@ async def test_downloads_fall_back_to_the_old_endpoint_only_where_the_new_one_is
         await anext(media.stream_decrypted(info))
     assert caught.value.errcode == "M_NOT_FOUND"
     assert media.legacy is False
+
+
+async def test_an_endless_error_body_is_not_read_to_the_end() -> None:
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 64 << 20:  # ends only so that a broken test does not hang
+            pulled += 1 << 20
+            yield b"x" * (1 << 20)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, headers={"Retry-After": "3"}, content=endless())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    with pytest.raises(MatrixHttpError) as caught:
+        await anext(media.stream_decrypted(encrypt_attachment(b"x")[1].file_info(URL)))
+    assert caught.value.status == 403
+    assert caught.value.errcode is None
+    assert caught.value.error == "x" * 500  # the start of the body, as for any error
+    assert pulled <= 2 << 20
