@@ -8,6 +8,7 @@ import json
 import os
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -273,3 +274,29 @@ async def test_an_endless_error_body_is_not_read_to_the_end() -> None:
     assert caught.value.errcode is None
     assert caught.value.error == "x" * 500  # the start of the body, as for any error
     assert pulled <= 2 << 20
+
+
+async def test_a_download_to_a_directory_fails_before_it_fetches_anything(
+    tmp_path: Path,
+) -> None:
+    ciphertext, encryptor = encrypt_attachment(b"content")
+    fetched: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        fetched.append(request.url.path)
+        return httpx.Response(200, content=ciphertext)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = encryptor.file_info(URL)
+    with pytest.raises(IsADirectoryError):
+        await media.download_decrypted(info, tmp_path)
+    assert fetched == []
+    # a symlink is replaced, not written through; a file is replaced
+    (tmp_path / "real").write_bytes(b"kept")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "old").write_bytes(b"old")
+    for name in ("link", "old"):
+        assert (await media.download_decrypted(info, tmp_path / name)).read_bytes() == b"content"
+    assert not (tmp_path / "link").is_symlink()
+    assert (tmp_path / "real").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "old", "real"]

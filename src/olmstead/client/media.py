@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -155,6 +156,8 @@ class Media:
         self, file: EncryptedFile | Mapping[str, Any], destination: str | os.PathLike[str]
     ) -> Path:
         target = Path(destination)
+        if await asyncio.to_thread(_is_directory, target):  # before a byte is fetched
+            raise IsADirectoryError(errno.EISDIR, "the destination is a directory", str(target))
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -169,6 +172,11 @@ class Media:
                 partial.unlink()
             raise
         return target
+
+
+def _is_directory(path: Path) -> bool:
+    """A directory itself (a symlink to one is replaced like any file)."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _unrecognised(error: MatrixHttpError) -> bool:
