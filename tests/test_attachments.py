@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from olmstead import (
     EncryptedFile,
     LocalProtocolError,
     MatrixHttpError,
+    RemoteProtocolError,
     file_content,
 )
 from olmstead.attachments import (
@@ -300,3 +302,29 @@ async def test_a_download_to_a_directory_fails_before_it_fetches_anything(
     assert not (tmp_path / "link").is_symlink()
     assert (tmp_path / "real").read_bytes() == b"kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "old", "real"]
+
+
+async def test_downloads_ask_for_the_body_as_stored_and_refuse_a_compressed_one() -> None:
+    ciphertext, encryptor = encrypt_attachment(b"plain")
+    asked: list[str | None] = []
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 KB that inflate to 64 MB
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        pulled += len(bomb)
+        yield bomb
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Accept-Encoding"))
+        if len(asked) == 1:
+            return httpx.Response(200, content=ciphertext)
+        return httpx.Response(200, headers={"Content-Encoding": "deflate"}, content=body())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = encryptor.file_info(URL)
+    assert b"".join([c async for c in media.stream_decrypted(info)]) == b"plain"
+    with pytest.raises(RemoteProtocolError):
+        await anext(media.stream_decrypted(info))
+    assert asked == ["identity", "identity"]
+    assert pulled == 0  # refused before a byte of it was read

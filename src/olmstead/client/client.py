@@ -489,7 +489,8 @@ class Client:
         left behind. A file or symlink already at ``destination`` is replaced (a symlink's
         target is not written through). Raises ``AttachmentInfoInvalid``,
         ``AttachmentKeyInvalid``, ``AttachmentVersionUnknown`` (the file info),
-        ``AttachmentHashMismatch``, ``AttachmentTruncated`` (the download) or a
+        ``AttachmentHashMismatch``, ``AttachmentTruncated`` (the download),
+        ``RemoteProtocolError`` (a compressed body, though olmstead asks for none) or a
         ``TransportError``; ``IsADirectoryError`` before anything is downloaded if
         ``destination`` is a directory.
         """

@@ -9,7 +9,8 @@ fall back to ``/_matrix/media/v3/download`` only when the server does not know t
 new one (``M_UNRECOGNIZED``, or a 404/405 that is not a Matrix error); the client
 remembers that for its lifetime.
 
-A download's plaintext is held back a chunk: the last chunk is handed over only
+Downloads ask for the body as stored (``Accept-Encoding: identity``) and refuse a
+compressed one. A download's plaintext is held back a chunk: the last chunk is handed over only
 after the ciphertext's SHA-256 matched, and a download to a file goes to a
 temporary file beside the target that is renamed into place only then.
 """
@@ -137,6 +138,15 @@ class Media:
         info = EncryptedFile.from_content(file)
         decryptor = AttachmentDecryptor(info)
         async with self.open_download(info.url) as response:
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("identity", ""):
+                # asked for identity: a compressed body would expand in memory a network
+                # read at a time (a 400 KB deflate stream is 400 MB), and ciphertext does
+                # not compress anyway
+                raise RemoteProtocolError(
+                    f"{info.url}: the media server sent a {encoding[:40]!r} body, though "
+                    "olmstead asked for the file as it is (Accept-Encoding: identity)"
+                )
             announced = _content_length(response)
             held = b""
             try:
@@ -187,10 +197,7 @@ def _unrecognised(error: MatrixHttpError) -> bool:
 
 
 def _content_length(response: httpx.Response) -> int | None:
-    """The body's announced length, where it is the length of what we read (a compressed
-    body announces its compressed length)."""
-    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-        return None
+    """The body's announced length (the body is not compressed: checked before)."""
     value = response.headers.get("Content-Length")
     if value is None or not value.isdigit():
         return None

@@ -131,7 +131,8 @@ class MatrixHttp:
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str) -> AsyncIterator[httpx.Response]:
-        """GET ``path`` and hand over the response unread, for ``aiter_bytes``. An error
+        """GET ``path`` (asking for an uncompressed body: ``Accept-Encoding: identity``)
+        and hand over the response unread, for ``aiter_bytes``. An error
         answer raises its ``MatrixHttpError`` (retried like any request while no body
         was handed over); the caller reads the body and maps failures while reading."""
         failures = 0
@@ -154,7 +155,9 @@ class MatrixHttp:
     async def _stream_once(self, path: str) -> AsyncIterator[httpx.Response]:
         self._ensure_open("GET", path)
         try:
-            async with self._client.stream("GET", path, headers=self._auth()) as response:
+            # the body as stored: a compressed one expands unboundedly per network read
+            headers = {**self._auth(), "Accept-Encoding": "identity"}
+            async with self._client.stream("GET", path, headers=headers) as response:
                 if not response.is_success:
                     raise await _streamed_error(path, response)
                 yield response
