@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nio.crypto.attachments import decrypt_attachment as nio_decrypt
 from nio.crypto.attachments import encrypt_attachment as nio_encrypt
 
@@ -328,3 +330,26 @@ async def test_downloads_ask_for_the_body_as_stored_and_refuse_a_compressed_one(
         await anext(media.stream_decrypted(info))
     assert asked == ["identity", "identity"]
     assert pulled == 0  # refused before a byte of it was read
+
+
+def test_a_counter_that_would_wrap_within_the_file_is_refused() -> None:
+    # browsers count in the IV's low 64 bits and wrap; AES-CTR here carries into the
+    # high half: past a wrap one ciphertext (and hash) shows two different plaintexts
+    honest = encrypt_attachment(b"x" * 48)[1].file_info(URL)
+
+    def with_counter(start: int, data: bytes) -> tuple[EncryptedFile, bytes]:
+        iv = honest.iv[:8] + start.to_bytes(8, "big")
+        cipher = Cipher(algorithms.AES(honest.key), modes.CTR(iv)).encryptor()
+        sent = cipher.update(data) + cipher.finalize()
+        return EncryptedFile(URL, honest.key, iv, hashlib.sha256(sent).digest()), sent
+
+    top = (1 << 64) - 1
+    info, sent = with_counter(top - 2, b"y" * 48)  # three blocks: the last counter is top
+    assert decrypt_attachment(sent, info) == b"y" * 48
+    info, sent = with_counter(top - 2, b"y" * 49)  # a fourth block would wrap
+    with pytest.raises(AttachmentInfoInvalid):
+        decrypt_attachment(sent, info)
+    decryptor = AttachmentDecryptor(with_counter(top, b"z" * 32)[0])
+    decryptor.update(b"z" * 16)
+    with pytest.raises(AttachmentInfoInvalid):
+        decryptor.update(b"z")
