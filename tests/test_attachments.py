@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
@@ -32,6 +33,7 @@ from olmstead import (
     file_content,
 )
 from olmstead.attachments import (
+    CHUNK_SIZE,
     AttachmentDecryptor,
     AttachmentEncryptor,
     decrypt_attachment,
@@ -353,3 +355,26 @@ def test_a_counter_that_would_wrap_within_the_file_is_refused() -> None:
     decryptor.update(b"z" * 16)
     with pytest.raises(AttachmentInfoInvalid):
         decryptor.update(b"z")
+
+
+async def test_the_destination_appears_only_once_the_hash_matched(tmp_path: Path) -> None:
+    # a process killed mid-download must not leave a partial file under the final name
+    plaintext = os.urandom(3 * CHUNK_SIZE + 7)
+    ciphertext, encryptor = encrypt_attachment(plaintext)
+    target = tmp_path / "out.bin"
+    seen_mid_body: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for start in range(0, len(ciphertext), CHUNK_SIZE):
+            seen_mid_body.append(target.exists())
+            yield ciphertext[start : start + CHUNK_SIZE]
+            await asyncio.sleep(0.01)  # the writes in worker threads land
+        seen_mid_body.append(target.exists())
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    assert await media.download_decrypted(encryptor.file_info(URL), target) == target
+    assert seen_mid_body == [False] * 5
+    assert target.read_bytes() == plaintext
