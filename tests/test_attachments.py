@@ -378,3 +378,14 @@ async def test_the_destination_appears_only_once_the_hash_matched(tmp_path: Path
     assert await media.download_decrypted(encryptor.file_info(URL), target) == target
     assert seen_mid_body == [False] * 5
     assert target.read_bytes() == plaintext
+
+
+async def test_an_error_answer_nested_too_deep_to_parse_is_a_matrix_http_error() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, content=b"[" * 60_000)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    with pytest.raises(MatrixHttpError) as caught:
+        await anext(media.stream_decrypted(encrypt_attachment(b"x")[1].file_info(URL)))
+    assert caught.value.status == 403
+    assert caught.value.errcode is None

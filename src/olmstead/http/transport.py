@@ -251,7 +251,7 @@ async def _streamed_error(path: str, response: httpx.Response) -> MatrixHttpErro
             break
     try:
         payload = json.loads(raw) if len(raw) <= _ERROR_BODY_LIMIT else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         payload = None
     # the bytes read so far, already decoded, under the headers that matter for errors
     headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
