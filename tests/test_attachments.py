@@ -389,3 +389,18 @@ async def test_an_error_answer_nested_too_deep_to_parse_is_a_matrix_http_error()
         await anext(media.stream_decrypted(encrypt_attachment(b"x")[1].file_info(URL)))
     assert caught.value.status == 403
     assert caught.value.errcode is None
+
+
+async def test_a_destination_name_as_long_as_the_file_system_allows_is_written(
+    tmp_path: Path,
+) -> None:
+    ciphertext, encryptor = encrypt_attachment(b"long")
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=ciphertext)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    target = tmp_path / ("n" * 250)  # NAME_MAX is 255 on common file systems
+    written = await media.download_decrypted(encryptor.file_info(URL), target)
+    assert written.read_bytes() == b"long"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

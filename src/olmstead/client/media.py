@@ -168,7 +168,8 @@ class Media:
         target = Path(destination)
         if await asyncio.to_thread(_is_directory, target):  # before a byte is fetched
             raise IsADirectoryError(errno.EISDIR, "the destination is a directory", str(target))
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        # a short name: the target's own may already be as long as the file system allows
+        partial = target.with_name(f".{target.name[:100]}.{uuid.uuid4().hex[:8]}.part")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
