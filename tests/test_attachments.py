@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import random
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nio.crypto.attachments import decrypt_attachment as nio_decrypt
 from nio.crypto.attachments import encrypt_attachment as nio_encrypt
 
@@ -23,9 +29,11 @@ from olmstead import (
     EncryptedFile,
     LocalProtocolError,
     MatrixHttpError,
+    RemoteProtocolError,
     file_content,
 )
 from olmstead.attachments import (
+    CHUNK_SIZE,
     AttachmentDecryptor,
     AttachmentEncryptor,
     decrypt_attachment,
@@ -165,6 +173,24 @@ def test_mxc_uris() -> None:
             parse_mxc(bad)
 
 
+async def test_an_mxc_server_name_cannot_climb_out_of_the_download_path() -> None:
+    # "." and ".." fit the server-name grammar, but in the URL they are dot segments
+    for bad in ["mxc://../config", "mxc://./x", "mxc://.../x", "mxc://-x/y", "mxc://x/y?a=b"]:
+        with pytest.raises(AttachmentInfoInvalid):
+            parse_mxc(bad)
+    seen: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"m.upload.size": 1})
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = {**encrypt_attachment(b"x")[1].file_info(URL).to_content(), "url": "mxc://../config"}
+    with pytest.raises(AttachmentInfoInvalid):
+        await anext(media.stream_decrypted(info))
+    assert seen == []
+
+
 def test_file_content_carries_file_and_thumbnail_file() -> None:
     file = encrypt_attachment(b"image")[1].file_info(URL)
     thumb = encrypt_attachment(b"thumb")[1].file_info("mxc://example.org/thumb")
@@ -233,3 +259,148 @@ async def test_downloads_fall_back_to_the_old_endpoint_only_where_the_new_one_is
         await anext(media.stream_decrypted(info))
     assert caught.value.errcode == "M_NOT_FOUND"
     assert media.legacy is False
+
+
+async def test_an_endless_error_body_is_not_read_to_the_end() -> None:
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 64 << 20:  # ends only so that a broken test does not hang
+            pulled += 1 << 20
+            yield b"x" * (1 << 20)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, headers={"Retry-After": "3"}, content=endless())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    with pytest.raises(MatrixHttpError) as caught:
+        await anext(media.stream_decrypted(encrypt_attachment(b"x")[1].file_info(URL)))
+    assert caught.value.status == 403
+    assert caught.value.errcode is None
+    assert caught.value.error == "x" * 500  # the start of the body, as for any error
+    assert pulled <= 2 << 20
+
+
+async def test_a_download_to_a_directory_fails_before_it_fetches_anything(
+    tmp_path: Path,
+) -> None:
+    ciphertext, encryptor = encrypt_attachment(b"content")
+    fetched: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        fetched.append(request.url.path)
+        return httpx.Response(200, content=ciphertext)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = encryptor.file_info(URL)
+    with pytest.raises(IsADirectoryError):
+        await media.download_decrypted(info, tmp_path)
+    assert fetched == []
+    # a symlink is replaced, not written through; a file is replaced
+    (tmp_path / "real").write_bytes(b"kept")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "old").write_bytes(b"old")
+    for name in ("link", "old"):
+        assert (await media.download_decrypted(info, tmp_path / name)).read_bytes() == b"content"
+    assert not (tmp_path / "link").is_symlink()
+    assert (tmp_path / "real").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "old", "real"]
+
+
+async def test_downloads_ask_for_the_body_as_stored_and_refuse_a_compressed_one() -> None:
+    ciphertext, encryptor = encrypt_attachment(b"plain")
+    asked: list[str | None] = []
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 KB that inflate to 64 MB
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        pulled += len(bomb)
+        yield bomb
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Accept-Encoding"))
+        if len(asked) == 1:
+            return httpx.Response(200, content=ciphertext)
+        return httpx.Response(200, headers={"Content-Encoding": "deflate"}, content=body())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    info = encryptor.file_info(URL)
+    assert b"".join([c async for c in media.stream_decrypted(info)]) == b"plain"
+    with pytest.raises(RemoteProtocolError):
+        await anext(media.stream_decrypted(info))
+    assert asked == ["identity", "identity"]
+    assert pulled == 0  # refused before a byte of it was read
+
+
+def test_a_counter_that_would_wrap_within_the_file_is_refused() -> None:
+    # browsers count in the IV's low 64 bits and wrap; AES-CTR here carries into the
+    # high half: past a wrap one ciphertext (and hash) shows two different plaintexts
+    honest = encrypt_attachment(b"x" * 48)[1].file_info(URL)
+
+    def with_counter(start: int, data: bytes) -> tuple[EncryptedFile, bytes]:
+        iv = honest.iv[:8] + start.to_bytes(8, "big")
+        cipher = Cipher(algorithms.AES(honest.key), modes.CTR(iv)).encryptor()
+        sent = cipher.update(data) + cipher.finalize()
+        return EncryptedFile(URL, honest.key, iv, hashlib.sha256(sent).digest()), sent
+
+    top = (1 << 64) - 1
+    info, sent = with_counter(top - 2, b"y" * 48)  # three blocks: the last counter is top
+    assert decrypt_attachment(sent, info) == b"y" * 48
+    info, sent = with_counter(top - 2, b"y" * 49)  # a fourth block would wrap
+    with pytest.raises(AttachmentInfoInvalid):
+        decrypt_attachment(sent, info)
+    decryptor = AttachmentDecryptor(with_counter(top, b"z" * 32)[0])
+    decryptor.update(b"z" * 16)
+    with pytest.raises(AttachmentInfoInvalid):
+        decryptor.update(b"z")
+
+
+async def test_the_destination_appears_only_once_the_hash_matched(tmp_path: Path) -> None:
+    # a process killed mid-download must not leave a partial file under the final name
+    plaintext = os.urandom(3 * CHUNK_SIZE + 7)
+    ciphertext, encryptor = encrypt_attachment(plaintext)
+    target = tmp_path / "out.bin"
+    seen_mid_body: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for start in range(0, len(ciphertext), CHUNK_SIZE):
+            seen_mid_body.append(target.exists())
+            yield ciphertext[start : start + CHUNK_SIZE]
+            await asyncio.sleep(0.01)  # the writes in worker threads land
+        seen_mid_body.append(target.exists())
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    assert await media.download_decrypted(encryptor.file_info(URL), target) == target
+    assert seen_mid_body == [False] * 5
+    assert target.read_bytes() == plaintext
+
+
+async def test_an_error_answer_nested_too_deep_to_parse_is_a_matrix_http_error() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, content=b"[" * 60_000)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    with pytest.raises(MatrixHttpError) as caught:
+        await anext(media.stream_decrypted(encrypt_attachment(b"x")[1].file_info(URL)))
+    assert caught.value.status == 403
+    assert caught.value.errcode is None
+
+
+async def test_a_destination_name_as_long_as_the_file_system_allows_is_written(
+    tmp_path: Path,
+) -> None:
+    ciphertext, encryptor = encrypt_attachment(b"long")
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=ciphertext)
+
+    media = Media(MatrixHttp("https://hs.example", transport=httpx.MockTransport(server)))
+    target = tmp_path / ("n" * 250)  # NAME_MAX is 255 on common file systems
+    written = await media.download_decrypted(encryptor.file_info(URL), target)
+    assert written.read_bytes() == b"long"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

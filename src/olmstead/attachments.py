@@ -56,9 +56,11 @@ CHUNK_SIZE = 1 << 20
 VERSION = "v2"
 
 # mxc://<server name>/<media id>: a server name (host, IPv4, [IPv6], optional port) and
-# a media ID of [A-Za-z0-9_-] (spec: "Matrix Content (mxc://) URIs")
+# a media ID of [A-Za-z0-9_-] (spec: "Matrix Content (mxc://) URIs"). A host starts with
+# a letter or digit: the grammar's "." and ".." would be dot segments in the download
+# path, and mxc://../config would fetch /_matrix/client/v1/media/config with our token
 _MXC = re.compile(
-    r"mxc://(?P<server>[A-Za-z0-9.\-]+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)"
+    r"mxc://(?P<server>[A-Za-z0-9][A-Za-z0-9.\-]*(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)"
     r"/(?P<media>[A-Za-z0-9_\-]+)"
 )
 
@@ -227,9 +229,19 @@ class AttachmentDecryptor:
         self.file = file
         self._cipher = Cipher(algorithms.AES(file.key), modes.CTR(file.iv)).decryptor()
         self._hash = hashlib.sha256()
+        # blocks left before the IV's low 64 bits (the counter) wrap: 2**64 from a v2 IV
+        self._blocks_left = (1 << 64) - int.from_bytes(file.iv[8:], "big")
         self.size = 0
 
     def update(self, chunk: bytes) -> bytes:
+        """Raises ``AttachmentInfoInvalid`` where the counter would wrap: browsers count
+        in the low 64 bits only and start over, this cipher carries into the high half,
+        so the same ciphertext (and hash) would show different plaintext in each."""
+        if -(-(self.size + len(chunk)) // 16) > self._blocks_left:
+            raise AttachmentInfoInvalid(
+                "the file's iv leaves its 64-bit counter too little room: it would wrap "
+                "within the file, where clients disagree on the plaintext"
+            )
         self._hash.update(chunk)
         self.size += len(chunk)
         return self._cipher.update(chunk)

@@ -41,6 +41,9 @@ HEADER = "-----BEGIN MEGOLM SESSION DATA-----"
 FOOTER = "-----END MEGOLM SESSION DATA-----"
 #: Element's choice; the spec asks for at least 100,000
 DEFAULT_ROUNDS = 500_000
+#: the most PBKDF2 rounds a file may ask for (20 times Element's, several seconds): the
+#: count comes from the file, before its MAC can be checked
+MAX_ROUNDS = 10_000_000
 
 
 def encrypt_key_file(plaintext: bytes, passphrase: str, rounds: int = DEFAULT_ROUNDS) -> str:
@@ -76,6 +79,11 @@ def decrypt_key_file(armoured: str, passphrase: str) -> bytes:
         raise KeyFileError("the key file is damaged or of an unknown version")
     salt, iv = body[1:17], body[17:33]
     (rounds,) = struct.unpack(">I", body[33:37])
+    if not 1 <= rounds <= MAX_ROUNDS:
+        # 0 is a ValueError in the KDF, 2**31 and more a panic, and 2**31 - 1 half an hour
+        raise KeyFileError(
+            f"the key file asks for {rounds} PBKDF2 rounds; olmstead reads 1 to {MAX_ROUNDS}"
+        )
     aes_key, mac_key = _keys(passphrase, salt, rounds)
     if not hmac.compare_digest(hmac.new(mac_key, body[:-32], sha256).digest(), body[-32:]):
         raise KeyFileError(

@@ -8,7 +8,13 @@ import struct
 import pytest
 
 from olmstead import KeyFileError
-from olmstead.key_export import FOOTER, HEADER, decrypt_key_file, encrypt_key_file
+from olmstead.key_export import (
+    FOOTER,
+    HEADER,
+    MAX_ROUNDS,
+    decrypt_key_file,
+    encrypt_key_file,
+)
 from tests.machine.pair import new_peer
 from tests.machine.test_megolm import BOB, ROOM, Timeline, room_with
 
@@ -121,3 +127,14 @@ def test_files_from_other_clients_and_editors_read_as_element_reads_them(how: st
 def test_armour_element_would_refuse_is_refused(text: str, says: str) -> None:
     with pytest.raises(KeyFileError, match=says):
         decrypt_key_file(text, "pass")
+
+
+@pytest.mark.parametrize("rounds", [0, 2**31, 2**32 - 1, MAX_ROUNDS + 1])
+def test_a_round_count_out_of_range_is_refused_before_the_kdf_runs(rounds: int) -> None:
+    # the count comes from the file and is used before the MAC can be checked: 0 made
+    # the KDF raise ValueError, 2**31 and more made it panic, 2**31 - 1 ran half an hour
+    armoured = encrypt_key_file(b"[]", "passphrase", rounds=1000)
+    body = bytearray(base64.b64decode("".join(armoured.splitlines()[1:-1])))
+    body[33:37] = struct.pack(">I", rounds)
+    with pytest.raises(KeyFileError, match="PBKDF2 rounds"):
+        decrypt_key_file(f"{HEADER}\n{base64.b64encode(bytes(body)).decode()}\n{FOOTER}", "x")

@@ -549,9 +549,13 @@ class Client:
 
         The plaintext goes to a temporary file beside ``destination`` (mode 0600), renamed
         into place only once the ciphertext's SHA-256 matched; on any failure nothing is
-        left behind. Raises ``AttachmentInfoInvalid``, ``AttachmentKeyInvalid``,
-        ``AttachmentVersionUnknown`` (the file info), ``AttachmentHashMismatch``,
-        ``AttachmentTruncated`` (the download) or a ``TransportError``.
+        left behind. A file or symlink already at ``destination`` is replaced (a symlink's
+        target is not written through). Raises ``AttachmentInfoInvalid``,
+        ``AttachmentKeyInvalid``, ``AttachmentVersionUnknown`` (the file info),
+        ``AttachmentHashMismatch``, ``AttachmentTruncated`` (the download),
+        ``RemoteProtocolError`` (a compressed body, though olmstead asks for none) or a
+        ``TransportError``; ``IsADirectoryError`` before anything is downloaded if
+        ``destination`` is a directory.
         """
         return await self.media.download_decrypted(file, destination)
 

@@ -9,7 +9,8 @@ fall back to ``/_matrix/media/v3/download`` only when the server does not know t
 new one (``M_UNRECOGNIZED``, or a 404/405 that is not a Matrix error); the client
 remembers that for its lifetime.
 
-A download's plaintext is held back a chunk: the last chunk is handed over only
+Downloads ask for the body as stored (``Accept-Encoding: identity``) and refuse a
+compressed one. A download's plaintext is held back a chunk: the last chunk is handed over only
 after the ciphertext's SHA-256 matched, and a download to a file goes to a
 temporary file beside the target that is renamed into place only then.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -136,6 +138,15 @@ class Media:
         info = EncryptedFile.from_content(file)
         decryptor = AttachmentDecryptor(info)
         async with self.open_download(info.url) as response:
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("identity", ""):
+                # asked for identity: a compressed body would expand in memory a network
+                # read at a time (a 400 KB deflate stream is 400 MB), and ciphertext does
+                # not compress anyway
+                raise RemoteProtocolError(
+                    f"{info.url}: the media server sent a {encoding[:40]!r} body, though "
+                    "olmstead asked for the file as it is (Accept-Encoding: identity)"
+                )
             announced = _content_length(response)
             held = b""
             try:
@@ -155,7 +166,10 @@ class Media:
         self, file: EncryptedFile | Mapping[str, Any], destination: str | os.PathLike[str]
     ) -> Path:
         target = Path(destination)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        if await asyncio.to_thread(_is_directory, target):  # before a byte is fetched
+            raise IsADirectoryError(errno.EISDIR, "the destination is a directory", str(target))
+        # a short name: the target's own may already be as long as the file system allows
+        partial = target.with_name(f".{target.name[:100]}.{uuid.uuid4().hex[:8]}.part")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -171,6 +185,11 @@ class Media:
         return target
 
 
+def _is_directory(path: Path) -> bool:
+    """A directory itself (a symlink to one is replaced like any file)."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def _unrecognised(error: MatrixHttpError) -> bool:
     """The server does not have the endpoint (not: the media is missing)."""
     if error.errcode == "M_UNRECOGNIZED":
@@ -179,10 +198,7 @@ def _unrecognised(error: MatrixHttpError) -> bool:
 
 
 def _content_length(response: httpx.Response) -> int | None:
-    """The body's announced length, where it is the length of what we read (a compressed
-    body announces its compressed length)."""
-    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-        return None
+    """The body's announced length (the body is not compressed: checked before)."""
     value = response.headers.get("Content-Length")
     if value is None or not value.isdigit():
         return None

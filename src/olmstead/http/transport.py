@@ -131,7 +131,8 @@ class MatrixHttp:
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str) -> AsyncIterator[httpx.Response]:
-        """GET ``path`` and hand over the response unread, for ``aiter_bytes``. An error
+        """GET ``path`` (asking for an uncompressed body: ``Accept-Encoding: identity``)
+        and hand over the response unread, for ``aiter_bytes``. An error
         answer raises its ``MatrixHttpError`` (retried like any request while no body
         was handed over); the caller reads the body and maps failures while reading."""
         failures = 0
@@ -154,14 +155,11 @@ class MatrixHttp:
     async def _stream_once(self, path: str) -> AsyncIterator[httpx.Response]:
         self._ensure_open("GET", path)
         try:
-            async with self._client.stream("GET", path, headers=self._auth()) as response:
+            # the body as stored: a compressed one expands unboundedly per network read
+            headers = {**self._auth(), "Accept-Encoding": "identity"}
+            async with self._client.stream("GET", path, headers=headers) as response:
                 if not response.is_success:
-                    raw = await response.aread()
-                    try:
-                        payload = json.loads(raw) if len(raw) <= 65536 else None
-                    except ValueError:
-                        payload = None
-                    raise _error("GET", path, response, payload)
+                    raise await _streamed_error(path, response)
                 yield response
         except httpx.TransportError as exc:
             raise ConnectionFailed("GET", path, f"{type(exc).__name__}: {exc}") from exc
@@ -237,6 +235,28 @@ class MatrixHttp:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+#: bytes of an error answer read from a streamed response; a longer one is not JSON to us
+_ERROR_BODY_LIMIT = 65536
+
+
+async def _streamed_error(path: str, response: httpx.Response) -> MatrixHttpError:
+    """The error for a streamed GET's failed answer, reading at most ``_ERROR_BODY_LIMIT``
+    bytes of it: a hostile server's endless error body must not fill the memory."""
+    raw = b""
+    async for chunk in response.aiter_bytes():
+        raw += chunk
+        if len(raw) > _ERROR_BODY_LIMIT:
+            break
+    try:
+        payload = json.loads(raw) if len(raw) <= _ERROR_BODY_LIMIT else None
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+        payload = None
+    # the bytes read so far, already decoded, under the headers that matter for errors
+    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    read = httpx.Response(response.status_code, headers=headers, content=raw[:_ERROR_BODY_LIMIT])
+    return _error("GET", path, read, payload)
 
 
 def _error(method: str, path: str, response: httpx.Response, payload: Any) -> MatrixHttpError:
