@@ -25,6 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any
 
 import vodozemac
@@ -172,7 +173,7 @@ class OlmMachine:
         self._failed_commit_at: int | None = None
         self._clock = clock
         self._in_flight: dict[str, OutgoingRequest] = {}
-        self._mutex = asyncio.Lock()
+        self._mutex = _Exclusive(self._drop_caches)
         # set while no /keys/query is in flight: a share waits on it (see wait_for_key_query)
         self._query_settled = asyncio.Event()
         self._query_settled.set()
@@ -580,10 +581,7 @@ class OlmMachine:
             if self._generation != -1:
                 self._failed_commit_at = self._generation
             self._generation = -1  # forces _refresh to reload
-            self.olm.forget()
-            self.megolm.forget()
-            self._forget_devices()
-            self._outbound.clear()
+            self._drop_caches()
             raise
         self.megolm.committed(changes.inbound_group_sessions)
         self.delivery.sessions_committed(
@@ -596,6 +594,15 @@ class OlmMachine:
                 cached = self._device_cache.get(device.user_id)
                 if cached is not None:  # a user is cached whole: keep it whole
                     self._device_cache[device.user_id] = {**cached, device.device_id: device}
+
+    def _drop_caches(self) -> None:
+        """Forget what is cached from the store: after a failed commit, or an operation that
+        stopped between a ratchet step (in a cached session) and its commit, the cache may
+        be ahead of the store; what is needed is read again."""
+        self.olm.forget()
+        self.megolm.forget()
+        self._forget_devices()
+        self._outbound.clear()
 
     # --- Megolm: room keys and room events ------------------------------------------------------
 
@@ -1449,6 +1456,31 @@ class OlmMachine:
         self._device_keys = None
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked)
         self._query_settled.set()  # the query in flight, if any, was dropped with the rest
+
+
+class _Exclusive:
+    """The machine's lock: one operation at a time. An operation that raises drops the
+    caches on its way out, whatever it raised (a store that failed mid-way, a cancelled
+    task), so a session stepped in memory but never committed is not used again."""
+
+    def __init__(self, on_failure: Callable[[], None]) -> None:
+        self._lock = asyncio.Lock()
+        self._on_failure = on_failure
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is not None:
+                self._on_failure()
+        finally:
+            self._lock.release()
 
 
 def _relation(content: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -11,7 +11,13 @@ import pytest
 import vodozemac
 
 from olmstead import KeysClaimRequest, MatrixHttpError
-from olmstead.errors import DeviceIdInUse, NotForThisDevice, OlmSessionError, SenderMismatch
+from olmstead.errors import (
+    DeviceIdInUse,
+    NotForThisDevice,
+    OlmSessionError,
+    SenderMismatch,
+    StoreError,
+)
 from olmstead.machine import UNWEDGE_INTERVAL, UndecryptableToDevice
 from olmstead.olm import account as own
 from olmstead.requests import ToDeviceRequest
@@ -318,3 +324,26 @@ async def test_an_olm_message_with_a_sender_or_key_no_store_can_keep_fails_and_t
     assert isinstance(result, UndecryptableToDevice)
     assert await bob.store.get_value("sync_token") == "s1"
     assert await bob.store.get_tracked_users() == {}  # nobody is followed for it
+
+
+async def test_a_store_failure_between_decryption_and_commit_leaves_no_session_ahead() -> None:
+    """The store fails after an Olm message was decrypted (its session stepped in the
+    cache) and before the commit: when the sync comes again, the message still decrypts.
+    A cache left ahead of the store made it fail as wedged, and the room key it carried
+    was lost (found with the database refusing connections mid-sync)."""
+    alice, bob = await pair()
+    await receive(bob, await send(alice, bob, "m.test", {"n": 1}))  # bob's session is set up
+    event = await send(alice, bob, "m.test", {"n": 2})
+    store = bob.machine.store
+    real = store.get_device_by_curve25519
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the database went away")
+
+    store.get_device_by_curve25519 = down  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        await bob.machine.receive_sync_changes(to_device_events=[event])
+    store.get_device_by_curve25519 = real  # type: ignore[method-assign]
+    got = await receive(bob, event)
+    assert isinstance(got, DecryptedToDevice), got
+    assert got.content == {"n": 2}
