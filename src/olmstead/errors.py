@@ -31,6 +31,7 @@ attributes, so tools need not parse messages.
     │   ├── StorePoolerRefused    a connection pooler refused prepared statements
     │   └── StoreFileReplaced     the store's file was replaced or removed underneath
     ├── DecryptionError           an event could not be decrypted, or not trusted
+    │   ├── MalformedEvent        a field is missing, of the wrong type or out of range
     │   ├── NotForThisDevice      the ciphertext has no part for our Curve25519 key
     │   ├── OlmSessionError       no Olm session decrypts it, nor can one be created
     │   ├── SenderMismatch        the decrypted payload's sender, recipient or keys are wrong
@@ -60,6 +61,11 @@ not have landed; the machine reloads its state from the store before it goes on.
 
 Local and remote misuse are told apart as in h11: a ``LocalProtocolError`` is
 fixed in the calling code, a ``RemoteProtocolError`` is the server's doing.
+
+No other exception leaves olmstead for any input from a server or a peer:
+every value is checked where it enters (``olmstead.boundary``) and every call
+into vodozemac goes through ``olmstead.olm.checked``, which turns the binding's
+failures, its panics included, into the errors above.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ __all__ = [
     "KeyFileError",
     "KeyStateError",
     "LocalProtocolError",
+    "MalformedEvent",
     "MatrixHttpError",
     "MegolmDecryptionFailed",
     "NotForThisDevice",
@@ -122,7 +129,15 @@ class LocalProtocolError(OlmsteadError):
 
 
 class RemoteProtocolError(OlmsteadError):
-    """The homeserver (or a peer) sent something the Matrix protocol does not allow."""
+    """The homeserver (or a peer) sent something the Matrix protocol does not allow.
+
+    ``field`` names the value that was wrong (``"device_lists.changed"``,
+    ``"one_time_key_counts.signed_curve25519"``, …) where one value was.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class KeyFileError(OlmsteadError):
@@ -414,6 +429,25 @@ class DecryptionError(OlmsteadError):
         self.sender_key = sender_key
         self.final = final
         super().__init__(message)
+
+
+class MalformedEvent(DecryptionError):
+    """The event is not what the protocol allows: a field is missing, of the wrong type,
+    out of range, not base64, or a key of the wrong length. ``field`` names it.
+
+    Nothing was recorded for it, and no new Olm session is asked for: the sender's
+    session is not broken, the event is.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        sender: str | None = None,
+        sender_key: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.field = field
+        super().__init__(message, sender, sender_key)
 
 
 class NotForThisDevice(DecryptionError):

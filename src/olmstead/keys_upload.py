@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from olmstead import boundary
 from olmstead.errors import RemoteProtocolError
 from olmstead.olm import account as own
 from olmstead.olm.canonical_json import canonical_json
@@ -143,27 +144,37 @@ class KeysUpload:
 
     @staticmethod
     def on_upload_response(record: AccountRecord, response: Mapping[str, Any]) -> None:
-        """Mark the pending keys published, in ``record``; raises if the answer is malformed."""
+        """Mark the pending keys published, in ``record``.
+
+        A success status is what counts: the server stored the keys. An answer
+        without a usable ``one_time_key_counts`` (older Dendrite answered ``{}`` to an
+        upload of only a fallback key) is logged, and the count is left unknown until
+        the next sync reports it, so no keys are generated on a guess.
+        """
         counts = response.get("one_time_key_counts") if isinstance(response, Mapping) else None
-        if not isinstance(counts, Mapping):
-            raise RemoteProtocolError(
-                "the /keys/upload response has no one_time_key_counts object; the keys stay "
-                f"pending and will be sent again: {str(response)[:200]}"
+        try:
+            count: int | None = boundary.key_counts(counts, "one_time_key_counts")
+        except RemoteProtocolError as error:
+            log.warning("the /keys/upload answer succeeded, but %s; count unknown", error)
+            count = None
+        if counts is None:
+            log.warning(
+                "the /keys/upload answer has no one_time_key_counts (%s); the keys count as "
+                "published, the count is taken from the next sync",
+                str(response)[:200],
             )
-        count = _count(counts)
         record.account.mark_keys_as_published()
         record.shared = True
         record.server_key_count = count
         log.info(
-            "keys for %s %s published; the server holds %d one-time keys",
+            "keys for %s %s published; the server holds %s one-time keys",
             record.user_id,
             record.device_id,
-            count,
+            "an unknown number of" if count is None else count,
         )
 
 
 def _count(counts: Mapping[str, Any]) -> int:
-    value = counts.get(SIGNED_CURVE25519, 0)  # a missing count means none are left
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RemoteProtocolError(f"one-time key count is not a non-negative integer: {value!r}")
-    return value
+    count = boundary.key_counts(counts)  # a missing algorithm means none are left
+    assert count is not None
+    return count

@@ -30,7 +30,7 @@ from typing import Any
 
 import vodozemac
 
-from olmstead import key_export, key_state, metrics
+from olmstead import boundary, key_export, key_state, metrics
 from olmstead.backoff import Backoff
 from olmstead.delivery import DeliverySettings, RoomEventQueue, WaitingResult
 from olmstead.errors import (
@@ -41,6 +41,7 @@ from olmstead.errors import (
     InsecureDevice,
     KeyStateError,
     LocalProtocolError,
+    MalformedEvent,
     MatrixHttpError,
     OlmSessionError,
     OlmsteadError,
@@ -165,6 +166,8 @@ class OlmMachine:
         self._marker_seen: key_state.KeyStateMarker | None = None
         #: requests handed out before a reload, oldest first (at most STALE_REQUESTS kept)
         self._stale_requests: dict[str, None] = {}
+        #: requests whose unusable answer was already recorded as a failure
+        self._settled: OrderedDict[str, None] = OrderedDict()
         self._reports: list[OneTimeKeysDrained] = []
         self._record = record
         self._identity: dict[str, str] | None = None
@@ -317,58 +320,72 @@ class OlmMachine:
         ``device_lists`` (``changed`` and ``left``) as they came; ``None`` means the
         response did not carry that field at all.
 
+        Every section is checked before anything is taken: one of the wrong shape
+        raises ``RemoteProtocolError`` naming it (``.field``) and changes nothing
+        (``boundary.SyncSections`` sorts a sync's sections out beforehand, as the
+        client does). A to-device event fails alone: it comes back as
+        ``UndecryptableToDevice``, the rest are processed.
+
         Returns the to-device events in order: Olm-encrypted ones decrypted
         (``DecryptedToDevice``) or refused (``UndecryptableToDevice``), the rest as
-        they came. Every ratchet step is committed before this returns, in the same
-        transaction as ``sync_token`` (the response's ``next_batch``) when it is given.
-        A caller with a room timeline to deliver passes the token in a second call,
-        once the timeline reached the application: a crash then brings the sync back
-        rather than losing its events. ``values`` (the client's per-room timeline
+        they came; a pre-key message delivered a second time is dropped. Every
+        ratchet step is committed before this returns, in the same transaction as
+        ``sync_token`` (the response's ``next_batch``) when it is given. A caller
+        with a room timeline to deliver passes the token in a second call, once the
+        timeline reached the application: a crash then brings the sync back rather
+        than losing its events. ``values`` (the client's per-room timeline
         positions) are committed in the same transaction.
         """
+        counts_given = boundary.key_counts(one_time_key_counts)
+        fallback_types = boundary.fallback_key_types(unused_fallback_key_types)
+        lists = boundary.device_lists(device_lists)
+        events = boundary.to_device_events(to_device_events, "to_device_events")
+        if sync_token is not None:
+            boundary.identifier(sync_token, "next_batch")
         async with self._mutex:
             await self._refresh()
-            # the account is copied only if this sync changes it: a copy costs a pickle
-            # round trip (~1.6 ms with a full key set), and most syncs change nothing
-            working: list[AccountRecord] = []
-
-            def account() -> AccountRecord:
-                if not working:
-                    working.append(self._record.copy(self.store.pickle_key))
-                return working[0]
-
             changes = Changes()
-            results = await self._decrypt_to_device(to_device_events, account, changes)
-            reveals_fallback = (
-                unused_fallback_key_types is not None and not self._record.fallback_supported
+            working, results = await self._decrypt_to_device(events, changes)
+            reveals_fallback = fallback_types is not None and not self._record.fallback_supported
+            if working is None and reveals_fallback:
+                working = self._record.copy(self.store.pickle_key)
+            target = working or self._record
+            self.keys_upload.on_sync_counts(
+                target,
+                None if counts_given is None else {"signed_curve25519": counts_given},
+                fallback_types,
             )
-            target = account() if working or reveals_fallback else self._record
-            self.keys_upload.on_sync_counts(target, one_time_key_counts, unused_fallback_key_types)
-            if device_lists is not None:
-                changed, left = device_lists.get("changed"), device_lists.get("left")
-                marked, dropped = self.devices.on_device_lists(_user_ids(changed), _user_ids(left))
+            if lists is not None:
+                marked, dropped = self.devices.on_device_lists(*lists)
                 changes.tracked_users.update(marked)
                 changes.untracked_users |= dropped
-            if working:  # fallback support seen, or an inbound session used a one-time key
-                changes.account = working[0]
+            if working is not None:  # fallback support seen, or inbound sessions used keys
+                changes.account = working
             if values:
                 changes.values.update(values)
             if sync_token is not None:
                 changes.values["sync_token"] = sync_token
             await self._commit(changes)
-            if working:
-                self._record = working[0]
+            if working is not None:
+                self._record = working
             return results
 
     async def _decrypt_to_device(
-        self,
-        events: Sequence[Mapping[str, Any]],
-        account: Callable[[], AccountRecord],
-        changes: Changes,
-    ) -> list[ToDeviceResult]:
+        self, events: Sequence[Any], changes: Changes
+    ) -> tuple[AccountRecord | None, list[ToDeviceResult]]:
+        """Each event on its own: refused ones change nothing. The account copy that new
+        inbound sessions used keys from (``None``: none did), and the results."""
         results: list[ToDeviceResult] = []
+        working: AccountRecord | None = None
         now = self._clock()
-        for event in events:
+        for position, event in enumerate(events):
+            if not isinstance(event, Mapping):
+                error = MalformedEvent(
+                    f"to-device event #{position} is not an object", field="to_device.events"
+                )
+                log.warning("%s", error)
+                results.append(UndecryptableToDevice({}, error))
+                continue
             content = event.get("content")
             if event.get("type") == WITHHELD_TYPE:
                 notice = await read_withheld(self.store, event.get("sender"), content)
@@ -381,14 +398,19 @@ class OlmMachine:
             ):
                 results.append(event)
                 continue
+            account = working or self._record
             result, found = await self.olm.decrypt(event, self.identity_keys, account, now)
-            changes.olm_sessions.extend(found.olm_sessions)
+            if result is None:
+                continue  # delivered before: dropped (see OlmSessions.decrypt)
             if isinstance(result, DecryptionError):
                 log.warning("to-device event from %s: %s", event.get("sender"), result)
                 results.append(UndecryptableToDevice(event, result))
                 if isinstance(result, OlmSessionError) and result.sender_key is not None:
                     await self._note_wedged(result.sender_key, now, event.get("sender"), changes)
                 continue
+            changes.olm_sessions.extend(found.olm_sessions)
+            if found.account is not None:
+                working = found.account
             result = await self._with_trust(result)
             # room keys are kept whatever the sender's trust: the room events they open
             # are refused one by one, each with its reason
@@ -412,7 +434,7 @@ class OlmMachine:
                 if notice is not None:
                     changes.withheld.append(notice)
             results.append(result)
-        return results
+        return working, results
 
     async def _note_wedged(
         self, sender_key: str, now: float, sender: Any = None, changes: Changes | None = None
@@ -629,6 +651,10 @@ class OlmMachine:
         Raises ``DeviceUnusable`` if the device ID or its keys were found to be another
         identity's (``key_problem``).
         """
+        room_id = _room(room_id)
+        user_ids = boundary.api_strings(user_ids, "user_ids")
+        if settings is not None and not isinstance(settings, RoomSettings):
+            raise LocalProtocolError("settings must be a RoomSettings")
         self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
@@ -797,6 +823,13 @@ class OlmMachine:
         key (``share_room_key``) or send fewer. Raises ``DeviceUnusable`` as
         ``share_room_key`` does.
         """
+        room_id = _room(room_id)
+        if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+            raise LocalProtocolError("events must be a sequence of (event_type, content) pairs")
+        for pair in events:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise LocalProtocolError(f"not an (event_type, content) pair: {pair!r:.80}")
+            boundary.api_mapping(pair[1], "content")
         self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
@@ -845,8 +878,12 @@ class OlmMachine:
 
         The message indices of the whole batch are committed once, before any
         plaintext is returned; an index used twice within the batch by different
-        events is refused as a replay, as one used before it is.
+        events is refused as a replay, as one used before it is. Each event is checked on
+        its own: a malformed one is a ``MalformedEvent`` in its place.
         """
+        room_id = _room(room_id)
+        if not isinstance(events, Sequence) or isinstance(events, str | bytes | Mapping):
+            raise LocalProtocolError("events must be a sequence of room events")
         async with self._mutex:
             await self._refresh()
             results, changes = await self.megolm.decrypt_many(room_id, events)
@@ -1045,6 +1082,7 @@ class OlmMachine:
 
     async def get_missing_sessions(self, user_ids: Iterable[str]) -> KeysClaimRequest | None:
         """A ``/keys/claim`` for every known device of ``user_ids`` we have no session with."""
+        user_ids = boundary.api_strings(user_ids, "user_ids")
         async with self._mutex:
             await self._refresh()
             missing = []
@@ -1069,6 +1107,14 @@ class OlmMachine:
         The stepped sessions are committed before the request is returned. Raises
         ``DeviceUnusable`` as ``share_room_key`` does.
         """
+        if isinstance(devices, Mapping | str | bytes) or not hasattr(devices, "__iter__"):
+            raise LocalProtocolError("devices must be an iterable of Device")
+        devices = list(devices)
+        if not all(isinstance(d, Device) for d in devices):
+            raise LocalProtocolError("devices must be an iterable of Device")
+        if not isinstance(event_type, str):
+            raise LocalProtocolError("event_type must be a string")
+        content = boundary.api_mapping(content, "content")
         self.ensure_may_encrypt()
         async with self._mutex:
             await self._refresh()
@@ -1093,6 +1139,7 @@ class OlmMachine:
 
     async def update_tracked_users(self, user_ids: Iterable[str]) -> None:
         """Follow the devices of ``user_ids`` (members of our encrypted rooms) from now on."""
+        user_ids = boundary.api_strings(user_ids, "user_ids")
         async with self._mutex:
             await self._refresh()
             await self._commit(Changes(tracked_users=self.devices.track(user_ids)))
@@ -1122,6 +1169,7 @@ class OlmMachine:
 
     async def get_user_devices(self, user_id: str) -> dict[str, Device]:
         """The known, current devices of ``user_id`` (checked keys only), by device ID."""
+        (user_id,) = boundary.api_strings([user_id], "user_id")
         return await self._current_devices(user_id)
 
     async def _current_devices(self, user_id: str) -> dict[str, Device]:
@@ -1212,144 +1260,182 @@ class OlmMachine:
                     self.upload_guard.upload_handed_out(now)
                     requests.append(upload)
             self._in_flight.update((r.request_id, r) for r in requests)
+            for request in requests:  # a retry under the same ID waits for its own answer
+                self._settled.pop(request.request_id, None)
             return requests
 
     async def mark_request_as_sent(self, request_id: str, response: Mapping[str, Any]) -> None:
         """Record the server's success response to the request ``request_id``.
 
-        Send only success responses here; after an error the request stays
-        pending and ``outgoing_requests`` hands it out again unchanged.
+        Send only success responses here; after an error answer call
+        ``mark_request_as_failed``, and the request goes out again as its kind allows.
+
+        An answer is judged before anything is recorded. One that cannot be used (not
+        a JSON object, a ``/keys/query`` answer without ``device_keys``, …) raises
+        ``RemoteProtocolError`` after the request was settled as failed, exactly as
+        ``mark_request_as_failed`` would have done: it is retried after a backoff or
+        dropped, never stranded. (Calling ``mark_request_as_failed`` for it afterwards
+        is harmless.) A ``/keys/upload`` success without ``one_time_key_counts`` is a
+        success: the keys count as published and the count comes with the next sync.
+        Raises ``LocalProtocolError`` for a ``request_id`` that was never handed out.
         """
+        boundary.api_strings([request_id], "request_id")
         async with self._mutex:
             await self._refresh()
-            request = self._in_flight.pop(request_id, None)
-            if self.outbox.owns(request_id):  # even from before a reload: the server has it
-                self._stale_requests.pop(request_id, None)
-                changes = Changes()
-                entry = self.outbox.confirm(request_id, changes)
-                assert entry is not None
-                await self._share_confirmed(entry, changes)
+            kind = self._kind_of(request_id)
+            try:
+                answer = boundary.response_mapping(response, request_id.split("-", 1)[0])
+                await self._on_answer(kind, request_id, answer)
+            except RemoteProtocolError as error:
+                log.warning("the answer to %s is unusable: %s", request_id, error)
+                self._on_failure(kind, request_id, error)
+                self._settled[request_id] = None
+                while len(self._settled) > 1000:
+                    self._settled.popitem(last=False)
+                raise
+
+    def _kind_of(self, request_id: str) -> str:
+        """Which part of the machine a request belongs to (and whose answer it waits for)."""
+        if request_id in self._settled:  # until it is handed out again
+            return "settled"
+        if self.outbox.owns(request_id):  # even from before a reload: the server has it
+            return "outbox"
+        request = self._in_flight.get(request_id)
+        if request_id in self._session_claims:
+            return "claim"
+        if self.devices.owns(request_id):
+            return "query"
+        if self.upload_guard.owns(request_id):
+            return "guard"
+        if isinstance(request, AccountDataRequest):
+            return "marker"
+        if isinstance(request, ToDeviceRequest):
+            return "to_device"
+        current = self.keys_upload.pending_request(self._record)
+        if current is not None and current.request_id == request_id:
+            return "upload"
+        if isinstance(request, KeysUploadRequest):
+            return "old_upload"
+        if request_id in self._stale_requests:
+            return "stale"
+        raise LocalProtocolError(
+            f"no request {request_id!r} is waiting for a response; pass the "
+            "request_id of a request from outgoing_requests()"
+        )
+
+    async def _on_answer(self, kind: str, request_id: str, response: Mapping[str, Any]) -> None:
+        if kind == "outbox":
+            self._stale_requests.pop(request_id, None)
+            changes = Changes()
+            entry = self.outbox.confirm(request_id, changes)
+            assert entry is not None
+            await self._share_confirmed(entry, changes)
+            await self._commit(changes)
+            for record in changes.outbound_group_sessions:
+                self._outbound[record.room_id] = record
+            self.outbox.settled(request_id)
+        elif kind == "marker":
+            self._marker_backoff.succeeded()
+        elif kind == "claim":
+            claimed_for = self._session_claims[request_id]
+            created = await self.olm.sessions_from_claim(
+                self._record.account, claimed_for, response, self._clock()
+            )
+            await self._commit(Changes(olm_sessions=created))
+            del self._session_claims[request_id]
+            if request_id in self._unwedge_claims:
+                self._unwedge_claims.discard(request_id)
+                fresh = {r.sender_key for r in created}
+                await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
+        elif kind == "query":
+            try:
+                queried = self.devices.queried_users()
+                stored = await self._stored_devices_of(queried)
+                outcome = self.devices.on_response(response, stored)
+                changes = Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
+                reported = await self._apply_identities(response, queried, changes)
                 await self._commit(changes)
-                for record in changes.outbound_group_sessions:
-                    self._outbound[record.room_id] = record
-                self.outbox.settled(request_id)
-                return
-            if isinstance(request, AccountDataRequest):
-                self._marker_backoff.succeeded()
-                return
-            if isinstance(request, ToDeviceRequest):
-                return  # delivered; the sessions were committed before it left
-            claimed_for = self._session_claims.pop(request_id, None)
-            if claimed_for is not None:
-                created = await self.olm.sessions_from_claim(
-                    self._record.account, claimed_for, response, self._clock()
-                )
-                await self._commit(Changes(olm_sessions=created))
-                if request_id in self._unwedge_claims:
-                    self._unwedge_claims.discard(request_id)
-                    fresh = {r.sender_key for r in created}
-                    await self._send_dummies([d for d in claimed_for if d.curve25519 in fresh])
-                return
-            if self.devices.owns(request_id):
-                try:
-                    queried = self.devices.queried_users()
-                    stored = await self._stored_devices_of(queried)
-                    outcome = self.devices.on_response(response, stored)
-                    changes = Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
-                    reported = await self._apply_identities(response, queried, changes)
-                    await self._commit(changes)
-                finally:
-                    self._query_settled.set()
-                for key, user_id in list(self._wedged_unknown.items()):
-                    if user_id in stored:  # asked about: repaired now if the device is there
-                        del self._wedged_unknown[key]
-                        await self._note_wedged(key, self._clock())
-                # reported once committed: a change is never told before it is stored
-                self._identity_changes.extend(reported)
-                return
-            if self.upload_guard.owns(request_id):
-                report = self.upload_guard.on_response(
-                    request_id, response, self.identity_keys["ed25519"]
-                )
-                if report is not None:
-                    await self._after_drain(report)
-                return
+            finally:
+                self._query_settled.set()
+            for key, user_id in list(self._wedged_unknown.items()):
+                if user_id in stored:  # asked about: repaired now if the device is there
+                    del self._wedged_unknown[key]
+                    await self._note_wedged(key, self._clock())
+            # reported once committed: a change is never told before it is stored
+            self._identity_changes.extend(reported)
+        elif kind == "guard":
+            self._in_flight.pop(request_id, None)
+            report = self.upload_guard.on_response(
+                request_id, response, self.identity_keys["ed25519"]
+            )
+            if report is not None:
+                await self._after_drain(report)
+        elif kind == "upload":
             current = self.keys_upload.pending_request(self._record)
-            if current is not None and current.request_id == request_id:
-                try:
-                    await self._mark_keys_uploaded(response)
-                except RemoteProtocolError as exc:
-                    metrics.key_upload("failed")
-                    self.upload_guard.on_upload_failure(
-                        exc, self._clock(), self.identity_keys["ed25519"]
-                    )
-                    raise
-                metrics.key_upload("ok")
-                self.upload_guard.on_upload_success()
-                self._note_published(current)
-            elif isinstance(request, KeysUploadRequest):
-                # The keys are no longer pending here (published by another holder of the
-                # store, or reloaded state): the server has them, nothing to record.
-                log.warning("a response to %s came after its keys stopped pending", request_id)
-                self.upload_guard.on_upload_success()
-            elif request_id in self._stale_requests:
-                self._stale_requests.pop(request_id, None)
-                log.warning("dropped the answer to %s: it was sent before a reload", request_id)
-            else:
-                raise LocalProtocolError(
-                    f"no request {request_id!r} is waiting for a response; pass the "
-                    "request_id of a request from outgoing_requests()"
-                )
+            assert current is not None
+            await self._mark_keys_uploaded(response)
+            metrics.key_upload("ok")
+            self.upload_guard.on_upload_success()
+            self._note_published(current)
+        elif kind == "old_upload":
+            # The keys are no longer pending here (published by another holder of the
+            # store, or reloaded state): the server has them, nothing to record.
+            log.warning("a response to %s came after its keys stopped pending", request_id)
+            self.upload_guard.on_upload_success()
+        elif kind == "stale":
+            self._stale_requests.pop(request_id, None)
+            log.warning("dropped the answer to %s: it was sent before a reload", request_id)
+        elif kind == "settled":
+            log.warning("dropped a second answer to %s: it was settled already", request_id)
+        # delivered to-device messages need nothing: their sessions were committed before
+        self._in_flight.pop(request_id, None)
 
     async def mark_request_as_failed(self, request_id: str, error: OlmsteadError) -> None:
         """Report that the request ``request_id`` got an error (or no answer at all).
 
         The request stays pending. A duplicate one-time key error starts the repair
         (or raises ``DeviceIdentityConflict``); any failure slows later uploads down.
+        Raises ``LocalProtocolError`` for a ``request_id`` that was never handed out.
         """
+        boundary.api_strings([request_id], "request_id")
+        if not isinstance(error, OlmsteadError):
+            raise LocalProtocolError(f"error must be an OlmsteadError, not {type(error).__name__}")
         async with self._mutex:
             await self._refresh()
-            request = self._in_flight.pop(request_id, None)
-            if self.outbox.owns(request_id):  # committed: it goes out again, unchanged
-                self._stale_requests.pop(request_id, None)
-                self.outbox.failed(request_id, error, self._clock())
-                return
-            if request is None and request_id in self._stale_requests:
-                self._stale_requests.pop(request_id, None)
-                return
-            wedged = self._session_claims.pop(request_id, None)
-            if wedged is not None and request_id in self._unwedge_claims:
+            kind = self._kind_of(request_id)
+            self._on_failure(kind, request_id, error)
+
+    def _on_failure(self, kind: str, request_id: str, error: OlmsteadError) -> None:
+        request = self._in_flight.pop(request_id, None)
+        if kind == "outbox":  # committed: it goes out again, unchanged
+            self._stale_requests.pop(request_id, None)
+            self.outbox.failed(request_id, error, self._clock())
+        elif kind == "claim":
+            wedged = self._session_claims.pop(request_id)
+            if request_id in self._unwedge_claims:
                 self._unwedge_claims.discard(request_id)
                 for device in wedged:  # try again when it next fails, past the interval
                     self._unwedged_at.pop(device.curve25519, None)
-                return
-            if isinstance(request, AccountDataRequest):
-                self._marker_failed(request, error)
-                return
-            if isinstance(request, ToDeviceRequest):
-                # its ciphertext was made from committed ratchets and its recipients are
-                # recorded as served: it must reach them, so it goes out again, same txn ID
-                self._pending_to_device.append(request)
-                return
-            if wedged is not None:
-                return  # the devices are still missing a session: claimed again when asked
-            if self.devices.owns(request_id):
-                self.devices.on_failure(self._clock())
-                self._query_settled.set()
-            elif self.upload_guard.owns(request_id):
-                self.upload_guard.on_failure(request_id, self._clock())
-            elif isinstance(request, KeysUploadRequest):
-                metrics.key_upload(
-                    "conflict" if isinstance(error, OneTimeKeyConflict) else "failed"
-                )
-                self.upload_guard.on_upload_failure(
-                    error, self._clock(), self.identity_keys["ed25519"]
-                )
-            else:
-                raise LocalProtocolError(
-                    f"no request {request_id!r} is waiting for a response; pass the "
-                    "request_id of a request from outgoing_requests()"
-                )
+            # otherwise the devices are still missing a session: claimed again when asked
+        elif kind == "marker":
+            assert isinstance(request, AccountDataRequest)
+            self._marker_failed(request, error)
+        elif kind == "to_device":
+            # its ciphertext was made from committed ratchets and its recipients are
+            # recorded as served: it must reach them, so it goes out again, same txn ID
+            assert isinstance(request, ToDeviceRequest)
+            self._pending_to_device.append(request)
+        elif kind == "query":
+            self.devices.on_failure(self._clock())
+            self._query_settled.set()
+        elif kind == "guard":
+            self.upload_guard.on_failure(request_id, self._clock())
+        elif kind in ("upload", "old_upload"):
+            metrics.key_upload("conflict" if isinstance(error, OneTimeKeyConflict) else "failed")
+            self.upload_guard.on_upload_failure(error, self._clock(), self.identity_keys["ed25519"])
+        elif kind == "stale":
+            self._stale_requests.pop(request_id, None)
+        # "settled": its answer was refused and the failure recorded then
 
     async def _after_drain(self, report: OneTimeKeysDrained) -> None:
         """Our stale keys are gone from the server: refill, and remember what was answered."""
@@ -1503,5 +1589,7 @@ def _insecure(sender: str, sender_key: str, trust: TrustLevel) -> InsecureDevice
     )
 
 
-def _user_ids(value: Any) -> list[str]:
-    return [user for user in value if isinstance(user, str)] if isinstance(value, list) else []
+def _room(room_id: object) -> str:
+    """A room ID argument (``LocalProtocolError`` if it is not a usable identifier)."""
+    (checked,) = boundary.api_strings([room_id], "room_id")
+    return checked

@@ -216,7 +216,8 @@ class UploadGuard:
 
     def on_failure(self, request_id: str, now: float) -> None:
         """Our query or claim failed: ask again after a backoff."""
-        if self.owns(request_id):
+        # also after on_response refused a malformed answer (it let the request go first)
+        if self._waiting is None or self.owns(request_id):
             self._waiting = None
             self._guard_backoff.failed(now)
 
@@ -239,7 +240,9 @@ class UploadGuard:
     def _check_device(self, response: Mapping[str, Any], our_ed25519: str) -> None:
         devices = response.get("device_keys")
         if not isinstance(devices, Mapping):
-            raise RemoteProtocolError("the /keys/query response has no device_keys object")
+            raise RemoteProtocolError(
+                "the /keys/query response has no device_keys object", "device_keys"
+            )
         mine = devices.get(self.user_id, {})
         entry = mine.get(self.device_id) if isinstance(mine, Mapping) else None
         keys = entry.get("keys") if isinstance(entry, Mapping) else None
@@ -262,7 +265,9 @@ def _claimed_key(
 ) -> Mapping[str, Any] | None:
     keys = response.get("one_time_keys")
     if not isinstance(keys, Mapping):
-        raise RemoteProtocolError("the /keys/claim response has no one_time_keys object")
+        raise RemoteProtocolError(
+            "the /keys/claim response has no one_time_keys object", "one_time_keys"
+        )
     device = (
         keys.get(user_id, {}).get(device_id) if isinstance(keys.get(user_id), Mapping) else None
     )

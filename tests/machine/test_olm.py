@@ -102,9 +102,13 @@ async def test_ratchets_survive_a_restart_on_both_sides() -> None:
     assert second.content == {"n": 2}
 
 
-async def test_a_replayed_message_is_refused() -> None:
+async def test_a_replayed_normal_message_is_refused() -> None:
     alice, bob = await pair()
+    await receive(bob, await send(alice, bob, "m.test", {"n": 0}))
+    await learn_devices(bob, alice)
+    await receive(alice, await send(bob, alice, "m.test", {}))  # alice now sends normal ones
     event = await send(alice, bob, "m.test", {"n": 1})
+    assert event["content"]["ciphertext"][bob.machine.identity_keys["curve25519"]]["type"] == 1
     assert isinstance(await receive(bob, event), DecryptedToDevice)
     again = await receive(bob, copy.deepcopy(event))
     assert isinstance(again, UndecryptableToDevice)

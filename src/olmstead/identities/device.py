@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from olmstead import boundary
+from olmstead.errors import RemoteProtocolError
 from olmstead.olm.signing import verify_signed_json
 
 __all__ = ["Device", "InvalidDeviceKeys"]
@@ -49,6 +51,11 @@ class Device:
         curve25519 = key_map.get(f"curve25519:{device_id}") if isinstance(key_map, dict) else None
         if not isinstance(ed25519, str) or not isinstance(curve25519, str):
             raise InvalidDeviceKeys("an identity key (ed25519 or curve25519) is missing")
+        try:  # checked here, so that no later use of the keys can fail on them
+            boundary.public_key(ed25519, f"keys.ed25519:{device_id}")
+            boundary.public_key(curve25519, f"keys.curve25519:{device_id}")
+        except RemoteProtocolError as exc:
+            raise InvalidDeviceKeys(str(exc)) from None
         if not verify_signed_json(keys, user_id, device_id, ed25519):
             raise InvalidDeviceKeys("the device's signature over its own keys does not verify")
         algorithms = keys.get("algorithms")

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from olmstead import boundary
 from olmstead.backoff import Backoff
 from olmstead.errors import RemoteProtocolError
 from olmstead.identities.device import Device, InvalidDeviceKeys
@@ -124,11 +125,15 @@ class DeviceTracker:
     ) -> QueryOutcome:
         """Apply an answer, given the stored devices of every queried user."""
         assert self._waiting is not None
+        # checked before anything changes: a refused answer leaves the query to be failed
+        # (and retried after a backoff) by the caller
+        answered = response.get("device_keys") if isinstance(response, Mapping) else None
+        if not isinstance(answered, Mapping):
+            raise RemoteProtocolError(
+                "the /keys/query response has no device_keys object", "device_keys"
+            )
         queried, self._waiting = self.queried_users(), None
         self._backoff.succeeded()
-        answered = response.get("device_keys")
-        if not isinstance(answered, Mapping):
-            raise RemoteProtocolError("the /keys/query response has no device_keys object")
         outcome = QueryOutcome()
         for user_id in queried:
             listed = answered.get(user_id)
@@ -150,13 +155,16 @@ class DeviceTracker:
         for device_id, keys in listed.items():
             if user_id == self.own_user_id and device_id == self.own_device_id:
                 continue
+            if not boundary.is_identifier(device_id):
+                self._refuse(outcome, user_id, repr(device_id)[:80], "not a usable device ID")
+                continue
             old = known.get(device_id)
-            if old is not None and not old.deleted and old.keys == keys:
-                continue  # unchanged since its signature was checked: not checked again
             try:
+                if old is not None and not old.deleted and old.keys == keys:
+                    continue  # unchanged since its signature was checked: not checked again
                 device = Device.from_keys(user_id, device_id, keys)
-            except InvalidDeviceKeys as exc:
-                self._refuse(outcome, user_id, device_id, str(exc))
+            except (InvalidDeviceKeys, RecursionError) as exc:  # RecursionError: nested deep
+                self._refuse(outcome, user_id, device_id, str(exc) or type(exc).__name__)
                 continue
             if old is not None and old.ed25519 != device.ed25519:
                 self._refuse(

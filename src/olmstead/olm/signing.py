@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import vodozemac
-
+from olmstead.olm import checked
 from olmstead.olm.canonical_json import canonical_json
 
 __all__ = ["signable_bytes", "signature_of", "verify_signed_json"]
@@ -44,10 +43,7 @@ def verify_signed_json(obj: dict[str, Any], user_id: str, key_id: str, ed25519_k
     if signature is None:
         return False
     try:
-        public = vodozemac.Ed25519PublicKey.from_base64(ed25519_key)
-        public.verify_signature(
-            signable_bytes(obj), vodozemac.Ed25519Signature.from_base64(signature)
-        )
-    except (ValueError, TypeError, RecursionError):  # RecursionError: nested thousands deep
+        signed = signable_bytes(obj)
+    except (ValueError, TypeError, RecursionError):  # not canonical JSON: not signable
         return False
-    return True
+    return checked.verify_signature(ed25519_key, signed, signature)

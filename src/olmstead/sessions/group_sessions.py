@@ -8,8 +8,10 @@ Olm-encrypted ``m.room_key`` to each device that does not have it yet, and an
 
 Inbound sessions are keyed by room and session ID and remember the sender's
 Curve25519 key and the Ed25519 key it claimed over Olm. A room event's message
-index is recorded with its event ID and timestamp: the same index with another
-event is a replay and is refused.
+index is recorded with its event ID and timestamp once the event passed every
+check: the same index with another event is a replay and is refused, and a
+refused event (a copy with a spoofed sender) records nothing, so the genuine
+event still decrypts.
 
 Inbound sessions are cached (bounded, the last used kept): the machine hands the
 cache what it committed and empties it when it reloads, as it does the Olm cache.
@@ -26,8 +28,10 @@ from typing import Any
 
 import vodozemac
 
+from olmstead import boundary
 from olmstead.errors import (
     DecryptionError,
+    MalformedEvent,
     MegolmDecryptionFailed,
     ReplayedMessage,
     SenderMismatch,
@@ -35,6 +39,7 @@ from olmstead.errors import (
 )
 from olmstead.identities.device import Device
 from olmstead.identities.trust import TrustLevel
+from olmstead.olm import checked
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.sessions.withheld import find_withheld
 from olmstead.store.base import (
@@ -43,7 +48,6 @@ from olmstead.store.base import (
     InboundGroupSessionRecord,
     MessageIndex,
     OutboundGroupSessionRecord,
-    is_storable_text,
 )
 
 __all__ = [
@@ -219,14 +223,13 @@ class GroupSessions:
         """The inbound session an ``m.room_key`` carries, or ``None`` if it is unusable or older."""
         content = event.content
         room_id, session_id = content.get("room_id"), content.get("session_id")
-        if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(room_id, str):
+        if content.get("algorithm") != MEGOLM_ALGORITHM or not boundary.is_identifier(room_id):
             log.warning("ignored a room key from %s: not Megolm, or no room", event.sender)
             return None
+        assert isinstance(room_id, str)
         try:
-            session = vodozemac.InboundGroupSession(
-                vodozemac.SessionKey(str(content.get("session_key")))
-            )
-        except ValueError as exc:
+            session = checked.inbound_group_session(content.get("session_key"), MalformedEvent)
+        except MalformedEvent as exc:
             log.warning("ignored a room key from %s: %s", event.sender, exc)
             return None
         if session.session_id != session_id:
@@ -277,11 +280,10 @@ class GroupSessions:
                 results.append(item)
                 continue
             first = seen.get((item.session_id, item.index))
-            if first is None:
-                first = MessageIndex(item.session_id, item.index, item.event_id, item.origin_ts)
-                seen[(item.session_id, item.index)] = first
-                changes.message_indices.append(first)
-            elif (first.event_id, first.origin_ts) != (item.event_id, item.origin_ts):
+            if first is not None and (first.event_id, first.origin_ts) != (
+                item.event_id,
+                item.origin_ts,
+            ):
                 results.append(
                     ReplayedMessage(
                         f"event {item.event_id} reuses message index {item.index} of session "
@@ -293,29 +295,32 @@ class GroupSessions:
             sender_key = item.record.sender_key
             if sender_key not in devices:
                 devices[sender_key] = await self.store.get_device_by_curve25519(sender_key)
-            results.append(self._check(room_id, item, devices[sender_key]))
+            result = self._check(room_id, item, devices[sender_key])
+            if first is None and isinstance(result, DecryptedRoomEvent):
+                # recorded only for an event that passed every check: a refused copy with
+                # a spoofed sender must not claim the index before the genuine event
+                first = MessageIndex(item.session_id, item.index, item.event_id, item.origin_ts)
+                seen[(item.session_id, item.index)] = first
+                changes.message_indices.append(first)
+            results.append(result)
         return results, changes
 
     async def _open(self, room_id: str, event: Mapping[str, Any]) -> _Opened | DecryptionError:
         """Parse, find the session, decrypt: everything before the replay check."""
-        sender, event_id = event.get("sender"), event.get("event_id")
-        content, origin_ts = event.get("content"), event.get("origin_server_ts")
-        if not (
-            isinstance(sender, str)
-            and isinstance(event_id, str)
-            and isinstance(content, Mapping)
-            and isinstance(origin_ts, int)
-        ):
-            return DecryptionError("the event lacks a sender, event ID, timestamp or content")
+        try:
+            sender = boundary.event_identifier(event, "sender")
+            event_id = boundary.event_identifier(event, "event_id", sender=sender)
+            origin_ts = boundary.event_field(event, "origin_server_ts", int, sender=sender)
+            boundary.event_field(event, "content", Mapping, sender=sender)
+        except MalformedEvent as error:
+            return error
+        content = event["content"]
         session_id, ciphertext = content.get("session_id"), content.get("ciphertext")
-        if content.get("algorithm") != MEGOLM_ALGORITHM or not isinstance(session_id, str):
-            return DecryptionError("not a Megolm event", sender)
-        if not (
-            is_storable_text(room_id)
-            and is_storable_text(event_id)
-            and is_storable_text(session_id)
-        ):  # looked up and kept in the store, which would refuse it (and the sync with it)
-            return DecryptionError("a room, event or session ID no store can keep", sender)
+        if content.get("algorithm") != MEGOLM_ALGORITHM:
+            return MalformedEvent("not a Megolm event", sender, field="content.algorithm")
+        if not boundary.is_identifier(session_id):
+            return MalformedEvent("no usable session_id", sender, field="content.session_id")
+        assert isinstance(session_id, str)
         record = await self.inbound(room_id, session_id)
         if record is None:
             withheld = await find_withheld(
@@ -328,20 +333,24 @@ class GroupSessions:
                 sender,
                 session_id,
             )
-        try:
-            message = vodozemac.MegolmMessage.from_base64(str(ciphertext))
-            decrypted = record.session.decrypt(message)
-        except ValueError as exc:
+
+        def failed(why: str) -> DecryptionError:
             return MegolmDecryptionFailed(
-                f"event {event_id} does not decrypt with session {session_id}: {exc}", sender
+                f"event {event_id} does not decrypt with session {session_id}: {why}", sender
             )
+
+        try:
+            message = checked.megolm_message(ciphertext, failed)
+            plaintext, index = checked.group_decrypt(record.session, message, failed)
+        except DecryptionError as error:
+            return error
         return _Opened(
             sender,
             event_id,
             origin_ts,
             session_id,
-            decrypted.message_index,
-            decrypted.plaintext,
+            index,
+            plaintext,
             record,
             content.get("m.relates_to"),
         )
@@ -350,7 +359,7 @@ class GroupSessions:
     def _check(
         room_id: str, item: _Opened, device: Device | None
     ) -> DecryptedRoomEvent | DecryptionError:
-        """The payload's checks, once its message index is recorded."""
+        """The payload's checks; its message index is recorded only if they pass."""
         sender, event_id = item.sender, item.event_id
         try:
             payload = json.loads(item.plaintext)

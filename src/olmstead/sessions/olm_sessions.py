@@ -22,7 +22,6 @@ never runs ahead of the store.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import uuid
@@ -33,14 +32,18 @@ from typing import Any
 
 import vodozemac
 
+from olmstead import boundary
 from olmstead.errors import (
     DecryptionError,
+    MalformedEvent,
     NotForThisDevice,
     OlmSessionError,
+    RemoteProtocolError,
     SenderMismatch,
 )
 from olmstead.identities.device import Device, InvalidDeviceKeys
 from olmstead.identities.trust import TrustLevel
+from olmstead.olm import checked
 from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import KeysClaimRequest
 from olmstead.store.base import (
@@ -48,7 +51,6 @@ from olmstead.store.base import (
     Changes,
     CryptoStore,
     OlmSessionRecord,
-    is_storable_text,
 )
 
 __all__ = ["OLM_ALGORITHM", "DecryptedToDevice", "OlmPayload", "OlmSessions"]
@@ -131,7 +133,7 @@ class OlmSessions:
         now: float,
     ) -> list[OlmSessionRecord]:
         """Outbound sessions from a ``/keys/claim`` answer; unsigned keys are refused."""
-        claimed = response.get("one_time_keys")
+        claimed = response.get("one_time_keys") if isinstance(response, Mapping) else None
         claimed = claimed if isinstance(claimed, Mapping) else {}
         created = []
         for device in devices:
@@ -155,11 +157,10 @@ class OlmSessions:
                 )
                 continue
             try:
-                session = account.create_outbound_session(
-                    vodozemac.Curve25519PublicKey.from_base64(device.curve25519),
-                    vodozemac.Curve25519PublicKey.from_base64(str(key.get("key"))),
+                session = checked.create_outbound_session(
+                    account, device.curve25519, key.get("key"), "one_time_keys"
                 )
-            except ValueError as exc:
+            except RemoteProtocolError as exc:
                 log.warning("no session with %s %s: %s", device.user_id, device.device_id, exc)
                 continue
             record = OlmSessionRecord(device.curve25519, session, now, now)
@@ -219,78 +220,115 @@ class OlmSessions:
         self,
         event: Mapping[str, Any],
         own_keys: Mapping[str, str],
-        account: Callable[[], AccountRecord],
+        account: AccountRecord,
         now: float,
-    ) -> tuple[DecryptedToDevice | DecryptionError, Changes]:
+    ) -> tuple[DecryptedToDevice | DecryptionError | None, Changes]:
         """Decrypt and check an Olm to-device event.
 
-        Returns the result (or the error) with the changes to commit *before* the
-        result is used; the changes hold the stepped session even when the payload
-        is then refused, since the message was consumed either way.
+        Returns the result with the changes to commit *before* it is used: the stepped
+        session, and for a new inbound session the copy of ``account`` without the
+        one-time key it used (``Changes.account``). Every check runs on copies first,
+        so a refused message returns no changes and leaves the cache as it was: it
+        uses no one-time key and steps no ratchet.
+
+        ``None``: the message is a pre-key message of a session we already hold that
+        no longer decrypts it — the same message delivered again (a sync repeated
+        after a crash, a server redelivering). It is dropped: no failure, no new
+        session, and the live session is never rebuilt from the old message.
         """
+        try:
+            return await self._decrypt(event, own_keys, account, now)
+        except DecryptionError as error:
+            return error, Changes()
+
+    async def _decrypt(
+        self,
+        event: Mapping[str, Any],
+        own_keys: Mapping[str, str],
+        account: AccountRecord,
+        now: float,
+    ) -> tuple[DecryptedToDevice | DecryptionError | None, Changes]:
         changes = Changes()
-        sender = event.get("sender")
-        content = event.get("content")
-        if not isinstance(sender, str) or not isinstance(content, Mapping):
-            return DecryptionError("the event has no sender or no content"), changes
-        sender_key = content.get("sender_key")
-        ciphertext = content.get("ciphertext")
-        if content.get("algorithm") != OLM_ALGORITHM or not isinstance(sender_key, str):
-            return DecryptionError("not an Olm message", sender), changes
-        if not is_storable_text(sender_key):  # looked up in the store, which would refuse it
-            return DecryptionError("a sender key no store can keep", sender), changes
-        mine = ciphertext.get(own_keys["curve25519"]) if isinstance(ciphertext, Mapping) else None
+        sender = boundary.event_identifier(event, "sender")
+        sender_key = boundary.event_field(event, "content.sender_key", str, sender=sender)
+        try:
+            boundary.public_key(sender_key, "content.sender_key")
+        except RemoteProtocolError as exc:
+            raise MalformedEvent(str(exc), sender, None, "content.sender_key") from None
+        content = event["content"]
+        ciphertext = boundary.event_field(event, "content.ciphertext", Mapping, sender=sender)
+        mine = ciphertext.get(own_keys["curve25519"])
         if not isinstance(mine, Mapping):
             return NotForThisDevice(
                 "the message has no ciphertext for this device", sender, sender_key
             ), changes
+        where = f"content.ciphertext.{own_keys['curve25519']}"
+        message_type = _field(mine, "type", int, where, sender, sender_key)
+        body = _field(mine, "body", str, where, sender, sender_key)
+        malformed = _malformed(sender, sender_key, where)
         try:
-            message_type = int(mine["type"])
-            message = vodozemac.AnyOlmMessage.from_parts(message_type, _unb64(str(mine["body"])))
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-            return OlmSessionError(f"a malformed Olm message: {exc}", sender, sender_key), changes
+            raw = boundary.decode_base64(body, f"{where}.body")
+        except RemoteProtocolError as exc:
+            raise malformed(str(exc)) from None
+        message = checked.olm_message(message_type, raw, malformed)
+        session_id = checked.pre_key_session_id(message)
+        del content
 
-        plaintext, record = await self._decrypt_with_sessions(sender_key, message_type, message)
-        if plaintext is None:
-            pre_key = message.to_pre_key() if message_type == 0 else None
-            if pre_key is None:
-                return OlmSessionError(
-                    f"no Olm session with {sender} ({sender_key}) decrypts this message: the "
-                    "session is wedged. A new session is requested from the sender.",
-                    sender,
-                    sender_key,
-                ), changes
-            try:
-                session, plaintext = account().account.create_inbound_session(
-                    vodozemac.Curve25519PublicKey.from_base64(sender_key), pre_key
-                )
-            except ValueError as exc:
-                return OlmSessionError(
-                    f"a new Olm session from {sender} could not be created ({exc}); the "
-                    "one-time key it used is no longer ours",
-                    sender,
-                    sender_key,
-                ), changes
-            # the one-time key it used is gone from the account the caller commits
-            record = OlmSessionRecord(sender_key, session, now, now)
-            (await self.sessions_for(sender_key)).insert(0, record)
-        assert record is not None
-        record.last_used = now
-        changes.olm_sessions.append(record)
-        return await self._check_payload(sender, sender_key, plaintext, own_keys), changes
-
-    async def _decrypt_with_sessions(
-        self, sender_key: str, message_type: int, message: vodozemac.AnyOlmMessage
-    ) -> tuple[bytes | None, OlmSessionRecord | None]:
-        pre_key = message.to_pre_key() if message_type == 0 else None
-        for record in await self.sessions_for(sender_key):
-            if pre_key is not None and not record.session.session_matches(pre_key):
+        sessions = await self.sessions_for(sender_key)
+        for record in sessions:
+            if session_id is not None and record.session_id != session_id:
                 continue
-            try:
-                return record.session.decrypt(message), record
-            except ValueError:
+            trial = self._copy(record.session)  # a refused payload must not step the ratchet
+            plaintext = checked.session_decrypt(trial, message)
+            if plaintext is None:
                 continue  # not this session's message: try the next
-        return None, None
+            result = await self._check_payload(sender, sender_key, plaintext, own_keys)
+            if isinstance(result, DecryptedToDevice):
+                record.session, record.last_used = trial, now
+                changes.olm_sessions.append(record)
+            return result, changes
+
+        if session_id is None:
+            return OlmSessionError(
+                f"no Olm session with {sender} ({sender_key}) decrypts this message: the "
+                "session is wedged. A new session is requested from the sender.",
+                sender,
+                sender_key,
+            ), changes
+        if any(record.session_id == session_id for record in sessions):
+            # rebuilding it would replace the live session with one at the message's
+            # start (possible while the fallback key lasts): peers would fail to read us
+            log.info(
+                "dropped a pre-key message from %s (%s) delivered again: session %s is "
+                "already established",
+                sender,
+                sender_key,
+                session_id,
+            )
+            return None, changes
+        working = account.copy(self.store.pickle_key)  # the key it uses goes only if accepted
+        session, plaintext = checked.create_inbound_session(
+            working.account,
+            checked.curve25519_key(sender_key, "content.sender_key"),
+            message,
+            lambda why: OlmSessionError(
+                f"a new Olm session from {sender} could not be created ({why}); the "
+                "one-time key it used is no longer ours",
+                sender,
+                sender_key,
+            ),
+        )
+        result = await self._check_payload(sender, sender_key, plaintext, own_keys)
+        if isinstance(result, DecryptedToDevice):
+            record = OlmSessionRecord(sender_key, session, now, now)
+            sessions.insert(0, record)
+            changes.olm_sessions.append(record)
+            changes.account = working
+        return result, changes
+
+    def _copy(self, session: vodozemac.Session) -> vodozemac.Session:
+        key = self.store.pickle_key
+        return vodozemac.Session.from_pickle(session.pickle(key), key)
 
     async def _check_payload(
         self, sender: str, sender_key: str, plaintext: bytes, own_keys: Mapping[str, str]
@@ -403,9 +441,30 @@ class OlmPayload:
         return (self._head + tail).encode()
 
 
+def _field(
+    ciphertext: Mapping[str, Any],
+    name: str,
+    kind: type,
+    where: str,
+    sender: str,
+    sender_key: str,
+) -> Any:
+    value = ciphertext.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise MalformedEvent(
+            f"the Olm message's {name} is {type(value).__name__}, not {kind.__name__}",
+            sender,
+            sender_key,
+            f"{where}.{name}",
+        )
+    return value
+
+
+def _malformed(sender: str, sender_key: str, where: str) -> Callable[[str], MalformedEvent]:
+    return lambda why: MalformedEvent(
+        f"a malformed Olm message from {sender}: {why}", sender, sender_key, where
+    )
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
