@@ -39,9 +39,10 @@ from urllib.parse import quote
 
 import httpx
 
-from olmstead import key_state, metrics, relations
+from olmstead import boundary, key_state, metrics, relations
 from olmstead.attachments import EncryptedFile, file_content
 from olmstead.backoff import Backoff
+from olmstead.boundary import SyncSections
 from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.media import FileSource, Media
@@ -252,11 +253,16 @@ class Client:
             for request in requests:
                 try:
                     answer = await self._send(request)
-                    await machine.mark_request_as_sent(request.request_id, answer)
                 except (TransportError, RemoteProtocolError) as error:
                     # one bad answer fails one request; the rest of the round goes on
                     log.warning("%s failed: %s", request.request_id, error)
                     await machine.mark_request_as_failed(request.request_id, error)
+                    continue
+                try:
+                    await machine.mark_request_as_sent(request.request_id, answer)
+                except RemoteProtocolError as error:
+                    # the machine settled it as failed already (retried after a backoff)
+                    log.warning("%s: unusable answer: %s", request.request_id, error)
                     continue
                 for report in machine.take_reports():
                     for callback in self._drained_callbacks:
@@ -689,7 +695,8 @@ class Client:
         """
         timeline: list[tuple[str, Mapping[str, Any]]] = []
         for room_id, room in rooms.items():
-            if not isinstance(room, Mapping):
+            if not isinstance(room, Mapping) or not boundary.is_identifier(room_id):
+                log.warning("skipped a joined room the sync sent malformed: %.80r", room_id)
                 continue
             state_events = _events(room.get("state")) + _events(room.get("timeline"))
             changed = any(
@@ -785,9 +792,10 @@ class Client:
         for room_id, group in itertools.groupby(events, key=lambda pair: pair[0]):
             batch = [event for _room, event in group]
             encrypted = [e for e in batch if e.get("type") == "m.room.encrypted"]
-            results = iter(
+            decrypted = (
                 await self._machine().decrypt_room_events(room_id, encrypted) if encrypted else []
             )
+            results = iter(decrypted)
             for event in batch:
                 if event.get("type") != "m.room.encrypted":
                     self._emit(_plain(room_id, event))
@@ -838,12 +846,12 @@ class Client:
 
     def _emit(self, event: RoomEvent) -> None:
         for callback in self._room_callbacks:
-            callback(event)
+            _call(callback, event)
 
     def _fail(self, room_id: str | None, event: Mapping[str, Any], error: DecryptionError) -> None:
-        log.warning("could not decrypt %s in %s: %s", event.get("event_id"), room_id, error)
+        log.warning("could not decrypt %.80r in %s: %s", event.get("event_id"), room_id, error)
         for callback in self._failure_callbacks:
-            callback(room_id, event, error)
+            _call(callback, room_id, event, error)
 
     # --- syncing ---------------------------------------------------------------------------
 
@@ -872,25 +880,26 @@ class Client:
         )
         if answer is None:  # stop() during the long-poll: nothing was received
             return {}
-        next_batch = answer.get("next_batch")
+        # each section checked on its own: a malformed one is left out and logged, the
+        # rest of the sync is taken, and the token moves on past it
+        sections = SyncSections.read(answer)
+        for problem in sections.problems:
+            log.warning("the sync answer was partly malformed, left out: %s", problem)
+        next_batch = sections.next_batch
         rooms = answer.get("rooms", {})
         joined = _rooms_section(rooms, "join")
         timeline = await self._take_rooms(joined, full=since is None or full_state)
         timeline = await self._fill_gaps(joined, timeline)
         await self._take_invites_and_leaves(rooms)
         if self.machine is not None:
-            fallback_types = answer.get(
-                "device_unused_fallback_key_types",
-                answer.get("org.matrix.msc2732.device_unused_fallback_key_types"),
-            )
             # a sync retried after a store failure brings back the to-device events it
             # already committed; their Olm messages would not decrypt a second time
-            to_device = _not_yet_taken(_events(answer.get("to_device")), since, self._taken)
+            to_device = _not_yet_taken(sections.to_device_events, since, self._taken)
             results = await self.machine.receive_sync_changes(
                 # an absent field is no news, not zero: guessing zero would upload more keys
-                one_time_key_counts=answer.get("device_one_time_keys_count"),
-                unused_fallback_key_types=fallback_types,
-                device_lists=answer.get("device_lists"),
+                one_time_key_counts=sections.one_time_key_counts,
+                unused_fallback_key_types=sections.unused_fallback_key_types,
+                device_lists=sections.device_lists,
                 to_device_events=to_device,
             )
             before = self._taken[1] if self._taken[0] == since else frozenset()
@@ -902,7 +911,7 @@ class Client:
             # come again (harmless: replay checks accept the same event) rather than never;
             # the events still waiting for a key are committed with the token that brought
             # them; through the machine, so the write is fenced by its lease
-            if isinstance(next_batch, str):
+            if next_batch is not None:
                 await self.machine.commit_deliveries(
                     keep=keep,
                     settled=settled | delivered,
@@ -915,7 +924,7 @@ class Client:
         else:
             for room_id, event in timeline:
                 self._emit(_plain(room_id, event))
-        if self.machine is None and self.store is not None and isinstance(next_batch, str):
+        if self.machine is None and self.store is not None and next_batch is not None:
             values = {SYNC_TOKEN: next_batch, **self._timelines.changes()}
             await self.store.save_changes(Changes(values=values))
             self._timelines.committed()
@@ -1017,7 +1026,7 @@ class Client:
         for result in results:
             if isinstance(result, DecryptedToDevice):
                 for callback in self._to_device_callbacks:
-                    callback(result)
+                    _call(callback, result)
             elif isinstance(result, UndecryptableToDevice):
                 self._fail(None, result.event, result.error)
 
@@ -1046,6 +1055,15 @@ def _rooms_section(rooms: Any, name: str) -> dict[str, Any]:
     if not isinstance(section, Mapping):
         return {}
     return {room_id: room for room_id, room in section.items() if is_identifier(room_id, "!")}
+
+
+def _call(callback: Callable[..., object], *args: Any) -> None:
+    """Run an application callback; its exception is logged, and the sync goes on (one
+    event the application cannot handle must not stop every later one)."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("a callback (%r) raised; the sync goes on", callback)
 
 
 def _events(section: Any) -> list[Mapping[str, Any]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from olmstead import boundary
 from olmstead.identities.trust import TrustLevel
 from olmstead.sessions.group_sessions import MEGOLM_ALGORITHM, RoomSettings
 
@@ -32,10 +33,8 @@ def is_identifier(value: Any, sigil: str) -> bool:
     is valid UTF-8 of at most ``MAX_ID_BYTES`` bytes."""
     if not isinstance(value, str) or not value.startswith(sigil):
         return False
-    try:
-        return len(value.encode()) <= MAX_ID_BYTES
-    except UnicodeEncodeError:  # a lone surrogate, which JSON allows
-        return False
+    # no NUL and no lone surrogate (boundary.is_identifier), and the spec's length
+    return boundary.is_identifier(value) and len(value.encode()) <= MAX_ID_BYTES
 
 
 @dataclass(frozen=True)
