@@ -264,8 +264,15 @@ class OlmSessions:
             ), changes
         where = f"content.ciphertext.{own_keys['curve25519']}"
         message_type = _field(mine, "type", int, where, sender, sender_key)
+        if message_type not in (0, 1):
+            raise MalformedEvent(
+                f"the Olm message type is {message_type}, not 0 (pre-key) or 1",
+                sender,
+                sender_key,
+                f"{where}.type",
+            )
         body = _field(mine, "body", str, where, sender, sender_key)
-        malformed = _malformed(sender, sender_key, where)
+        malformed = _malformed(sender, sender_key, f"{where}.body")
         try:
             raw = boundary.decode_base64(body, f"{where}.body")
         except RemoteProtocolError as exc:
