@@ -74,7 +74,8 @@ async def test_an_olm_message_type_out_of_range_fails_alone(bad_type: Any) -> No
     )
     assert isinstance(got, UndecryptableToDevice)
     assert isinstance(got.error, MalformedEvent)
-    assert got.error.field is not None and got.error.field.endswith(".type")
+    assert got.error.field is not None
+    assert got.error.field.endswith(".type")
     assert plain["type"] == "m.plain"  # the rest of the batch went on
     assert dump(bob.db) == before
     assert await claims(bob) == []  # a malformed message is no broken session
@@ -94,7 +95,8 @@ def test_a_panic_in_vodozemac_becomes_an_olmstead_error() -> None:
         vodozemac.Ed25519PublicKey.from_base64(b64_of(33))
     except BaseException as exc:
         panic_type = type(exc)
-    assert panic_type is not None and not issubclass(panic_type, Exception)  # still panics
+    assert panic_type is not None
+    assert not issubclass(panic_type, Exception)
     with pytest.raises(RemoteProtocolError), checked.binding("an Ed25519 key"):
         vodozemac.Ed25519PublicKey.from_base64(b64_of(33))
     with pytest.raises(RemoteProtocolError) as caught:
@@ -142,7 +144,7 @@ async def test_a_device_with_a_key_of_the_wrong_length_is_refused(size: int) -> 
 async def test_a_sync_section_of_the_wrong_type_is_refused_naming_it(
     section: str, value: Any, field: str
 ) -> None:
-    alice, bob = await pair()
+    _alice, bob = await pair()
     # a fallback key published, as in the issue (5 after a fallback key was published)
     await bob.machine.receive_sync_changes(unused_fallback_key_types=[])
     (upload,) = [
@@ -152,7 +154,8 @@ async def test_a_sync_section_of_the_wrong_type_is_refused_naming_it(
     before = dump(bob.db)
     with pytest.raises(RemoteProtocolError) as caught:
         await bob.machine.receive_sync_changes(**{section: value})
-    assert caught.value.field is not None and caught.value.field.startswith(field)
+    assert caught.value.field is not None
+    assert caught.value.field.startswith(field)
     assert dump(bob.db) == before
 
 
@@ -181,7 +184,8 @@ async def test_the_client_reads_each_sync_section_on_its_own() -> None:
         sync_token=sections.next_batch,
     )
     assert isinstance(got, DecryptedToDevice)
-    assert isinstance(junk, UndecryptableToDevice) and isinstance(junk.error, MalformedEvent)
+    assert isinstance(junk, UndecryptableToDevice)
+    assert isinstance(junk.error, MalformedEvent)
     assert await bob.machine.store.get_value("sync_token") == "s1"
 
 
@@ -263,7 +267,8 @@ async def test_a_spoofed_room_event_does_not_claim_the_message_index() -> None:
     assert isinstance(refused, SenderMismatch)
     assert dump(bob.db) == before
     (got,) = await bob.machine.decrypt_room_events(ROOM, [genuine])
-    assert isinstance(got, DecryptedRoomEvent) and got.content == {"body": "real"}
+    assert isinstance(got, DecryptedRoomEvent)
+    assert got.content == {"body": "real"}
     # and in one batch, the spoofed copy first
     content = await alice.machine.encrypt_room_event(ROOM, "m.text", {"body": "two"})
     second = {**genuine, "event_id": "$two", "content": content}
@@ -290,9 +295,11 @@ async def test_a_to_device_sender_mismatch_uses_no_one_time_key_and_stores_no_se
     assert dump(bob.db) == before
     assert bob.db.olm_sessions == {}
     (got,) = await receive(bob, event)  # the genuine one uses the key it was meant for
-    assert isinstance(got, DecryptedToDevice) and got.content == {"n": 1}
+    assert isinstance(got, DecryptedToDevice)
+    assert got.content == {"n": 1}
     after = await bob.machine.store.load_account()
-    assert after is not None and len(after.account.one_time_keys) <= len(keys_before)
+    assert after is not None
+    assert len(after.account.one_time_keys) <= len(keys_before)
 
 
 async def test_a_refused_normal_message_does_not_step_the_session() -> None:
@@ -319,7 +326,8 @@ async def test_an_empty_answer_to_a_fallback_key_upload_does_not_block_refills()
     (upload,) = [
         r for r in await bob.machine.outgoing_requests() if isinstance(r, KeysUploadRequest)
     ]
-    assert upload.fallback_keys and not upload.one_time_keys
+    assert upload.fallback_keys
+    assert not upload.one_time_keys
     await bob.machine.mark_request_as_sent(upload.request_id, {})  # older Dendrite
     await bob.machine.receive_sync_changes(
         one_time_key_counts={"signed_curve25519": 3},
@@ -385,9 +393,11 @@ async def test_a_pre_key_message_delivered_twice_is_dropped_fallback_key() -> No
     assert await claims(bob) == []
     # bob's next message still reaches alice over the live session, and alice's reaches bob
     (back,) = await receive(alice, await send(bob, alice, "m.test", {"r": 2}))
-    assert isinstance(back, DecryptedToDevice) and back.content == {"r": 2}
+    assert isinstance(back, DecryptedToDevice)
+    assert back.content == {"r": 2}
     (third,) = await receive(bob, await send(alice, bob, "m.test", {"n": 3}))
-    assert isinstance(third, DecryptedToDevice) and third.content == {"n": 3}
+    assert isinstance(third, DecryptedToDevice)
+    assert third.content == {"n": 3}
 
 
 async def test_a_real_failure_still_unwedges() -> None:
