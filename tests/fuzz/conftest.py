@@ -13,18 +13,18 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-_common = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    "print_blob": True,
-}
-settings.register_profile("ci", max_examples=300, **_common)  # type: ignore[arg-type]
-settings.register_profile("long", max_examples=12_000, **_common)  # type: ignore[arg-type]
+_base = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", parent=_base, max_examples=300)
+settings.register_profile("long", parent=_base, max_examples=12_000)
 settings.load_profile("long" if os.environ.get("OLMSTEAD_FUZZ") == "long" else "ci")
 if os.environ.get("OLMSTEAD_FUZZ_EXAMPLES"):
     settings.register_profile(
         "custom",
-        parent=settings.get_profile(settings._current_profile or "ci"),  # type: ignore[attr-defined]
+        parent=settings.get_profile(settings._current_profile or "ci"),
         max_examples=int(os.environ["OLMSTEAD_FUZZ_EXAMPLES"]),
     )
     settings.load_profile("custom")

@@ -114,6 +114,7 @@ def mutated(draw: st.DrawFn, valid: Any, pool: list[str]) -> tuple[Any, list[str
         if isinstance(target, int):
             choices.append("number")
         kind = draw(st.sampled_from(choices))
+        new: Any
         if kind == "key":
             kind, new = "replace", draw(keys)
             value = _put(value, where, new)

@@ -348,12 +348,13 @@ async def build_sync() -> Built:
         if not isinstance(obj, dict):
             obj = {"to_device": obj}
         to_device = obj.get("to_device")
+        events: Any = to_device.get("events") if isinstance(to_device, dict) else []
         try:
             await victim.machine.receive_sync_changes(
                 one_time_key_counts=obj.get("device_one_time_keys_count"),
                 unused_fallback_key_types=obj.get("device_unused_fallback_key_types"),
                 device_lists=obj.get("device_lists"),
-                to_device_events=to_device.get("events") if isinstance(to_device, dict) else [],
+                to_device_events=events,
                 sync_token=obj.get("next_batch"),
             )
         except RemoteProtocolError:

@@ -29,7 +29,7 @@ _loop = asyncio.new_event_loop()
 
 def run(call: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
     """Run ``call`` on the suite's one event loop (Hypothesis drives plain functions)."""
-    return _loop.run_until_complete(call)  # type: ignore[arg-type]
+    return _loop.run_until_complete(call)
 
 
 async def fuzz_peer(user_id: str, device_id: str, clock: Clock | None = None) -> Peer:

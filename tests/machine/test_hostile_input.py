@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -76,6 +77,7 @@ async def test_an_olm_message_type_out_of_range_fails_alone(bad_type: Any) -> No
     assert isinstance(got.error, MalformedEvent)
     assert got.error.field is not None
     assert got.error.field.endswith(".type")
+    assert isinstance(plain, dict)
     assert plain["type"] == "m.plain"  # the rest of the batch went on
     assert dump(bob.db) == before
     assert await claims(bob) == []  # a malformed message is no broken session
@@ -196,7 +198,7 @@ async def test_the_client_reads_each_sync_section_on_its_own() -> None:
 async def test_a_list_argument_of_the_wrong_type_is_a_local_error(bad: Any) -> None:
     alice, _bob = await pair()
     machine = alice.machine
-    calls = [
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: machine.update_tracked_users(bad),
         lambda: machine.get_missing_sessions(bad),
         lambda: machine.share_room_key(ROOM, bad),
@@ -220,11 +222,12 @@ async def test_a_mapping_or_id_argument_of_the_wrong_type_is_a_local_error(bad: 
     with pytest.raises(LocalProtocolError):
         await machine.encrypt_to_devices([], "m.test", bad)
     if bad != "x":
-        for call in (
+        others: list[Callable[[], Awaitable[object]]] = [
             lambda: machine.share_room_key(bad, [BOB]),
             lambda: machine.decrypt_room_events(bad, []),
             lambda: machine.get_user_devices(bad),
-        ):
+        ]
+        for call in others:
             with pytest.raises(LocalProtocolError):
                 await call()
 
