@@ -846,12 +846,12 @@ class Client:
 
     def _emit(self, event: RoomEvent) -> None:
         for callback in self._room_callbacks:
-            _call(callback, event)
+            callback(event)
 
     def _fail(self, room_id: str | None, event: Mapping[str, Any], error: DecryptionError) -> None:
         log.warning("could not decrypt %.80r in %s: %s", event.get("event_id"), room_id, error)
         for callback in self._failure_callbacks:
-            _call(callback, room_id, event, error)
+            callback(room_id, event, error)
 
     # --- syncing ---------------------------------------------------------------------------
 
@@ -1026,7 +1026,7 @@ class Client:
         for result in results:
             if isinstance(result, DecryptedToDevice):
                 for callback in self._to_device_callbacks:
-                    _call(callback, result)
+                    callback(result)
             elif isinstance(result, UndecryptableToDevice):
                 self._fail(None, result.event, result.error)
 
@@ -1055,15 +1055,6 @@ def _rooms_section(rooms: Any, name: str) -> dict[str, Any]:
     if not isinstance(section, Mapping):
         return {}
     return {room_id: room for room_id, room in section.items() if is_identifier(room_id, "!")}
-
-
-def _call(callback: Callable[..., object], *args: Any) -> None:
-    """Run an application callback; its exception is logged, and the sync goes on (one
-    event the application cannot handle must not stop every later one)."""
-    try:
-        callback(*args)
-    except Exception:
-        log.exception("a callback (%r) raised; the sync goes on", callback)
 
 
 def _events(section: Any) -> list[Mapping[str, Any]]:
