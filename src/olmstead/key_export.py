@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from olmstead import boundary
 from olmstead.errors import KeyFileError
+from olmstead.olm import checked
 from olmstead.sessions.group_sessions import MEGOLM_ALGORITHM
 from olmstead.store.base import InboundGroupSessionRecord
 
@@ -148,20 +150,18 @@ def import_entries(entries: Any) -> tuple[list[InboundGroupSessionRecord], int]:
         try:
             if entry["algorithm"] != MEGOLM_ALGORITHM:
                 raise ValueError("not a Megolm session")
-            session = vodozemac.InboundGroupSession.import_session(
-                vodozemac.ExportedSessionKey(entry["session_key"])
-            )
+            room_id, sender_key = entry["room_id"], entry["sender_key"]
+            signing_key = entry["sender_claimed_keys"]["ed25519"]
+            if not all(boundary.is_identifier(v) for v in (room_id, sender_key, signing_key)):
+                raise ValueError("a room ID or key that no store can hold")
+            with checked.binding("not a session key", KeyFileError):
+                session = vodozemac.InboundGroupSession.import_session(
+                    vodozemac.ExportedSessionKey(entry["session_key"])
+                )
             if session.session_id != entry["session_id"]:
                 raise ValueError("its session ID does not match its key")
-            records.append(
-                InboundGroupSessionRecord(
-                    str(entry["room_id"]),
-                    str(entry["sender_key"]),
-                    str(entry["sender_claimed_keys"]["ed25519"]),
-                    session,
-                )
-            )
-        except (KeyError, TypeError, ValueError):
+            records.append(InboundGroupSessionRecord(room_id, sender_key, signing_key, session))
+        except (KeyError, TypeError, ValueError, KeyFileError):
             skipped += 1
     return records, skipped
 

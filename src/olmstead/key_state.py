@@ -28,6 +28,8 @@ from typing import Any
 
 import vodozemac
 
+from olmstead import boundary
+
 __all__ = [
     "DRAINED",
     "KeyStateMarker",
@@ -104,7 +106,10 @@ def read_marker(content: Any) -> KeyStateMarker | None:
     )
     if not isinstance(ed25519, str) or isinstance(through, bool) or not isinstance(through, int):
         return None
-    when = updated / 1000 if isinstance(updated, int | float) else 0.0
+    # a hostile or broken value reads as "unknown", never as an error
+    when = 0.0
+    if isinstance(updated, int | float) and not isinstance(updated, bool):
+        when = updated / 1000 if 0 <= updated <= boundary.MAX_INT else 0.0
     return KeyStateMarker(ed25519, through, when)
 
 
