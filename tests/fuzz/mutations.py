@@ -6,8 +6,9 @@ path drawn from every object member and array item in it (the root included):
 - the value replaced by one of another type or out of range: ``null``, booleans,
   huge and negative integers, ``±Infinity`` and ``NaN``, strings with NUL or a lone
   surrogate, empty and nested containers, deep nesting;
-- for strings: bad base64, base64 keys of every length from 0 to 70 bytes (33 is
-  the length vodozemac 0.10 panics on), other real keys and IDs from ``pool``
+- for strings: NUL and lone surrogates spliced in, cuts, growth, bad base64, base64
+  keys of every length from 0 to 70 bytes (33 is the length vodozemac 0.10 panics
+  on), other real keys and IDs from ``pool``
   (spoofed senders, devices and keys);
 - a member deleted, or an unknown member added.
 
@@ -76,6 +77,20 @@ keys = st.builds(
     st.integers(0, 255),
 ) | st.builds(lambda n: b64_of(n) + "=", st.integers(0, 40))
 
+
+def bad_strings(original: str) -> st.SearchStrategy[str]:
+    """``original`` with NUL or a lone surrogate in it, cut, or grown past any limit."""
+    return st.one_of(
+        st.builds(
+            lambda at, bad: original[:at] + bad + original[at:],
+            st.integers(0, len(original)),
+            st.sampled_from(["\x00", "\ud800", "\udfff", "\u0000\ud83d"]),
+        ),
+        st.integers(0, max(0, len(original) - 1)).map(lambda n: original[:n]),
+        st.sampled_from([original * 300, original + "=", original.upper(), " " + original]),
+    )
+
+
 numbers = st.one_of(
     st.sampled_from([*HUGE, 2, 7, 255, 256]),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -111,12 +126,16 @@ def mutated(draw: st.DrawFn, valid: Any, pool: list[str]) -> tuple[Any, list[str
             choices.append("delete")
         if isinstance(target, str):
             choices += ["key", "key"]  # keys of every length, often: where panics hide
+            choices.append("string")  # what JSON carries and no store holds
         if isinstance(target, int):
             choices.append("number")
         kind = draw(st.sampled_from(choices))
         new: Any
         if kind == "key":
             kind, new = "replace", draw(keys)
+            value = _put(value, where, new)
+        elif kind == "string":
+            kind, new = "replace", draw(bad_strings(target))
             value = _put(value, where, new)
         elif kind == "number":
             kind, new = "replace", draw(numbers)

@@ -17,6 +17,8 @@ an ``Input`` to ``INPUTS``; ``test_properties.py`` runs every property on it.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +164,69 @@ async def build_room_key() -> Built:
     return Built(event, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
 
 
+async def _sealed_by(sender: Snapshot, recipient_curve: str, payload: Any) -> dict[str, Any]:
+    """``payload`` (any JSON) Olm-encrypted by the sender's live session: what a malicious
+    device with a real session can send."""
+    peer = await sender.restore()
+    try:
+        (record, *_) = await peer.machine.olm.sessions_for(recipient_curve)
+        message_type, body = record.session.encrypt(json.dumps(payload).encode()).to_parts()
+        content = {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": peer.machine.identity_keys["curve25519"],
+            "ciphertext": {recipient_curve: {"type": message_type, "body": _b64(body)}},
+        }
+        return {"type": "m.room.encrypted", "sender": peer.user_id, "content": content}
+    finally:
+        await peer.machine.store.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+async def build_olm_payload() -> Built:
+    """The decrypted payload of an Olm message, mutated before a real session encrypts
+    it: a malicious device. Its ``m.room_key`` content is in reach of the mutations.
+    The victim has not queried the sender's device yet, so the Ed25519 key the payload
+    claims cannot be checked against one (``verified`` is then false)."""
+    alice, bob, mallory = await _cast()
+    await open_session(alice, bob)
+    (share,) = await alice.machine.share_room_key(ROOM, [BOB])
+    outbound = await alice.machine._outbound_session(ROOM)
+    assert outbound is not None
+    own = alice.machine.identity_keys
+    payload = {
+        "type": "m.room_key",
+        "content": alice.machine.megolm.room_key_content(outbound),
+        "sender": ALICE,
+        "sender_device": "ALICEDEV",
+        "keys": {"ed25519": own["ed25519"]},
+        "recipient": BOB,
+        "recipient_keys": {"ed25519": bob.machine.identity_keys["ed25519"]},
+    }
+    sender = Snapshot.of(alice)
+    bob_curve = bob.machine.identity_keys["curve25519"]
+
+    async def feed(victim: Peer, obj: Any) -> Outcome:
+        event = await _sealed_by(sender, bob_curve, obj)
+        results = await victim.machine.receive_sync_changes(to_device_events=[event])
+        decrypted = [r for r in results if isinstance(r, DecryptedToDevice)]
+        if not decrypted:
+            return Outcome(False)
+        (got,) = decrypted
+        if (got.sender, got.sender_key) != (ALICE, own["curve25519"]) or got.verified:
+            return Outcome(True, f"accepted as {got}")
+        return Outcome(True)
+
+    async def genuine(victim: Peer) -> bool:
+        event = await _sealed_by(sender, bob_curve, payload)
+        return await _to_device_still_works(victim, event)
+
+    del share
+    return Built(payload, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
+
+
 # --- room events ---------------------------------------------------------------------------
 
 
@@ -198,6 +263,43 @@ async def build_megolm_event() -> Built:
         return isinstance(got, DecryptedRoomEvent)
 
     return Built(event, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
+
+
+async def build_megolm_payload() -> Built:
+    """The plaintext of a Megolm room event, mutated before the sharer's real session
+    encrypts it: a malicious device in the room."""
+    alice, bob, mallory = await _cast()
+    await open_session(alice, bob)
+    await learn_devices(bob, alice)
+    (share,) = await alice.machine.share_room_key(ROOM, [BOB])
+    await bob.machine.receive_sync_changes(to_device_events=[deliveries(share, alice, bob)])
+    payload = {"type": "m.text", "content": {"b": 1}, "room_id": ROOM}
+    sender = Snapshot.of(alice)
+
+    async def sealed(obj: Any) -> dict[str, Any]:
+        peer = await sender.restore()
+        try:
+            record = await peer.machine._outbound_session(ROOM)
+            assert record is not None
+            content = peer.machine.megolm.encrypt_payload(
+                record, json.dumps(obj).encode(), peer.machine.identity_keys, peer.device_id
+            )
+            return _room_event(content)
+        finally:
+            await peer.machine.store.close()
+
+    async def feed(victim: Peer, obj: Any) -> Outcome:
+        (got,) = await victim.machine.decrypt_room_events(ROOM, [await sealed(obj)])
+        if not isinstance(got, DecryptedRoomEvent):
+            return Outcome(False)
+        facts = (got.sender, got.room_id, got.verified)
+        return Outcome(True, None if facts == (ALICE, ROOM, True) else f"accepted {facts}")
+
+    async def genuine(victim: Peer) -> bool:
+        (got,) = await victim.machine.decrypt_room_events(ROOM, [await sealed(payload)])
+        return isinstance(got, DecryptedRoomEvent)
+
+    return Built(payload, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
 
 
 # --- server answers -----------------------------------------------------------------------
@@ -404,7 +506,9 @@ INPUTS: list[Input] = [
     Input("to_device_olm_pre_key", build_olm_pre_key),
     Input("to_device_olm_normal", build_olm_normal),
     Input("to_device_room_key", build_room_key),
+    Input("olm_payload_from_a_malicious_device", build_olm_payload),
     Input("room_event_megolm", build_megolm_event),
+    Input("megolm_payload_from_a_malicious_device", build_megolm_payload),
     Input("keys_query_answer", build_keys_query),
     Input("keys_claim_answer", build_keys_claim),
     Input("keys_upload_answer", build_keys_upload),

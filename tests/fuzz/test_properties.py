@@ -8,7 +8,8 @@ snapshot each time. The properties:
    ``OverflowError``, or vodozemac's ``PanicException``);
 2. nothing forged is accepted: what is accepted carries the genuine sender,
    keys and content;
-3. a refused input leaves the store byte for byte as it was;
+3. a refused input leaves the store byte for byte as it was, and what an accepted
+   one stored every backend can hold (no NUL, no lone surrogate, 64-bit integers);
 4. after a refusal the genuine input (or its retry) still works.
 """
 
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from olmstead import OlmsteadError
 from tests.fuzz.mutations import mutated
 from tests.fuzz.registry import INPUTS, Built, Outcome
-from tests.fuzz.world import dump, run
+from tests.fuzz.world import dump, run, unstorable
 
 COUNTS: dict[str, int] = {}
 
@@ -45,6 +46,7 @@ async def one_example(item: Built, obj: Any) -> None:
             note(f"refused with {type(error).__name__}: {error}")
             outcome = Outcome(False)
         assert outcome.forged is None, outcome.forged
+        assert unstorable(dump(victim.db)) == [], "accepted what SQLite or PostgreSQL refuse"
         if not outcome.accepted:
             assert dump(victim.db) == before, "a refused input changed the store"
             assert await item.genuine(victim), "after a refusal the genuine input fails"

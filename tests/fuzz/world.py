@@ -49,6 +49,35 @@ def dump(db: MemoryDatabase) -> dict[str, Any]:
     return {f.name: copy.deepcopy(getattr(db, f.name)) for f in fields(db) if f.name != "lock"}
 
 
+def unstorable(value: Any, where: str = "store") -> list[str]:
+    """What in a dump no SQL backend could hold: strings with NUL or a lone surrogate,
+    integers past 64 bits. The memory store takes anything; the others must too."""
+    found: list[str] = []
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            found.append(f"{where}: a lone surrogate")
+        if "\x00" in value:
+            found.append(f"{where}: a NUL")
+    elif isinstance(value, bool) or value is None or isinstance(value, float):
+        pass
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            found.append(f"{where}: {value} is past 64 bits")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found += unstorable(key, f"{where} key")
+            found += unstorable(item, f"{where}[{key!r:.40}]")
+    elif isinstance(value, list | tuple | set):
+        for item in value:
+            found += unstorable(item, where)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            found += unstorable(getattr(value, name), f"{where}.{name}")
+    return found
+
+
 @dataclass
 class Snapshot:
     """A peer's stored state, to open fresh machines over."""

@@ -358,7 +358,7 @@ class OlmSessions:
             "ed25519"
         ):
             problems.append("it was encrypted for another Ed25519 key than ours")
-        if not isinstance(claimed, str):
+        if not (isinstance(claimed, str) and _is_public_key(claimed)):
             problems.append("it names no Ed25519 key of the sender")
         if not isinstance(payload.get("type"), str) or not isinstance(payload.get("content"), dict):
             problems.append("it has no type or content")
@@ -471,6 +471,14 @@ def _malformed(sender: str, sender_key: str, where: str) -> Callable[[str], Malf
     return lambda why: MalformedEvent(
         f"a malformed Olm message from {sender}: {why}", sender, sender_key, where
     )
+
+
+def _is_public_key(value: str) -> bool:
+    try:
+        boundary.public_key(value, "keys.ed25519")
+    except RemoteProtocolError:
+        return False
+    return True
 
 
 def _b64(data: bytes) -> str:
