@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_IDENTIFIER_BYTES",
     "MAX_INT",
     "SyncSections",
+    "api_json",
     "api_mapping",
     "api_strings",
     "count",
@@ -274,6 +276,16 @@ def api_strings(value: object, name: str) -> list[str]:
     if bad:
         raise LocalProtocolError(f"{name} holds a value that is not an identifier: {_show(bad[0])}")
     return items
+
+
+def api_json(value: object, name: str) -> bytes:
+    """Compact JSON of an application's content, ASCII-escaped (a lone surrogate in text
+    cut mid-emoji is valid JSON, not valid UTF-8); ``LocalProtocolError`` if it is not
+    JSON (an object of another type, a cycle, nesting deeper than Python recurses)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"{name} is not JSON: {exc}") from None
 
 
 def api_mapping(value: object, name: str) -> Mapping[str, Any]:

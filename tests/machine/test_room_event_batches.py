@@ -206,7 +206,7 @@ async def test_a_lone_surrogate_in_content_is_carried_both_ways() -> None:
 
 async def test_a_batch_that_cannot_be_serialised_steps_no_ratchet() -> None:
     alice, (bob,) = await room_with(BOB)
-    with pytest.raises(TypeError):
+    with pytest.raises(LocalProtocolError):
         await alice.machine.encrypt_room_events(
             ROOM, [("m.text", {"n": 1}), ("m.text", {"n": 2}), ("m.text", {"bad": object()})]
         )

@@ -69,7 +69,7 @@ def payload_bytes(room_id: str, event_type: str, content: Mapping[str, Any]) -> 
     payload = {"type": event_type, "content": body, "room_id": room_id}
     # ASCII escapes: content may hold a lone surrogate (text cut mid-emoji), which JSON
     # escapes can carry and UTF-8 cannot
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return boundary.api_json(payload, "content")
 
 
 @dataclass(frozen=True)

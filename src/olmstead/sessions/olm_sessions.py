@@ -439,7 +439,7 @@ class OlmPayload:
 
     def __init__(self, shared: dict[str, Any]) -> None:
         # ASCII escapes: a lone surrogate in the content is valid JSON, not valid UTF-8
-        self._head = json.dumps(shared, separators=(",", ":"))[:-1]
+        self._head = boundary.api_json(shared, "content").decode()[:-1]
 
     def for_device(self, device: Device) -> bytes:
         recipient = json.dumps(device.user_id)
