@@ -127,14 +127,19 @@ def decode_base64(value: object, field: str) -> bytes:
 
 
 def public_key(value: object, field: str) -> str:
-    """A Curve25519 or Ed25519 public key: base64 of exactly 32 bytes."""
+    """A Curve25519 or Ed25519 public key (base64 of exactly 32 bytes), in its one
+    canonical spelling: unpadded, as the spec writes keys.
+
+    A key can be spelled several ways (padded, or with other unused trailing bits) and
+    olmstead finds sessions and devices by the string, so every key from outside is
+    used in this form only: one key, one name.
+    """
     raw = decode_base64(value, field)
     if len(raw) != KEY_BYTES:
         raise RemoteProtocolError(
             f"{field} is {len(raw)} bytes, not a {KEY_BYTES}-byte public key", field
         )
-    assert isinstance(value, str)
-    return value
+    return base64.b64encode(raw).decode().rstrip("=")
 
 
 # --- one event ------------------------------------------------------------------------------

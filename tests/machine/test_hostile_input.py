@@ -422,3 +422,17 @@ async def test_a_real_failure_still_unwedges() -> None:
     (broken,) = await receive(bob, await send(alice, bob, "m.test", {"n": 2}))
     assert isinstance(broken, UndecryptableToDevice)
     assert len(await claims(bob)) == 1
+
+
+async def test_a_key_spelled_another_way_names_the_same_device() -> None:
+    """One key, one name: a padded ``sender_key`` (found by the fuzz suite) opened a
+    second session under another spelling, beside the real one, unverified."""
+    alice, bob = await pair()
+    event = await send(alice, bob, "m.test", {"n": 1})
+    padded = copy.deepcopy(event)
+    padded["content"]["sender_key"] += "="
+    (got,) = await receive(bob, padded)
+    assert isinstance(got, DecryptedToDevice)
+    assert got.sender_key == alice.machine.identity_keys["curve25519"]
+    assert got.verified
+    assert {key for key, _ in bob.db.olm_sessions} == {alice.machine.identity_keys["curve25519"]}

@@ -52,10 +52,15 @@ class Device:
         if not isinstance(ed25519, str) or not isinstance(curve25519, str):
             raise InvalidDeviceKeys("an identity key (ed25519 or curve25519) is missing")
         try:  # checked here, so that no later use of the keys can fail on them
-            boundary.public_key(ed25519, f"keys.ed25519:{device_id}")
-            boundary.public_key(curve25519, f"keys.curve25519:{device_id}")
+            canonical = (
+                boundary.public_key(ed25519, f"keys.ed25519:{device_id}"),
+                boundary.public_key(curve25519, f"keys.curve25519:{device_id}"),
+            )
         except RemoteProtocolError as exc:
             raise InvalidDeviceKeys(str(exc)) from None
+        # devices are found by their key strings: each key is kept in its one canonical
+        # spelling (the keys object stays as it came, for its signature)
+        ed25519, curve25519 = canonical
         if not verify_signed_json(keys, user_id, device_id, ed25519):
             raise InvalidDeviceKeys("the device's signature over its own keys does not verify")
         algorithms = keys.get("algorithms")
@@ -90,8 +95,8 @@ class Device:
         return cls(
             user_id,
             device_id,
-            keys["keys"][f"ed25519:{device_id}"],
-            keys["keys"][f"curve25519:{device_id}"],
+            boundary.public_key(keys["keys"][f"ed25519:{device_id}"], "ed25519"),
+            boundary.public_key(keys["keys"][f"curve25519:{device_id}"], "curve25519"),
             tuple(keys.get("algorithms", ())),
             stored.get("display_name"),
             keys,

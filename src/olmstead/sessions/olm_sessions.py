@@ -252,7 +252,7 @@ class OlmSessions:
         sender = boundary.event_identifier(event, "sender")
         sender_key = boundary.event_field(event, "content.sender_key", str, sender=sender)
         try:
-            boundary.public_key(sender_key, "content.sender_key")
+            sender_key = boundary.public_key(sender_key, "content.sender_key")
         except RemoteProtocolError as exc:
             raise MalformedEvent(str(exc), sender, None, "content.sender_key") from None
         content = event["content"]
@@ -348,7 +348,7 @@ class OlmSessions:
             return SenderMismatch("the decrypted payload is not an object", sender, sender_key)
         recipient_keys = payload.get("recipient_keys")
         keys = payload.get("keys")
-        claimed = keys.get("ed25519") if isinstance(keys, dict) else None
+        claimed = _public_key_or_none(keys.get("ed25519") if isinstance(keys, dict) else None)
         problems = []
         if payload.get("sender") != sender:
             problems.append(f"it claims sender {payload.get('sender')!r}, the event {sender!r}")
@@ -358,7 +358,7 @@ class OlmSessions:
             "ed25519"
         ):
             problems.append("it was encrypted for another Ed25519 key than ours")
-        if not (isinstance(claimed, str) and _is_public_key(claimed)):
+        if claimed is None:
             problems.append("it names no Ed25519 key of the sender")
         if not isinstance(payload.get("type"), str) or not isinstance(payload.get("content"), dict):
             problems.append("it has no type or content")
@@ -473,12 +473,12 @@ def _malformed(sender: str, sender_key: str, where: str) -> Callable[[str], Malf
     )
 
 
-def _is_public_key(value: str) -> bool:
+def _public_key_or_none(value: object) -> str | None:
+    """A key the payload claims, canonically spelled; ``None`` if it is not a key."""
     try:
-        boundary.public_key(value, "keys.ed25519")
+        return boundary.public_key(value, "keys.ed25519")
     except RemoteProtocolError:
-        return False
-    return True
+        return None
 
 
 def _b64(data: bytes) -> str:
