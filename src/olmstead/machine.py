@@ -1351,7 +1351,7 @@ class OlmMachine:
             try:
                 queried = self.devices.queried_users()
                 stored = await self._stored_devices_of(queried)
-                outcome = self.devices.on_response(response, stored)
+                outcome = self.devices.on_response(response, stored, self._clock())
                 changes = Changes(devices=outcome.devices, tracked_users=outcome.tracked_users)
                 reported = await self._apply_identities(response, queried, changes)
                 await self._commit(changes)

@@ -238,7 +238,7 @@ class UploadGuard:
         return report
 
     def _check_device(self, response: Mapping[str, Any], our_ed25519: str) -> None:
-        devices = response.get("device_keys")
+        devices = response.get("device_keys", {})  # absent: none (ruma leaves {} out)
         if not isinstance(devices, Mapping):
             raise RemoteProtocolError(
                 "the /keys/query response has no device_keys object", "device_keys"
@@ -263,7 +263,7 @@ class UploadGuard:
 def _claimed_key(
     response: Mapping[str, Any], user_id: str, device_id: str
 ) -> Mapping[str, Any] | None:
-    keys = response.get("one_time_keys")
+    keys = response.get("one_time_keys", {})  # absent: nothing claimed (ruma leaves {} out)
     if not isinstance(keys, Mapping):
         raise RemoteProtocolError(
             "the /keys/claim response has no one_time_keys object", "one_time_keys"

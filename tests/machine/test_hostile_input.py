@@ -232,7 +232,7 @@ async def test_a_mapping_or_id_argument_of_the_wrong_type_is_a_local_error(bad: 
                 await call()
 
 
-@pytest.mark.parametrize("bad", [None, [], "x", 5])
+@pytest.mark.parametrize("bad", [None, [], "x", 5, {"device_keys": []}, {"device_keys": "x"}])
 async def test_a_server_answer_that_is_not_an_object_is_a_remote_error(bad: Any) -> None:
     alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
     await alice.machine.update_tracked_users([BOB])
@@ -436,3 +436,21 @@ async def test_a_key_spelled_another_way_names_the_same_device() -> None:
     assert got.sender_key == alice.machine.identity_keys["curve25519"]
     assert got.verified
     assert {key for key, _ in bob.db.olm_sessions} == {alice.machine.identity_keys["curve25519"]}
+
+
+async def test_an_answer_that_leaves_users_out_is_asked_again_after_a_backoff() -> None:
+    """``{}`` (a server that leaves empty maps out) or a user whose server failed: the
+    user stays outdated, and is not queried again in the same round (no storm)."""
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    await alice.machine.update_tracked_users([BOB])
+    requests = await alice.machine.outgoing_requests()
+    (query,) = [r for r in requests if isinstance(r, KeysQueryRequest)]
+    await alice.machine.mark_request_as_sent(query.request_id, {"failures": {}})
+    again = await alice.machine.outgoing_requests()
+    assert [r for r in again if isinstance(r, KeysQueryRequest)] == []
+    alice.clock.now += 3600
+    (retry,) = [
+        r for r in await alice.machine.outgoing_requests() if isinstance(r, KeysQueryRequest)
+    ]
+    await alice.machine.mark_request_as_sent(retry.request_id, bob.query_answer())
+    assert "BOBDEV" in await alice.machine.get_user_devices(BOB)

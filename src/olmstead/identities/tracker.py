@@ -121,28 +121,43 @@ class DeviceTracker:
         self._backoff.failed(now)
 
     def on_response(
-        self, response: Mapping[str, Any], stored: Mapping[str, Mapping[str, Device]]
+        self,
+        response: Mapping[str, Any],
+        stored: Mapping[str, Mapping[str, Device]],
+        now: float | None = None,
     ) -> QueryOutcome:
-        """Apply an answer, given the stored devices of every queried user."""
+        """Apply an answer, given the stored devices of every queried user.
+
+        Users the answer leaves out (their server failed) stay outdated and are asked
+        again after a backoff (from ``now``), not at once: a server that never answers
+        for them must not get a query per round.
+        """
         assert self._waiting is not None
         # checked before anything changes: a refused answer leaves the query to be failed
         # (and retried after a backoff) by the caller
-        answered = response.get("device_keys") if isinstance(response, Mapping) else None
+        # absent: no devices at all (servers built on ruma leave empty maps out); every
+        # queried user then counts as not answered and stays outdated
+        answered = response.get("device_keys", {}) if isinstance(response, Mapping) else None
         if not isinstance(answered, Mapping):
             raise RemoteProtocolError(
                 "the /keys/query response has no device_keys object", "device_keys"
             )
         queried, self._waiting = self.queried_users(), None
-        self._backoff.succeeded()
         outcome = QueryOutcome()
+        unanswered = 0
         for user_id in queried:
             listed = answered.get(user_id)
             if not isinstance(listed, Mapping):
+                unanswered += 1
                 continue  # not answered (a failure for that server): stays outdated
             self._apply_user(user_id, listed, stored.get(user_id, {}), outcome)
             if user_id not in self._marked_in_flight and user_id in self._tracked:
                 self._outdated.discard(user_id)
                 outcome.tracked_users[user_id] = False
+        if unanswered and now is not None:
+            self._backoff.failed(now)
+        else:
+            self._backoff.succeeded()
         return outcome
 
     def _apply_user(
