@@ -109,6 +109,14 @@ async def test_a_hostile_user_never_stops_the_victim_syncing_and_decrypting(
     ]
     for poison in poisons:
         await mallory.send_to_device(b_user["user_id"], b_user["device_id"], poison)
+    # and room events of the same kind, into the room they share
+    room_poisons: list[Any] = [
+        {"algorithm": "m.megolm.v1.aes-sha2", "session_id": 5, "ciphertext": "AAAA"},
+        {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": ["x"], "sender_key": b64_of(33)},
+    ]
+    for n, poison in enumerate(room_poisons):
+        path = f"/_matrix/client/v3/rooms/{room}/send/m.room.encrypted/poison{n}"
+        await mallory.call("PUT", path, poison)
 
     await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "one"})
     await bob.sync_once()
@@ -119,6 +127,10 @@ async def test_a_hostile_user_never_stops_the_victim_syncing_and_decrypting(
     assert all(isinstance(f[2], DecryptionError) for f in to_device_failures)
     assert sum(isinstance(f[2], MalformedEvent) for f in to_device_failures) >= 6
     assert await bob.machine.get_user_devices(m_user["user_id"]) == {}
+    room_failures = [f for f in failures if f[0] == room]
+    assert len(room_failures) == len(room_poisons)
+    assert all(isinstance(f[2], MalformedEvent) for f in room_failures)
+    failures[:] = [f for f in failures if f[0] is None]
 
     # the sync token moved on: the poison does not come back, and bob goes on decrypting
     await alice.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "two"})
