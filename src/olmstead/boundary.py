@@ -51,6 +51,7 @@ __all__ = [
     "mapping",
     "public_key",
     "response_mapping",
+    "show",
     "string_list",
     "to_device_events",
 ]
@@ -80,7 +81,7 @@ def is_identifier(value: object) -> bool:
 def identifier(value: object, field: str) -> str:
     """``value`` as an identifier; ``RemoteProtocolError`` naming ``field`` otherwise."""
     if not is_identifier(value):
-        raise RemoteProtocolError(f"{field} is not a usable identifier: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not a usable identifier: {show(value)}", field)
     assert isinstance(value, str)
     return value
 
@@ -88,14 +89,14 @@ def identifier(value: object, field: str) -> str:
 def count(value: object, field: str) -> int:
     """A non-negative integer up to ``MAX_INT`` (``True`` is not a number here)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
-        raise RemoteProtocolError(f"{field} is not a non-negative integer: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not a non-negative integer: {show(value)}", field)
     return value
 
 
 def mapping(value: object, field: str) -> Mapping[str, Any]:
     """``value`` if it is a JSON object; ``RemoteProtocolError`` naming ``field`` otherwise."""
     if not isinstance(value, Mapping):
-        raise RemoteProtocolError(f"{field} is not an object: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not an object: {show(value)}", field)
     return value
 
 
@@ -103,7 +104,7 @@ def response_mapping(value: object, endpoint: str) -> Mapping[str, Any]:
     """A server's answer, which the spec makes a JSON object."""
     if not isinstance(value, Mapping):
         raise RemoteProtocolError(
-            f"the {endpoint} answer is not a JSON object: {_show(value)}", endpoint
+            f"the {endpoint} answer is not a JSON object: {show(value)}", endpoint
         )
     return value
 
@@ -111,7 +112,7 @@ def response_mapping(value: object, endpoint: str) -> Mapping[str, Any]:
 def string_list(value: object, field: str) -> list[str]:
     """A JSON array of identifiers."""
     if not _is_list(value):
-        raise RemoteProtocolError(f"{field} is not an array: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not an array: {show(value)}", field)
     assert isinstance(value, Sequence)
     return [identifier(item, f"{field}[{i}]") for i, item in enumerate(value)]
 
@@ -119,11 +120,11 @@ def string_list(value: object, field: str) -> list[str]:
 def decode_base64(value: object, field: str) -> bytes:
     """Standard base64, padded or not (Matrix sends it unpadded)."""
     if not isinstance(value, str) or not value.isascii():
-        raise RemoteProtocolError(f"{field} is not a base64 string: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not a base64 string: {show(value)}", field)
     try:
         return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise RemoteProtocolError(f"{field} is not valid base64: {_show(value)}", field) from None
+        raise RemoteProtocolError(f"{field} is not valid base64: {show(value)}", field) from None
 
 
 def public_key(value: object, field: str) -> str:
@@ -155,7 +156,7 @@ def event_field(
         value = value.get(part) if isinstance(value, Mapping) else None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise MalformedEvent(
-            f"the event's {path} is not {_kind_name(kind)}: {_show(value)}", sender, field=path
+            f"the event's {path} is not {_kind_name(kind)}: {show(value)}", sender, field=path
         )
     if isinstance(value, int) and not 0 <= value <= MAX_INT:
         raise MalformedEvent(f"the event's {path} is out of range: {value}", sender, field=path)
@@ -167,7 +168,7 @@ def event_identifier(event: Mapping[str, Any], path: str, *, sender: str | None 
     value = event_field(event, path, str, sender=sender)
     if not is_identifier(value):
         raise MalformedEvent(
-            f"the event's {path} is not a usable identifier: {_show(value)}", sender, field=path
+            f"the event's {path} is not a usable identifier: {show(value)}", sender, field=path
         )
     assert isinstance(value, str)
     return value
@@ -211,7 +212,7 @@ def to_device_events(value: object, field: str = "to_device.events") -> list[Any
     if value is None:
         return []
     if not _is_list(value):
-        raise RemoteProtocolError(f"{field} is not an array: {_show(value)}", field)
+        raise RemoteProtocolError(f"{field} is not an array: {show(value)}", field)
     assert isinstance(value, Sequence)
     return list(value)
 
@@ -275,11 +276,11 @@ class SyncSections:
 def api_strings(value: object, name: str) -> list[str]:
     """An iterable of strings passed to a public method (``LocalProtocolError`` otherwise)."""
     if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
-        raise LocalProtocolError(f"{name} must be an iterable of strings, not {_show(value)}")
+        raise LocalProtocolError(f"{name} must be an iterable of strings, not {show(value)}")
     items = list(value)
     bad = [item for item in items if not is_identifier(item)]
     if bad:
-        raise LocalProtocolError(f"{name} holds a value that is not an identifier: {_show(bad[0])}")
+        raise LocalProtocolError(f"{name} holds a value that is not an identifier: {show(bad[0])}")
     return items
 
 
@@ -296,7 +297,7 @@ def api_json(value: object, name: str) -> bytes:
 def api_mapping(value: object, name: str) -> Mapping[str, Any]:
     """A mapping passed to a public method (``LocalProtocolError`` otherwise)."""
     if not isinstance(value, Mapping):
-        raise LocalProtocolError(f"{name} must be a mapping, not {_show(value)}")
+        raise LocalProtocolError(f"{name} must be a mapping, not {show(value)}")
     return value
 
 
@@ -313,7 +314,7 @@ def _kind_name(kind: type) -> str:
     )
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
     """A short, safe rendering of a hostile value for a message."""
     try:
         text = repr(value)

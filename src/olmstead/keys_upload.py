@@ -161,7 +161,7 @@ class KeysUpload:
             log.warning(
                 "the /keys/upload answer has no one_time_key_counts (%s); the keys count as "
                 "published, the count is taken from the next sync",
-                str(response)[:200],
+                boundary.show(response),
             )
         record.account.mark_keys_as_published()
         record.shared = True

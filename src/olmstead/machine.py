@@ -403,7 +403,7 @@ class OlmMachine:
             if result is None:
                 continue  # delivered before: dropped (see OlmSessions.decrypt)
             if isinstance(result, DecryptionError):
-                log.warning("to-device event from %s: %s", event.get("sender"), result)
+                log.warning("to-device event from %.80r: %s", event.get("sender"), result)
                 results.append(UndecryptableToDevice(event, result))
                 if isinstance(result, OlmSessionError) and result.sender_key is not None:
                     await self._note_wedged(result.sender_key, now, event.get("sender"), changes)

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from olmstead import boundary
 from olmstead.backoff import Backoff
 from olmstead.errors import (
     DeviceIdentityConflict,
@@ -256,7 +257,8 @@ class UploadGuard:
             )
             self._mode = "ready"
             return
-        self.problem = DeviceIdInUse(self.user_id, self.device_id, str(server_key))
+        shown = server_key if isinstance(server_key, str) else boundary.show(server_key)
+        self.problem = DeviceIdInUse(self.user_id, self.device_id, shown)
         raise self.problem
 
 
@@ -275,7 +277,7 @@ def _claimed_key(
         return None
     key = next(iter(device.values()))
     if not isinstance(key, Mapping):
-        raise RemoteProtocolError(f"a claimed key is not an object: {key!r}")
+        raise RemoteProtocolError(f"a claimed key is not an object: {boundary.show(key)}")
     return key
 
 

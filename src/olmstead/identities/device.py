@@ -44,7 +44,7 @@ class Device:
         if keys.get("user_id") != user_id or keys.get("device_id") != device_id:
             raise InvalidDeviceKeys(
                 f"listed as {user_id}/{device_id} but names itself "
-                f"{keys.get('user_id')!r}/{keys.get('device_id')!r}"
+                f"{boundary.show(keys.get('user_id'))}/{boundary.show(keys.get('device_id'))}"
             )
         key_map = keys.get("keys")
         ed25519 = key_map.get(f"ed25519:{device_id}") if isinstance(key_map, dict) else None

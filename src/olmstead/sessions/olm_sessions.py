@@ -351,9 +351,11 @@ class OlmSessions:
         claimed = _public_key_or_none(keys.get("ed25519") if isinstance(keys, dict) else None)
         problems = []
         if payload.get("sender") != sender:
-            problems.append(f"it claims sender {payload.get('sender')!r}, the event {sender!r}")
+            problems.append(
+                f"it claims sender {boundary.show(payload.get('sender'))}, the event {sender!r}"
+            )
         if payload.get("recipient") != self.user_id:
-            problems.append(f"it is addressed to {payload.get('recipient')!r}")
+            problems.append(f"it is addressed to {boundary.show(payload.get('recipient'))}")
         if not isinstance(recipient_keys, dict) or recipient_keys.get("ed25519") != own_keys.get(
             "ed25519"
         ):
