@@ -227,6 +227,41 @@ async def build_olm_payload() -> Built:
     return Built(payload, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
 
 
+async def build_withheld() -> Built:
+    """An unencrypted ``m.room_key.withheld`` notice from the honest peer's device."""
+    alice, bob, mallory = await _cast()
+    await learn_devices(bob, alice)
+    curve = alice.machine.identity_keys["curve25519"]
+    event = {
+        "type": "m.room_key.withheld",
+        "sender": ALICE,
+        "content": {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "room_id": ROOM,
+            "session_id": "SESSIONID",
+            "sender_key": curve,
+            "code": "m.unverified",
+            "reason": "not verified",
+        },
+    }
+
+    async def feed(victim: Peer, obj: Any) -> Outcome:
+        before = dict(victim.db.withheld)
+        await victim.machine.receive_sync_changes(to_device_events=[obj])
+        if victim.db.withheld == before:
+            return Outcome(False)
+        for (_room, _session, key), (sender, _code, _reason) in victim.db.withheld.items():
+            if key == curve and sender != ALICE:
+                return Outcome(True, f"{sender} withheld a key in the name of alice's device")
+        return Outcome(True)
+
+    async def genuine(victim: Peer) -> bool:
+        await victim.machine.receive_sync_changes(to_device_events=[event])
+        return ("!room:example.org", "SESSIONID", curve) in victim.db.withheld
+
+    return Built(event, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
+
+
 # --- room events ---------------------------------------------------------------------------
 
 
@@ -507,6 +542,7 @@ INPUTS: list[Input] = [
     Input("to_device_olm_normal", build_olm_normal),
     Input("to_device_room_key", build_room_key),
     Input("olm_payload_from_a_malicious_device", build_olm_payload),
+    Input("to_device_withheld", build_withheld),
     Input("room_event_megolm", build_megolm_event),
     Input("megolm_payload_from_a_malicious_device", build_megolm_payload),
     Input("keys_query_answer", build_keys_query),

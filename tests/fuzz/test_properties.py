@@ -8,8 +8,10 @@ snapshot each time. The properties:
    ``OverflowError``, or vodozemac's ``PanicException``);
 2. nothing forged is accepted: what is accepted carries the genuine sender,
    keys and content;
-3. a refused input leaves the store byte for byte as it was, and what an accepted
-   one stored every backend can hold (no NUL, no lone surrogate, 64-bit integers);
+3. a refused input leaves the store byte for byte as it was (but for the one repair
+   step a broken Olm session takes: its sender's device list marked for a query),
+   and what an accepted one stored every backend can hold (no NUL, no lone
+   surrogate, 64-bit integers);
 4. after a refusal the genuine input (or its retry) still works.
 """
 
@@ -48,10 +50,24 @@ async def one_example(item: Built, obj: Any) -> None:
         assert outcome.forged is None, outcome.forged
         assert unstorable(dump(victim.db)) == [], "accepted what SQLite or PostgreSQL refuse"
         if not outcome.accepted:
-            assert dump(victim.db) == before, "a refused input changed the store"
+            assert refusal_changes(before, dump(victim.db)) == [], "a refused input changed it"
             assert await item.genuine(victim), "after a refusal the genuine input fails"
     finally:
         await victim.machine.store.close()
+
+
+def refusal_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What a refusal changed in the store, beyond the one change a refusal may make: an
+    Olm message no session decrypts, from a device we do not know, marks its sender's
+    device list for a query (the repair of a broken session; issue 13)."""
+    changed = [name for name in before if name != "tracked_users" and before[name] != after[name]]
+    old, new = before["tracked_users"], after["tracked_users"]
+    changed += [
+        f"tracked_users[{user!r}]"
+        for user in old.keys() | new.keys()
+        if old.get(user) != new.get(user) and new.get(user) is not True
+    ]
+    return changed
 
 
 @pytest.mark.parametrize("name", [entry.name for entry in INPUTS])

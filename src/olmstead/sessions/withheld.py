@@ -25,7 +25,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from olmstead.errors import RoomKeyWithheld
+from olmstead import boundary
+from olmstead.errors import RemoteProtocolError, RoomKeyWithheld
 from olmstead.store.base import CryptoStore, WithheldRecord, is_storable_text
 
 __all__ = ["WITHHELD_CODES", "WITHHELD_TYPE", "find_withheld", "read_withheld"]
@@ -78,6 +79,11 @@ async def read_withheld(
         and is_storable_text(sender)
     ):
         log.warning("ignored a withheld notice from %s: malformed or not Megolm", sender)
+        return None
+    try:  # the key in its one spelling: devices and notices are found by it
+        sender_key = boundary.public_key(sender_key, "sender_key")
+    except RemoteProtocolError:
+        log.warning("ignored a withheld notice from %s: its sender_key is no key", sender)
         return None
     if code != "m.no_olm" and not (room_id and session_id):
         log.warning("ignored a withheld notice (%s) from %s: it names no session", code, sender)
