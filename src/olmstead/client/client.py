@@ -792,10 +792,9 @@ class Client:
         for room_id, group in itertools.groupby(events, key=lambda pair: pair[0]):
             batch = [event for _room, event in group]
             encrypted = [e for e in batch if e.get("type") == "m.room.encrypted"]
-            decrypted = (
+            results = iter(
                 await self._machine().decrypt_room_events(room_id, encrypted) if encrypted else []
             )
-            results = iter(decrypted)
             for event in batch:
                 if event.get("type") != "m.room.encrypted":
                     self._emit(_plain(room_id, event))
