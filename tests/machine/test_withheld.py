@@ -17,7 +17,7 @@ WITHHELD_CONTENT = {
     "algorithm": "m.megolm.v1.aes-sha2",
     "room_id": ROOM,
     "session_id": "session",
-    "sender_key": "alicesdevicekey",
+    "sender_key": "YWxpY2UgZGV2aWNlIGtleSwgdGhpcnR5LXR3byBiISE",  # 32 bytes, as a key is
     "code": "m.unverified",
     "reason": "not verified",
 }
