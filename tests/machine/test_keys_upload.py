@@ -63,7 +63,8 @@ async def pass_device_check(machine: OlmMachine, user: str = USER, device: str =
     if not machine._record.claimed:
         (claim,) = await outgoing(machine)
         assert isinstance(claim, KeysUploadRequest)
-        assert claim.device_keys is None and claim.fallback_keys == {}
+        assert claim.device_keys is None
+        assert claim.fallback_keys == {}
         assert list(claim.one_time_keys) == ["signed_curve25519:AAAAAAAAAAA"]
         await machine.mark_request_as_sent(claim.request_id, ok(1))
 

@@ -338,7 +338,9 @@ async def test_cross_signing_keys_round_trip_sealed_and_replaced_whole(backend: 
     second = CrossSigningRecord({"master": "b3RoZXI"}, {"published": True, "outbox": []})
     await store.save_changes(Changes(cross_signing=second))
     again = await store.load_cross_signing()
-    assert again is not None and again.secrets == second.secrets and again.state == second.state
+    assert again is not None
+    assert again.secrets == second.secrets
+    assert again.state == second.state
     await store.close()
     with pytest.raises(WrongPickleKey):  # the sealed keys are never read with another key
         await backend.open(OTHER_KEY)

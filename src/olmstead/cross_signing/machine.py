@@ -148,7 +148,8 @@ class CrossSigningMachine:
         self, request_id: str, response: Mapping[str, Any]
     ) -> tuple[CrossSigningRecord, SignatureUploadFailed | None]:
         """The record without the confirmed request (to commit), and any refused signatures."""
-        assert self.record is not None and self.owns(request_id)
+        assert self.record is not None
+        assert self.owns(request_id)
         self._in_flight = None
         self._backoff.succeeded()
         record = self.record.copy()
