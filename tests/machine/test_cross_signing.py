@@ -218,7 +218,7 @@ async def test_an_interrupted_bootstrap_resumes_with_the_same_keys_and_recovery_
 
 
 async def test_bootstrap_refuses_an_account_that_has_a_master_key_already() -> None:
-    peer, server, _key, _sent = await bootstrapped()
+    _peer, server, _key, _sent = await bootstrapped()
     other = await second_device(server)
     with pytest.raises(CrossSigningExists):
         await other.machine.bootstrap_cross_signing(server.query(), iterations=ITERATIONS)
@@ -355,12 +355,12 @@ async def test_refused_signatures_are_reported_not_ignored() -> None:
 
 
 async def test_signing_another_users_master_key_with_our_user_signing_key() -> None:
-    peer, server, _key, _sent = await bootstrapped()
+    peer, _server, _key, _sent = await bootstrapped()
     theirs = key_object("@alice:example.org", "master", SigningKey.generate().public_key)
     await peer.machine.sign_user("@alice:example.org", theirs)
     (request,) = await peer.machine.outgoing_requests()
     assert isinstance(request, SignaturesUploadRequest)
-    ((public, signed),) = request.signed_keys["@alice:example.org"].items()
+    ((_public, signed),) = request.signed_keys["@alice:example.org"].items()
     usk = peer.machine.cross_signing_status.public_keys["user_signing"]
     assert verify_signed_json(signed, USER, usk, usk)
     with pytest.raises(InvalidSignature):
