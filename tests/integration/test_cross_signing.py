@@ -12,6 +12,7 @@ import pytest
 from nio import AsyncClient, AsyncClientConfig
 
 from olmstead import (
+    Client,
     DeviceIdentityConflict,
     DeviceIdInUse,
     DeviceKeysReplaced,

@@ -25,7 +25,7 @@ from olmstead import (
 )
 from olmstead.cross_signing import published_identity
 from olmstead.cross_signing import secret_storage as ssss
-from olmstead.cross_signing.keys import SigningKey, key_object
+from olmstead.cross_signing.keys import SigningKey, b64decode, key_object
 from olmstead.olm.signing import verify_signed_json
 from olmstead.requests import (
     AccountDataRequest,
@@ -81,7 +81,7 @@ class OwnKeys:
 
 async def drive(machine: OlmMachine, server: OwnKeys) -> list[Any]:
     """Hand every request to ``server`` until the machine asks for nothing more."""
-    sent = []
+    sent: list[Any] = []
     while True:
         requests = await machine.outgoing_requests()
         if not requests:
@@ -192,7 +192,7 @@ async def test_bootstrap_commits_then_hands_out_keys_signatures_and_secret_stora
     assert secret is not None
     plain = ssss.decrypt_secret(ssss.decode_recovery_key(key), "m.cross_signing.master", secret)
     assert plain is not None
-    assert SigningKey(ssss.b64decode(plain.decode())).public_key == identity.master_key
+    assert SigningKey(b64decode(plain.decode())).public_key == identity.master_key
 
 
 async def test_an_interrupted_bootstrap_resumes_with_the_same_keys_and_recovery_key() -> None:
