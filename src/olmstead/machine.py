@@ -342,7 +342,7 @@ class OlmMachine:
             )
             if record is not None:
                 await self._commit(Changes(cross_signing=record))
-                self.cross_signing.adopt(record)
+                self.cross_signing.adopt(record, fresh=True)
             return recovery_key
 
     async def recover_cross_signing(
@@ -369,7 +369,7 @@ class OlmMachine:
                 own_keys, account_data, key, passphrase, self.device_keys(), self._sign_with_device
             )
             await self._commit(Changes(cross_signing=record))
-            self.cross_signing.adopt(record)
+            self.cross_signing.adopt(record, fresh=True)
 
     async def sign_user(self, user_id: str, master_key: Mapping[str, Any]) -> None:
         """Sign ``user_id``'s master key (as ``/keys/query`` gave it) with our user-signing

@@ -13,6 +13,8 @@ from nio import AsyncClient, AsyncClientConfig
 
 from olmstead import (
     Client,
+    CrossSigningExists,
+    CrossSigningSettings,
     DeviceIdentityConflict,
     DeviceIdInUse,
     DeviceKeysReplaced,
@@ -160,3 +162,52 @@ async def test_two_clients_starting_together_on_a_new_device_leave_one_owner(
         assert owner.machine.key_problem is None
         for client in clients:
             await close_client(client)
+
+
+async def login_again(url: str, user: dict[str, Any]) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post(
+            "/_matrix/client/v3/login",
+            json={
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": user["localpart"]},
+                "password": user["password"],
+            },
+        )
+    answer.raise_for_status()
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+async def test_a_second_bootstrap_that_raced_the_first_never_resets_the_identity(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url, user = homeserver.base_url, new_user()
+    first = await started(url, tmp_path / "first.db", user)
+    second_login = await login_again(url, user)
+    second = await open_client(
+        url,
+        tmp_path / "second.db",
+        session_of(url, second_login),
+        Wire(),
+    )
+    second._cross_signing = CrossSigningSettings(password=user["password"])
+    await second.init_crypto()
+    assert second.machine is not None
+    stale = await second.own_keys()  # looked up before the first device bootstrapped
+    recovery_key = await first.bootstrap_cross_signing()
+    published = await own_keys(url, user["access_token"], user["user_id"])
+
+    await second.machine.bootstrap_cross_signing(stale)
+    with pytest.raises(CrossSigningExists):  # Synapse asked for auth: not answered
+        await second.process_outgoing(raise_trust_errors=True)
+    assert await own_keys(url, user["access_token"], user["user_id"]) == published
+    # the way out: recover the account's keys, which replaces the unsent ones
+    await second.recover(recovery_key=recovery_key)
+    assert second.machine.cross_signing_status.pending == 0
+    after = await own_keys(url, user["access_token"], user["user_id"])
+    user_id = user["user_id"]
+    assert after["master_keys"][user_id]["keys"] == published["master_keys"][user_id]["keys"]
+    assert after["self_signing_keys"] == published["self_signing_keys"]
+    await close_client(first)
+    await close_client(second)

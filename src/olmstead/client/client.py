@@ -47,7 +47,7 @@ from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.media import FileSource, Media
 from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState, is_identifier
-from olmstead.cross_signing import secret_storage
+from olmstead.cross_signing import published_identity, secret_storage
 from olmstead.cross_signing.machine import SECRET_NAMES
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
@@ -348,6 +348,15 @@ class Client:
             flows = body.get("flows")
             if error.status != 401 or not isinstance(flows, list):
                 raise
+            # Synapse asks for auth only to replace keys the account already has: another
+            # device bootstrapped meanwhile. Never reset its identity with our password.
+            session = self._session()
+            master = next(iter(request.master_key.get("keys", {}).values()), None)
+            published = published_identity(
+                await self.own_keys(), session.user_id, session.device_id, ""
+            )
+            if published.master_key is not None and published.master_key != master:
+                raise CrossSigningExists(session.user_id, published.master_key) from None
             stages = [
                 f.get("stages")
                 for f in flows
@@ -400,7 +409,9 @@ class Client:
                     if raise_trust_errors and isinstance(request, DeviceSigningUploadRequest):
                         raise
                     continue
-                except TrustError as problem:  # signatures the server refused: reported
+                except TrustError as problem:  # refused signatures, keys another device made
+                    if isinstance(request, DeviceSigningUploadRequest):
+                        await machine.mark_request_as_failed(request.request_id, problem)
                     if raise_trust_errors:
                         raise
                     self._report(problem)

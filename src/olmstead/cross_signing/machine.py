@@ -119,9 +119,13 @@ class CrossSigningMachine:
         assert self.record is not None
         return SigningKey(b64decode(self.record.secrets[usage]))
 
-    def adopt(self, record: CrossSigningRecord) -> None:
-        """Take ``record`` as ours: call only once it is committed."""
+    def adopt(self, record: CrossSigningRecord, *, fresh: bool = False) -> None:
+        """Take ``record`` as ours: call only once it is committed. ``fresh``: a new outbox
+        (a bootstrap, a recovery), so nothing of the old one is in flight or backing off."""
         self.record = record
+        if fresh:
+            self._in_flight = None
+            self._backoff.succeeded()
 
     def forget(self, record: CrossSigningRecord | None) -> None:
         """The store moved on under us: take its record, drop what was in flight."""
