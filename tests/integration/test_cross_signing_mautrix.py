@@ -33,7 +33,7 @@ async def account_data(url: str, user: dict[str, Any], event_type: str) -> Any:
     return answer.json()
 
 
-class StateStore(MemoryStateStore):
+class StateStore(MemoryStateStore):  # type: ignore[misc]
     """mautrix's memory state store, with the crypto state-store calls it makes here."""
 
     async def find_shared_rooms(self, user_id: Any) -> list[Any]:

@@ -115,11 +115,32 @@ def _diagnosis_inputs(
     return _Inputs(found, key, credentials, candidates, given)
 
 
+TRUST = click.option(
+    "--trust",
+    is_flag=True,
+    help="Check cross-signing too: whether the account has an identity and the device is "
+    "signed by it (needs --homeserver).",
+)
+CHECK_RECOVERY_KEY = click.option(
+    "--check-recovery-key",
+    is_flag=True,
+    help="Check that secret storage opens with the recovery key ($OLMSTEAD_RECOVERY_KEY or a "
+    "prompt); implies --trust.",
+)
+
+
 def _diagnosis_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options doctor and repair share: which store, which key, which server."""
-    for option in reversed((STORE, ACCOUNT, KIND, KEY_FILE, HOMESERVER)):
+    for option in reversed((STORE, ACCOUNT, KIND, KEY_FILE, HOMESERVER, TRUST, CHECK_RECOVERY_KEY)):
         command = option(command)
     return command
+
+
+def _recovery_key() -> str:
+    import os
+
+    value = os.environ.get("OLMSTEAD_RECOVERY_KEY")
+    return value if value is not None else click.prompt("Recovery key", hide_input=True)
 
 
 @main.command()
@@ -131,6 +152,8 @@ def doctor(
     kind: str,
     key_file: Path | None,
     homeserver: str | None,
+    trust: bool,
+    check_recovery_key: bool,
     as_json: bool,
 ) -> None:
     """Say what is wrong with a device's keys, how we know, and what to do.
@@ -143,6 +166,7 @@ def doctor(
     from olmstead.doctor import diagnose
 
     given = _diagnosis_inputs(store, kind, key_file, homeserver)
+    recovery_key = _recovery_key() if check_recovery_key else None
     report = _run(
         lambda: diagnose(
             store,
@@ -153,6 +177,8 @@ def doctor(
             server=given.credentials,
             given=given.given,
             key_file=key_file,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(report.to_json() if as_json else report.to_text())
@@ -183,6 +209,8 @@ def repair(
     kind: str,
     key_file: Path | None,
     homeserver: str | None,
+    trust: bool,
+    check_recovery_key: bool,
     yes: bool,
     into: str | None,
     keep_old_device: bool,
@@ -195,7 +223,10 @@ def repair(
     keys and uploads what is missing; moves a device whose ID another identity took
     to a new device (the password from $OLMSTEAD_PASSWORD or a prompt), carrying
     the room keys over; moves a mautrix or matrix-nio device into a new olmstead
-    store (--into). Ends with a second diagnosis; its exit code is the command's.
+    store (--into); with --trust, sets up cross-signing for an account that has
+    none (printing the recovery key) or recovers it for an unsigned device (the
+    recovery key from $OLMSTEAD_RECOVERY_KEY or a prompt). Ends with a second
+    diagnosis; its exit code is the command's.
     """
     import os
 
@@ -212,6 +243,8 @@ def repair(
         value = os.environ.get("OLMSTEAD_PASSWORD")
         return value if value is not None else click.prompt("Account password", hide_input=True)
 
+    recovery_key = _recovery_key() if check_recovery_key else None
+    trust = trust or check_recovery_key
     report = _run(
         lambda: diagnose(
             store,
@@ -222,11 +255,21 @@ def repair(
             server=credentials,
             given=given.given,
             key_file=key_file,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(report.to_text())
     options = RepairOptions(
-        store, key, account, credentials, password, into, not keep_old_device, session_file
+        store,
+        key,
+        account,
+        credentials,
+        password,
+        into,
+        not keep_old_device,
+        session_file,
+        _recovery_key if trust else None,
     )
     repairs = plan_repairs(report, options)
     if not repairs:
@@ -254,6 +297,8 @@ def repair(
             candidates=candidates,
             server=server,
             given=given.given,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(after.to_text())
