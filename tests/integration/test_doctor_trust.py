@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from olmstead import PickleKey
+from olmstead.cross_signing import encode_recovery_key
 from tests.integration.test_doctor import (
     RAW_KEY_ENV,
     TEXT_KEY,
