@@ -17,6 +17,7 @@ from olmstead import (
     MemoryDatabase,
     MemoryStore,
     OlmMachine,
+    OlmsteadError,
     SecretsMismatch,
     SecretStorageMissing,
     SignatureUploadFailed,
@@ -390,3 +391,52 @@ async def test_our_device_replaced_on_the_server_is_reported_and_uploads_stop() 
     assert not [
         r for r in await peer.machine.outgoing_requests() if isinstance(r, KeysUploadRequest)
     ]
+
+
+def leaf_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        found = [path] if path else []
+        for key, item in value.items():
+            found.extend(leaf_paths(item, (*path, key)))
+        return found
+    return [path]
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    return {**value, path[0]: replaced(value[path[0]], path[1:], new)}
+
+
+HOSTILE: list[Any] = [None, 0, True, "", "A" * 5000, [], {}, {"k": [1, {"x": None}]}, 1.5]
+
+
+async def test_every_field_of_the_server_s_answers_mutated_is_refused_cleanly() -> None:
+    """Each field of the account data and of /keys/query, replaced by hostile values:
+    recovery either succeeds unchanged or raises an olmstead error, storing nothing."""
+    peer, server, key, _sent = await bootstrapped()
+    first_keys = peer.machine.cross_signing_status.public_keys
+    other = await second_device(server)
+    query = server.query()
+    tried = 0
+    for source in ("account_data", "query"):
+        original = server.account_data if source == "account_data" else query
+        for path in leaf_paths(original):
+            for value in HOSTILE:
+                data = replaced(original, path, value)
+                account_data = data if source == "account_data" else server.account_data
+                keys = data if source == "query" else query
+                tried += 1
+                before = await other.machine.store.load_cross_signing()
+                try:
+                    await other.machine.recover_cross_signing(keys, account_data, recovery_key=key)
+                except OlmsteadError:
+                    after = await other.machine.store.load_cross_signing()
+                    assert (after is None) == (before is None)
+                    if after is not None and before is not None:
+                        assert (after.secrets, after.state) == (before.secrets, before.state)
+                    continue
+                # accepted: only a change that leaves what recovery checks intact
+                status = other.machine.cross_signing_status
+                assert status.public_keys == first_keys
+    assert tried > 200
