@@ -22,6 +22,7 @@ from olmstead import (
     WrongRecoveryKey,
     published_identity,
 )
+from olmstead.olm.signing import verify_signed_json
 from tests.integration.harness import (
     Wire,
     close_client,
@@ -190,8 +191,8 @@ async def test_a_second_bootstrap_that_raced_the_first_never_resets_the_identity
         tmp_path / "second.db",
         session_of(url, second_login),
         Wire(),
+        cross_signing=CrossSigningSettings(password=user["password"]),
     )
-    second._cross_signing = CrossSigningSettings(password=user["password"])
     await second.init_crypto()
     assert second.machine is not None
     stale = await second.own_keys()  # looked up before the first device bootstrapped
@@ -211,3 +212,44 @@ async def test_a_second_bootstrap_that_raced_the_first_never_resets_the_identity
     assert after["self_signing_keys"] == published["self_signing_keys"]
     await close_client(first)
     await close_client(second)
+
+
+async def test_bootstrap_on_first_start_hands_the_recovery_key_over_once(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url, user = homeserver.base_url, new_user()
+    keys: list[str] = []
+    settings = CrossSigningSettings(bootstrap_on_start=True, on_recovery_key=keys.append)
+    for _start in range(2):  # the second start finds the identity and makes none
+        client = await open_client(
+            url, tmp_path / "bot.db", session_of(url, user), Wire(), cross_signing=settings
+        )
+        await client.init_crypto()
+        assert client.machine is not None
+        assert client.machine.cross_signing_status.published
+        await close_client(client)
+    assert len(keys) == 1
+    assert keys[0].startswith("Es")
+
+
+async def test_signing_another_users_master_key_is_accepted_by_synapse(
+    homeserver: Any, new_user: Any, tmp_path: Path
+) -> None:
+    url, alice, bob = homeserver.base_url, new_user(), new_user()
+    ours = await started(url, tmp_path / "alice.db", alice)
+    theirs = await started(url, tmp_path / "bob.db", bob)
+    await ours.bootstrap_cross_signing()
+    await theirs.bootstrap_cross_signing()
+    their_master = (await own_keys(url, alice["access_token"], bob["user_id"]))["master_keys"][
+        bob["user_id"]
+    ]
+    assert ours.machine is not None
+    await ours.machine.sign_user(bob["user_id"], their_master)
+    await ours.process_outgoing(raise_trust_errors=True)  # refused signatures would raise
+    seen = (await own_keys(url, alice["access_token"], bob["user_id"]))["master_keys"][
+        bob["user_id"]
+    ]
+    usk = ours.machine.cross_signing_status.public_keys["user_signing"]
+    assert verify_signed_json(seen, alice["user_id"], usk, usk)
+    await close_client(ours)
+    await close_client(theirs)
