@@ -83,8 +83,9 @@ async def main() -> None:
         args.store, KEY, lease=LeaseSettings(duration=1.0, renew_every=0.3)
     )
     machine = await OlmMachine.open(store, USER, DEVICE)
-    # the server knows no keys for this device, and takes its claim (crashes in the
-    # claim itself: tests/machine/test_cross_signing_crash.py)
+    # the server knows no keys for this device, and takes its claim of the device ID
+    # (one key, before the cycles below: the claim is an upload like the others, a
+    # pure function of the committed account)
     await pass_device_check(machine, USER, DEVICE)
     if args.resume:
         requests = await outgoing(machine)
