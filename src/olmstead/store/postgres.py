@@ -982,8 +982,11 @@ async def _migrate(pool: asyncpg.Pool, name: str) -> None:
                 f"{name} has schema version {version}, newer than this olmstead knows "
                 f"({latest}): upgrade olmstead; downgrading a store is not supported."
             )
+        # every step not yet recorded, not only those above the highest: numbers are
+        # assigned per change, and a database may have run a later one first
+        done = {row[0] for row in await conn.fetch("SELECT version FROM olmstead_schema")}
         for number, _description, sql in MIGRATIONS:
-            if number > version:
+            if number not in done:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO olmstead_schema (version) VALUES ($1)", number)
 
