@@ -557,7 +557,8 @@ class StaleKeysRemain(KeyStateError):
 
 class DeviceUnusable(KeyStateError):
     """This device must send nothing encrypted: its device ID was refused
-    (``DeviceIdInUse``) or another identity's keys sit on it (``DeviceIdentityConflict``).
+    (``DeviceIdInUse``), another identity's keys sit on it (``DeviceIdentityConflict``),
+    or another client replaced its keys on the server (``DeviceKeysReplaced``).
 
     Recipients see the server's keys for this device ID, not ours: what we encrypted
     would be refused, or worse, trusted under another identity. ``cause`` is the key

@@ -40,6 +40,7 @@ from olmstead.errors import (
     DecryptionError,
     DeviceIdentityConflict,
     DeviceIdInUse,
+    DeviceKeysReplaced,
     DeviceUnusable,
     InsecureDevice,
     KeyStateError,
@@ -267,7 +268,7 @@ class OlmMachine:
         against keys that are not ours. ``share_room_key``, ``encrypt_room_events`` and
         ``encrypt_to_devices`` call it first."""
         problem = self.upload_guard.problem
-        if isinstance(problem, DeviceIdInUse | DeviceIdentityConflict):
+        if isinstance(problem, DeviceIdInUse | DeviceIdentityConflict | DeviceKeysReplaced):
             raise DeviceUnusable(self.user_id, self.device_id, problem)
 
     def take_reports(self) -> list[OneTimeKeysDrained]:

@@ -10,6 +10,7 @@ import pytest
 from olmstead import (
     CrossSigningExists,
     DeviceKeysReplaced,
+    DeviceUnusable,
     InvalidRecoveryKey,
     InvalidSignature,
     KeysQueryRequest,
@@ -391,6 +392,9 @@ async def test_our_device_replaced_on_the_server_is_reported_and_uploads_stop() 
     assert not [
         r for r in await peer.machine.outgoing_requests() if isinstance(r, KeysUploadRequest)
     ]
+    with pytest.raises(DeviceUnusable) as refused:  # and nothing is encrypted as it any more
+        await peer.machine.share_room_key("!room:example.org", [USER])
+    assert isinstance(refused.value.cause, DeviceKeysReplaced)
 
 
 def leaf_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
