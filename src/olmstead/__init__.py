@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from olmstead.attachments import EncryptedFile, file_content
 from olmstead.client import Client, Session
+from olmstead.client.client import CrossSigningSettings
 from olmstead.client.gaps import TimelineGap
 from olmstead.client.invites import Invite
 from olmstead.client.rooms import Room, RoomEvent
+from olmstead.cross_signing import CrossSigningStatus, OwnIdentity, published_identity
 from olmstead.delivery import DeliverySettings, WaitingResult
 from olmstead.errors import (
     AttachmentError,
@@ -22,11 +24,16 @@ from olmstead.errors import (
     AttachmentTruncated,
     AttachmentVersionUnknown,
     ConnectionFailed,
+    CrossSigningExists,
+    CrossSigningMissing,
     DecryptionError,
     DeviceIdentityConflict,
     DeviceIdInUse,
+    DeviceKeysReplaced,
     DeviceUnusable,
     InsecureDevice,
+    InvalidRecoveryKey,
+    InvalidSignature,
     KeyFileError,
     KeyStateError,
     LocalProtocolError,
@@ -41,7 +48,10 @@ from olmstead.errors import (
     RemoteProtocolError,
     ReplayedMessage,
     RoomKeyWithheld,
+    SecretsMismatch,
+    SecretStorageMissing,
     SenderMismatch,
+    SignatureUploadFailed,
     StaleKeysRemain,
     StoreConnectionLost,
     StoreCorrupt,
@@ -57,8 +67,11 @@ from olmstead.errors import (
     StoreReadOnly,
     StoreUnavailable,
     TransportError,
+    TrustError,
     UnknownRoomKey,
+    WrongPassphrase,
     WrongPickleKey,
+    WrongRecoveryKey,
 )
 from olmstead.http.transport import RetryPolicy
 from olmstead.identities.device import Device
@@ -69,10 +82,12 @@ from olmstead.machine import OlmMachine, UndecryptableToDevice
 from olmstead.metrics import Metrics, PrometheusMetrics
 from olmstead.requests import (
     AccountDataRequest,
+    DeviceSigningUploadRequest,
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
     OutgoingRequest,
+    SignaturesUploadRequest,
     ToDeviceRequest,
 )
 from olmstead.sessions.group_sessions import DecryptedRoomEvent, RoomSettings
@@ -121,7 +136,11 @@ __all__ = [
     "Changes",
     "Client",
     "ConnectionFailed",
+    "CrossSigningExists",
     "CrossSigningKey",
+    "CrossSigningMissing",
+    "CrossSigningSettings",
+    "CrossSigningStatus",
     "CryptoStore",
     "DecryptedRoomEvent",
     "DecryptedToDevice",
@@ -130,11 +149,15 @@ __all__ = [
     "Device",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "DeviceKeysReplaced",
+    "DeviceSigningUploadRequest",
     "DeviceUnusable",
     "EncryptedFile",
     "IdentityChanged",
     "InboundGroupSessionRecord",
     "InsecureDevice",
+    "InvalidRecoveryKey",
+    "InvalidSignature",
     "Invite",
     "KeyFileError",
     "KeySettings",
@@ -158,6 +181,7 @@ __all__ = [
     "OneTimeKeysDrained",
     "OutboxEntry",
     "OutgoingRequest",
+    "OwnIdentity",
     "PickleKey",
     "PrometheusMetrics",
     "RateLimited",
@@ -168,9 +192,13 @@ __all__ = [
     "RoomEvent",
     "RoomKeyWithheld",
     "RoomSettings",
+    "SecretStorageMissing",
+    "SecretsMismatch",
     "SenderMismatch",
     "Session",
     "SharingStrategy",
+    "SignatureUploadFailed",
+    "SignaturesUploadRequest",
     "SqliteStore",
     "StaleKeysRemain",
     "StoreConnectionLost",
@@ -189,6 +217,7 @@ __all__ = [
     "TimelineGap",
     "ToDeviceRequest",
     "TransportError",
+    "TrustError",
     "TrustLevel",
     "UndecryptableToDevice",
     "UnknownRoomKey",
@@ -197,7 +226,10 @@ __all__ = [
     "WaitingResult",
     "WaitingRoomEvent",
     "WithheldRecord",
+    "WrongPassphrase",
     "WrongPickleKey",
+    "WrongRecoveryKey",
     "file_content",
     "load_or_create_key_file",
+    "published_identity",
 ]

@@ -33,7 +33,16 @@ import httpx
 import vodozemac
 
 from olmstead import key_state
-from olmstead.errors import StoreCorrupt, StoreError, StoreMigrationError, WrongPickleKey
+from olmstead.backoff import Backoff
+from olmstead.cross_signing import published_identity, secret_storage
+from olmstead.cross_signing.machine import SECRET_NAMES, CrossSigningMachine
+from olmstead.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreMigrationError,
+    TrustError,
+    WrongPickleKey,
+)
 from olmstead.http.endpoints import CLIENT_V3, account_data_path
 from olmstead.imports.foreign import (
     KNOWN_DEFAULT_KEYS,
@@ -176,6 +185,8 @@ async def diagnose(
     transport: httpx.AsyncBaseTransport | None = None,
     given: str | None = None,
     key_file: str | os.PathLike[str] | None = None,
+    trust: bool = False,
+    recovery_key: str | None = None,
 ) -> Report:
     """Diagnose a store (SQLite path or PostgreSQL DSN) and, given credentials, its device.
 
@@ -185,6 +196,9 @@ async def diagnose(
     ``account`` names the device in a PostgreSQL store. An olmstead SQLite store's files
     (with its -wal and -shm) and ``key_file`` are checked to be readable by their owner
     alone.
+    ``trust`` (or a ``recovery_key``) adds the cross-signing checks: whether the account has an
+    identity, whether the device is signed by it, and whether secret storage opens
+    with the recovery key given.
     """
     kind = kind or store_kind(store)
     if kind == "olmstead":
@@ -197,7 +211,11 @@ async def diagnose(
         tries = [GivenKey(given)] if given else []
         report = await _foreign_store(store, kind, account, [*tries, *candidates])
     if report.device is not None and server is not None:
-        report.findings.extend(await _server_findings(report.device, server, transport))
+        report.findings.extend(
+            await _server_findings(
+                report.device, server, transport, trust or recovery_key is not None, recovery_key
+            )
+        )
     return report
 
 
@@ -479,14 +497,21 @@ async def _foreign_store(store: str, kind: Kind, account: str, candidates: list[
 
 
 async def _server_findings(
-    device: DeviceState, server: Credentials, transport: httpx.AsyncBaseTransport | None
+    device: DeviceState,
+    server: Credentials,
+    transport: httpx.AsyncBaseTransport | None,
+    trust: bool = False,
+    recovery_key: str | None = None,
 ) -> list[Finding]:
     headers = {"Authorization": f"Bearer {server.access_token}"}
     async with httpx.AsyncClient(
         base_url=server.homeserver, headers=headers, timeout=30, transport=transport
     ) as http:
         try:
-            return await _ask_server(http, device)
+            findings = await _ask_server(http, device)
+            if trust and any(f.cause == "device_ok" for f in findings):
+                findings.extend(await _trust_findings(http, device, recovery_key))
+            return findings
         except httpx.HTTPError as exc:
             return [
                 Finding(
@@ -622,6 +647,87 @@ async def _ask_server(http: httpx.AsyncClient, device: DeviceState) -> list[Find
         )
     findings.extend(await _key_counts(http))
     return findings
+
+
+async def _trust_findings(
+    http: httpx.AsyncClient, device: DeviceState, recovery_key: str | None
+) -> list[Finding]:
+    """Our cross-signing identity as the server publishes it (spec: "Cross-signing")."""
+    ours = device.account.ed25519_key.to_base64()
+    query = _object(
+        await http.post(f"{CLIENT_V3}/keys/query", json={"device_keys": {device.user_id: []}}),
+        "/keys/query",
+    )
+    identity = published_identity(query, device.user_id, device.device_id, ours)
+    if identity.master_key is None:
+        return [
+            Finding(
+                "cross-signing",
+                "warning",
+                "no_cross_signing",
+                f"{device.user_id} has no cross-signing keys: clients that exclude insecure "
+                "devices (MSC4153; Element's setting) withhold their room keys from this "
+                "device (m.unverified) and refuse its messages",
+                "`olmstead trust bootstrap` (or `olmstead repair --trust`), and keep the "
+                "recovery key it prints",
+            )
+        ]
+    findings = []
+    if identity.device_signed:
+        findings.append(
+            Finding("cross-signing", "ok", "cross_signed", "the device is signed by its owner")
+        )
+    else:
+        findings.append(
+            Finding(
+                "cross-signing",
+                "warning",
+                "device_not_cross_signed",
+                f"the account has a master key ({identity.master_key}) but this device is not "
+                "signed by its self-signing key: other users' clients treat it as insecure",
+                "`olmstead trust recover` with the account's recovery key",
+            )
+        )
+    if recovery_key is not None:
+        findings.append(await _secret_storage_finding(http, device, query, recovery_key))
+    return findings
+
+
+async def _secret_storage_finding(
+    http: httpx.AsyncClient, device: DeviceState, query: dict[str, Any], recovery_key: str
+) -> Finding:
+    """Whether secret storage opens with ``recovery_key`` and holds the published keys."""
+    account_data: dict[str, Any] = {}
+
+    async def read(event_type: str) -> None:
+        answer = await http.get(account_data_path(device.user_id, event_type))
+        if answer.status_code == 200:
+            account_data[event_type] = _object(answer, event_type)
+
+    await read(secret_storage.DEFAULT_KEY_TYPE)
+    default = account_data.get(secret_storage.DEFAULT_KEY_TYPE, {})
+    key_id = default.get("key") if isinstance(default, dict) else None
+    if isinstance(key_id, str):
+        await read(secret_storage.key_type(key_id))
+        for name in SECRET_NAMES.values():
+            await read(name)
+    checker = CrossSigningMachine(device.user_id, device.device_id, None, Backoff(1, 1))
+    try:  # the recovery a new device would do, with nothing stored or sent
+        key = secret_storage.decode_recovery_key(recovery_key)
+        checker.recover(query, account_data, key, None, {}, lambda obj: obj)
+    except TrustError as problem:
+        return Finding(
+            "secret storage",
+            "error",
+            "secret_storage_unreadable",
+            f"secret storage does not give this account's keys with the recovery key given: "
+            f"{type(problem).__name__}: {problem}",
+            "find the recovery key shown when cross-signing was set up; without it, reset "
+            "cross-signing from a client that holds the keys",
+        )
+    return Finding(
+        "secret storage", "ok", "secret_storage_ok", "the recovery key opens secret storage"
+    )
 
 
 def _path(body: Any, *keys: str) -> dict[str, Any] | None:

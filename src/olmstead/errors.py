@@ -47,8 +47,19 @@ attributes, so tools need not parse messages.
     │   ├── StaleKeysRemain       a drain of our own stale keys did not end within its bound
     │   ├── DeviceUnusable        this device must send nothing encrypted (its ID or keys
     │   │                         are another identity's on the server)
+    │   ├── DeviceKeysReplaced    the server now shows another identity's keys for our device
     │   └── OneTimeKeyConflict    (also a MatrixHttpError) the server holds another key
     │                             under one of our key IDs: 400 "… already exists"
+    ├── TrustError                our cross-signing identity or secret storage cannot be used
+    │   ├── CrossSigningExists    the account already has cross-signing keys: recover them
+    │   ├── CrossSigningMissing   no cross-signing keys (here or on the server) for the operation
+    │   ├── InvalidRecoveryKey    the text is not a recovery key (a typo: base58, prefix, parity)
+    │   ├── SecretStorageMissing  the account has no usable secret storage, or lacks a secret
+    │   ├── WrongRecoveryKey      the recovery key does not open the account's secret storage
+    │   │   └── WrongPassphrase   the passphrase does not open it
+    │   ├── SecretsMismatch       the stored secrets are not the keys the server publishes
+    │   ├── InvalidSignature      a cross-signing signature or key object does not check out
+    │   └── SignatureUploadFailed the server refused signatures we uploaded, per key
     └── TransportError            a request did not get a usable answer from the homeserver
         ├── ConnectionFailed      no answer at all: refused, dropped, timed out
         └── MatrixHttpError       an error answer, with status, errcode and Retry-After
@@ -80,11 +91,16 @@ __all__ = [
     "AttachmentTruncated",
     "AttachmentVersionUnknown",
     "ConnectionFailed",
+    "CrossSigningExists",
+    "CrossSigningMissing",
     "DecryptionError",
     "DeviceIdInUse",
     "DeviceIdentityConflict",
+    "DeviceKeysReplaced",
     "DeviceUnusable",
     "InsecureDevice",
+    "InvalidRecoveryKey",
+    "InvalidSignature",
     "KeyFileError",
     "KeyStateError",
     "LocalProtocolError",
@@ -99,7 +115,10 @@ __all__ = [
     "RemoteProtocolError",
     "ReplayedMessage",
     "RoomKeyWithheld",
+    "SecretStorageMissing",
+    "SecretsMismatch",
     "SenderMismatch",
+    "SignatureUploadFailed",
     "StaleKeysRemain",
     "StoreConnectionLost",
     "StoreCorrupt",
@@ -115,8 +134,11 @@ __all__ = [
     "StoreReadOnly",
     "StoreUnavailable",
     "TransportError",
+    "TrustError",
     "UnknownRoomKey",
+    "WrongPassphrase",
     "WrongPickleKey",
+    "WrongRecoveryKey",
 ]
 
 
@@ -569,7 +591,8 @@ class StaleKeysRemain(KeyStateError):
 
 class DeviceUnusable(KeyStateError):
     """This device must send nothing encrypted: its device ID was refused
-    (``DeviceIdInUse``) or another identity's keys sit on it (``DeviceIdentityConflict``).
+    (``DeviceIdInUse``), another identity's keys sit on it (``DeviceIdentityConflict``),
+    or another client replaced its keys on the server (``DeviceKeysReplaced``).
 
     Recipients see the server's keys for this device ID, not ours: what we encrypted
     would be refused, or worse, trusted under another identity. ``cause`` is the key
@@ -603,8 +626,126 @@ class DeviceIdentityConflict(KeyStateError):
         )
 
 
+class DeviceKeysReplaced(KeyStateError):
+    """The server's keys for our device ID are no longer ours: another client replaced them."""
+
+    def __init__(self, user_id: str, device_id: str, server_ed25519: str | None) -> None:
+        self.user_id = user_id
+        self.device_id = device_id
+        self.server_ed25519 = server_ed25519
+        shown = f"ed25519 {server_ed25519}" if server_ed25519 else "no keys at all"
+        super().__init__(
+            f"the homeserver now shows {shown} for device {device_id} of {user_id}, not this "
+            "store's identity keys. Another client uploaded its own keys over ours (the same "
+            "access token with another store), or the device was deleted. Other users' "
+            "clients will now encrypt for that identity, not for us. Uploads stopped. Stop "
+            "the other client, run `olmstead doctor`, then log in as a new device."
+        )
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- trust: cross-signing and secret storage ---------------------------------------------
+
+
+class TrustError(OlmsteadError):
+    """Our cross-signing identity or secret storage cannot be used as asked. Nothing was sent."""
+
+
+class CrossSigningExists(TrustError):
+    """The account already has a master key on the server that this store does not hold."""
+
+    def __init__(self, user_id: str, master_key: str) -> None:
+        self.user_id = user_id
+        self.master_key = master_key
+        super().__init__(
+            f"{user_id} already has a cross-signing master key on the server ({master_key}). "
+            "Making new keys would reset the account's identity, and everyone who verified "
+            "it would be warned. Nothing was sent. Recover the existing keys with the "
+            "recovery key (`olmstead trust recover`), or reset the identity from a client "
+            "that holds them."
+        )
+
+
+class CrossSigningMissing(TrustError):
+    """The operation needs cross-signing keys that this store (or the server) does not hold."""
+
+
+class InvalidRecoveryKey(TrustError):
+    """The text given is not a recovery key at all; ``detail`` says which check failed."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(
+            f"this is not a recovery key: {detail}. Recovery keys are 48 base58 characters "
+            'starting with "Es", usually written in groups of four; check for a mistyped '
+            "or missing character. Nothing was read or sent."
+        )
+
+
+class SecretStorageMissing(TrustError):
+    """The account has no secret storage we can read, or it lacks a secret we need."""
+
+
+class WrongRecoveryKey(TrustError):
+    """The recovery key is well formed but is not the key of the account's secret storage."""
+
+    def __init__(self, key_id: str, what: str = "recovery key") -> None:
+        self.key_id = key_id
+        super().__init__(
+            f"the {what} does not open the secret storage key {key_id!r} of this account "
+            "(its MAC check fails). Nothing was stored or sent. Use the recovery key shown "
+            "when cross-signing was set up for this account; a key from another account or "
+            "from before a reset does not fit."
+        )
+
+
+class WrongPassphrase(WrongRecoveryKey):
+    """The passphrase does not give the key of the account's secret storage."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(key_id, "passphrase")
+
+
+class SecretsMismatch(TrustError):
+    """A secret decrypted, but it is not the private half of the key the server publishes."""
+
+    def __init__(self, user_id: str, names: list[str]) -> None:
+        self.user_id = user_id
+        self.names = names
+        super().__init__(
+            f"the secret storage of {user_id} holds {', '.join(names)} keys that do not match "
+            "the public keys the server publishes: the identity was reset without updating "
+            "secret storage, or the server's answer was tampered with. Nothing was stored or "
+            "sent. Reset cross-signing from a client that holds the current keys."
+        )
+
+
+class InvalidSignature(TrustError):
+    """A cross-signing key object or signature is malformed or does not verify."""
+
+
+class SignatureUploadFailed(TrustError):
+    """``POST /keys/signatures/upload`` answered with ``failures`` for some keys.
+
+    ``failures`` is the server's map: user ID -> key ID -> ``{"errcode", "error"}``.
+    The signatures it accepted are in place; the refused ones are not retried (the
+    same bytes would be refused again).
+    """
+
+    def __init__(self, failures: dict[str, dict[str, object]]) -> None:
+        self.failures = failures
+        listed = "; ".join(
+            f"{user} {key}: {detail}"
+            for user, keys in failures.items()
+            for key, detail in keys.items()
+        )
+        super().__init__(
+            f"the homeserver refused signatures: {listed}. Run `olmstead trust status` to "
+            "see which keys are signed."
+        )
 
 
 # --- the homeserver's answers ----------------------------------------------------------

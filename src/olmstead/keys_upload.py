@@ -50,9 +50,12 @@ class KeySettings:
 
 
 class KeysUpload:
-    def __init__(self, settings: KeySettings) -> None:
+    def __init__(self, settings: KeySettings, claim: bool = True) -> None:
         self.settings = settings
         self._fallback_used = False
+        #: claim a new device ID with one key before the device keys go up (off only
+        #: when the operator opted in to replacing the keys on the ID)
+        self.claim = claim
 
     # --- what to send ----------------------------------------------------------------------
 
@@ -70,6 +73,15 @@ class KeysUpload:
         if not self.is_pending(record):
             return None
         account, user, device = record.account, record.user_id, record.device_id
+        if self._claiming(record) and account.one_time_keys:
+            # a new device's first upload claims its ID with one-time keys alone: Synapse
+            # writes the device keys of an upload even when its one-time keys collide,
+            # but an upload of one-time keys alone that collides writes nothing. Two fresh
+            # accounts' first key IDs always collide, so a second client starting on this
+            # device ID fails here without touching ours (REFERENCE: "Claiming a new device ID")
+            otks = own.signed_one_time_keys(account, user, device)  # the one claim key
+            digest = hashlib.sha256(canonical_json({"c": otks})).hexdigest()
+            return KeysUploadRequest(f"keys_claim-{digest[:24]}", None, otks, {})
         device_keys = None if record.shared else own.device_keys(account, user, device)
         otks = own.signed_one_time_keys(account, user, device)
         fallback = own.signed_fallback_keys(account, user, device)
@@ -96,15 +108,23 @@ class KeysUpload:
             self._fallback_used = False
 
     def _one_time_keys_wanted(self, record: AccountRecord) -> int:
-        if not record.shared:  # a new device: its first upload carries a full set
-            return min(self.settings.target, record.account.max_number_of_one_time_keys)
+        if not record.shared:
+            if self._claiming(record):
+                return 1  # the claim: one key, the first ID every fresh account uses
+            # a new device: its first upload with device keys fills up to the target
+            wanted = self.settings.target - (record.server_key_count or 0)
+            return max(0, min(wanted, record.account.max_number_of_one_time_keys))
         count = record.server_key_count
         if count is None or count >= self.settings.refill_below:
             return 0  # unknown until the server reports it: never guess high
         return min(self.settings.target - count, record.account.max_number_of_one_time_keys)
 
     def _fallback_wanted(self, record: AccountRecord, now: float) -> bool:
-        if not record.fallback_supported or own.unpublished_fallback_key(record.account):
+        if (
+            self._claiming(record)  # never in the claim: it must not replace another's
+            or not record.fallback_supported
+            or own.unpublished_fallback_key(record.account)
+        ):
             return False
         created = record.fallback_created_at
         return (
@@ -112,6 +132,9 @@ class KeysUpload:
             or self._fallback_used
             or now - created >= self.settings.fallback_rotation
         )
+
+    def _claiming(self, record: AccountRecord) -> bool:
+        return self.claim and not record.shared and not record.claimed
 
     def replace_fallback_key(self) -> None:
         """Make a new fallback key with the next top-up (where the server supports them)."""
@@ -142,8 +165,7 @@ class KeysUpload:
             if published and SIGNED_CURVE25519 not in unused_fallback_key_types:
                 self._fallback_used = True
 
-    @staticmethod
-    def on_upload_response(record: AccountRecord, response: Mapping[str, Any]) -> None:
+    def on_upload_response(self, record: AccountRecord, response: Mapping[str, Any]) -> None:
         """Mark the pending keys published, in ``record``.
 
         A success status is what counts: the server stored the keys. An answer
@@ -163,8 +185,13 @@ class KeysUpload:
                 "published, the count is taken from the next sync",
                 boundary.show(response),
             )
+        # the same test pending_request made: this answer is to the claim
+        was_claim = self._claiming(record) and bool(record.account.one_time_keys)
         record.account.mark_keys_as_published()
-        record.shared = True
+        if was_claim:
+            record.claimed = True  # device keys go next
+        else:
+            record.shared = True
         record.server_key_count = count
         log.info(
             "keys for %s %s published; the server holds %s one-time keys",

@@ -32,11 +32,15 @@ import vodozemac
 
 from olmstead import boundary, key_export, key_state, metrics
 from olmstead.backoff import Backoff
+from olmstead.cross_signing import secret_storage
+from olmstead.cross_signing.machine import CrossSigningMachine, CrossSigningStatus
+from olmstead.cross_signing.record import CrossSigningRecord
 from olmstead.delivery import DeliverySettings, RoomEventQueue, WaitingResult
 from olmstead.errors import (
     DecryptionError,
     DeviceIdentityConflict,
     DeviceIdInUse,
+    DeviceKeysReplaced,
     DeviceUnusable,
     InsecureDevice,
     KeyStateError,
@@ -129,9 +133,10 @@ class OlmMachine:
         tracked_users: Mapping[str, bool],
         clock: Callable[[], float],
         delivery: DeliverySettings | None = None,
+        cross_signing: CrossSigningRecord | None = None,
     ) -> None:
         self.store = store
-        self.keys_upload = KeysUpload(settings)
+        self.keys_upload = KeysUpload(settings, claim=not policy.replace_existing_device)
         self.upload_guard = UploadGuard(policy, record.user_id, record.device_id)
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked_users)
         self.olm = OlmSessions(store, record.user_id, record.device_id)
@@ -144,6 +149,12 @@ class OlmMachine:
         self.only_cross_signed_senders = False
         self._identity_changes: list[IdentityChanged] = []
         self._device_keys: dict[str, Any] | None = None
+        self.cross_signing = CrossSigningMachine(
+            record.user_id,
+            record.device_id,
+            cross_signing,
+            Backoff(policy.first_delay, policy.max_delay),
+        )
         self._outbound: dict[str, OutboundGroupSessionRecord] = {}
         self._session_claims: dict[str, list[Device]] = {}
         # the stored devices of recent users, whole; _device_epoch moves with every
@@ -218,6 +229,7 @@ class OlmMachine:
             await store.get_tracked_users(),
             clock,
             delivery,
+            await store.load_cross_signing(),
         )
 
     # --- who we are ----------------------------------------------------------------------------
@@ -259,7 +271,7 @@ class OlmMachine:
         against keys that are not ours. ``share_room_key``, ``encrypt_room_events`` and
         ``encrypt_to_devices`` call it first."""
         problem = self.upload_guard.problem
-        if isinstance(problem, DeviceIdInUse | DeviceIdentityConflict):
+        if isinstance(problem, DeviceIdInUse | DeviceIdentityConflict | DeviceKeysReplaced):
             raise DeviceUnusable(self.user_id, self.device_id, problem)
 
     def take_reports(self) -> list[OneTimeKeysDrained]:
@@ -300,6 +312,78 @@ class OlmMachine:
         if self._device_keys is None:
             self._device_keys = own.device_keys(self._record.account, self.user_id, self.device_id)
         return dict(self._device_keys)
+
+    # --- cross-signing: our identity (the cross_signing sub-machine decides) --------------------
+
+    @property
+    def cross_signing_status(self) -> CrossSigningStatus:
+        """What this store holds of our cross-signing identity."""
+        return self.cross_signing.status()
+
+    def _sign_with_device(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return own.sign_json(self._record.account, self.user_id, self.device_id, obj)
+
+    async def bootstrap_cross_signing(
+        self,
+        own_keys: Mapping[str, Any],
+        *,
+        passphrase: str | None = None,
+        iterations: int = secret_storage.PBKDF2_ITERATIONS,
+    ) -> str:
+        """Create our cross-signing keys and secret storage; returns the recovery key.
+
+        ``own_keys`` is the ``/keys/query`` answer for our own user. The private keys
+        and every request (``DeviceSigningUploadRequest``, ``SignaturesUploadRequest``,
+        the secret storage ``AccountDataRequest``s) are committed before
+        ``outgoing_requests`` hands them out, after our device keys are on the server.
+        Called again after a crash, it resumes with the same keys and recovery key.
+        Raises ``CrossSigningExists`` if the server has a master key we do not hold.
+        """
+        async with self._mutex:
+            await self._refresh()
+            record, recovery_key = self.cross_signing.bootstrap(
+                own_keys, self.device_keys(), self._sign_with_device, passphrase, iterations
+            )
+            if record is not None:
+                await self._commit(Changes(cross_signing=record))
+                self.cross_signing.adopt(record, fresh=True)
+            return recovery_key
+
+    async def recover_cross_signing(
+        self,
+        own_keys: Mapping[str, Any],
+        account_data: Mapping[str, Any],
+        *,
+        recovery_key: str | None = None,
+        passphrase: str | None = None,
+    ) -> None:
+        """Take our cross-signing keys from secret storage, and sign this device with them.
+
+        ``account_data``: account data type -> content for ``m.secret_storage.default_key``,
+        ``m.secret_storage.key.<id>`` and the three ``m.cross_signing.*`` secrets (absent
+        ones left out); ``own_keys``: the ``/keys/query`` answer for our own user. Raises
+        ``InvalidRecoveryKey``, ``WrongRecoveryKey``, ``WrongPassphrase``,
+        ``SecretStorageMissing``, ``SecretsMismatch``, ``CrossSigningMissing`` or
+        ``InvalidSignature``, storing and sending nothing.
+        """
+        key = None if recovery_key is None else secret_storage.decode_recovery_key(recovery_key)
+        async with self._mutex:
+            await self._refresh()
+            record = self.cross_signing.recover(
+                own_keys, account_data, key, passphrase, self.device_keys(), self._sign_with_device
+            )
+            await self._commit(Changes(cross_signing=record))
+            self.cross_signing.adopt(record, fresh=True)
+
+    async def sign_user(self, user_id: str, master_key: Mapping[str, Any]) -> None:
+        """Sign ``user_id``'s master key (as ``/keys/query`` gave it) with our user-signing
+        key, the end of a verification; the signature upload is committed and handed out
+        by ``outgoing_requests``."""
+        async with self._mutex:
+            await self._refresh()
+            record = self.cross_signing.sign_user(user_id, master_key)
+            await self._commit(Changes(cross_signing=record))
+            self.cross_signing.adopt(record)
 
     # --- what the server said ------------------------------------------------------------------
 
@@ -356,6 +440,8 @@ class OlmMachine:
                 fallback_types,
             )
             if lists is not None:
+                if self.user_id in lists[0]:
+                    self.upload_guard.watch_own_device()  # is our device still ours?
                 marked, dropped = self.devices.on_device_lists(*lists)
                 changes.tracked_users.update(marked)
                 changes.untracked_users |= dropped
@@ -1259,6 +1345,10 @@ class OlmMachine:
                 if upload is not None:
                     self.upload_guard.upload_handed_out(now)
                     requests.append(upload)
+            if self._record.shared and self.upload_guard.problem is None:
+                identity_request = self.cross_signing.next_request(now)
+                if identity_request is not None:
+                    requests.append(identity_request)
             self._in_flight.update((r.request_id, r) for r in requests)
             for request in requests:  # a retry under the same ID waits for its own answer
                 self._settled.pop(request.request_id, None)
@@ -1300,6 +1390,8 @@ class OlmMachine:
             return "settled"
         if self.outbox.owns(request_id):  # even from before a reload: the server has it
             return "outbox"
+        if self.cross_signing.owns(request_id):  # its own outbox, committed before it left
+            return "cross_signing"
         request = self._in_flight.get(request_id)
         if request_id in self._session_claims:
             return "claim"
@@ -1363,6 +1455,13 @@ class OlmMachine:
                     await self._note_wedged(key, self._clock())
             # reported once committed: a change is never told before it is stored
             self._identity_changes.extend(reported)
+        elif kind == "cross_signing":
+            self._in_flight.pop(request_id, None)
+            identity, refused = self.cross_signing.on_response(request_id, response)
+            await self._commit(Changes(cross_signing=identity))
+            self.cross_signing.adopt(identity)
+            if refused is not None:
+                raise refused
         elif kind == "guard":
             self._in_flight.pop(request_id, None)
             report = self.upload_guard.on_response(
@@ -1376,7 +1475,8 @@ class OlmMachine:
             await self._mark_keys_uploaded(response)
             metrics.key_upload("ok")
             self.upload_guard.on_upload_success()
-            self._note_published(current)
+            if self._record.shared:  # not after the claim: the full upload follows
+                self._note_published(current)
         elif kind == "old_upload":
             # The keys are no longer pending here (published by another holder of the
             # store, or reloaded state): the server has them, nothing to record.
@@ -1410,6 +1510,8 @@ class OlmMachine:
         if kind == "outbox":  # committed: it goes out again, unchanged
             self._stale_requests.pop(request_id, None)
             self.outbox.failed(request_id, error, self._clock())
+        elif kind == "cross_signing":
+            self.cross_signing.on_failure(request_id, self._clock())
         elif kind == "claim":
             wedged = self._session_claims.pop(request_id)
             if request_id in self._unwedge_claims:
@@ -1540,6 +1642,7 @@ class OlmMachine:
         self._identity = None
         await self.outbox.load(self.store)
         self._device_keys = None
+        self.cross_signing.forget(await self.store.load_cross_signing())
         self.devices = DeviceTracker(record.user_id, record.device_id, tracked)
         self._query_settled.set()  # the query in flight, if any, was dropped with the rest
 

@@ -13,7 +13,10 @@ confirms it. None of them throws a key away:
   new device: a fresh login, the inbound room keys carried over so history stays
   readable, the old store kept beside the new one, and the old device deleted
   when the operator allows it;
-- a foreign store (mautrix, matrix-nio) moves into a new olmstead store.
+- a foreign store (mautrix, matrix-nio) moves into a new olmstead store;
+- with ``doctor --trust`` findings: an account without cross-signing gets its keys
+  and secret storage (the recovery key is shown once), and a device its owner has
+  not signed recovers the keys with the recovery key and signs itself.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class RepairOptions:
     delete_old_device: bool = True
     #: where a new login's session (access token included) is written, mode 0600
     session_file: Path | None = None
+    #: the account's recovery key, to recover cross-signing (prompted for when needed)
+    recovery_key: Callable[[], str] | None = None
 
 
 def plan_repairs(report: Report, options: RepairOptions) -> list[Repair]:
@@ -137,6 +142,24 @@ def plan_repairs(report: Report, options: RepairOptions) -> list[Repair]:
         if options.delete_old_device:
             what += f", then delete device {report.device.device_id}"
         repairs.append(Repair(cause, what, lambda: _move_to_new_device(report, options)))
+    elif "no_cross_signing" in causes:
+        repairs.append(
+            Repair(
+                "no_cross_signing",
+                "create cross-signing keys and secret storage, and sign this device (the "
+                "recovery key is shown once: keep it)",
+                lambda: _bootstrap(report, options),
+            )
+        )
+    elif "device_not_cross_signed" in causes and options.recovery_key is not None:
+        repairs.append(
+            Repair(
+                "device_not_cross_signed",
+                "recover the account's cross-signing keys with its recovery key and sign "
+                "this device",
+                lambda: _bootstrap(report, options, recover=True),
+            )
+        )
     elif causes & _SYNC_MENDS:
         cause = (
             "store_rolled_back"
@@ -233,6 +256,34 @@ async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
     if drained:
         claimed = sum(d.drained for d in drained)
         text = f"drained {claimed} one-time keys of ours, the stale ones among them; " + text
+    return Outcome(text, options.store, options.server)
+
+
+async def _bootstrap(report: Report, options: RepairOptions, recover: bool = False) -> Outcome:
+    assert report.device is not None
+    assert options.server is not None
+    assert options.key is not None
+    session = Session(
+        options.server.homeserver,
+        report.device.user_id,
+        report.device.device_id,
+        options.server.access_token,
+    )
+    client = Client(
+        session.homeserver, store=await _open(options.store, options.account, options.key)
+    )
+    client.restore(session)
+    try:
+        await client.init_crypto()
+        if recover:
+            assert options.recovery_key is not None
+            await client.recover(recovery_key=options.recovery_key())
+            text = "recovered the cross-signing keys; this device is signed by its owner"
+        else:
+            key = await client.bootstrap_cross_signing()
+            text = f"cross-signing set up; the recovery key (keep it safe): {key}"
+    finally:
+        await _close(client)
     return Outcome(text, options.store, options.server)
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 __all__ = [
     "AccountDataRequest",
+    "DeviceSigningUploadRequest",
     "KeysClaimRequest",
     "KeysQueryRequest",
     "KeysUploadRequest",
     "OutgoingRequest",
+    "SignaturesUploadRequest",
     "ToDeviceRequest",
 ]
 
@@ -91,6 +93,49 @@ class AccountDataRequest:
         return self.content
 
 
+@dataclass(frozen=True)
+class DeviceSigningUploadRequest:
+    """``POST /keys/device_signing/upload``: our master, self-signing and user-signing keys.
+
+    The server may answer 401 with user-interactive auth flows (spec: "User-Interactive
+    Authentication API"); the client then sends ``body(auth)`` again. Spec v1.11 lets a
+    first upload through without auth.
+    """
+
+    request_id: str
+    master_key: dict[str, Any]
+    self_signing_key: dict[str, Any]
+    user_signing_key: dict[str, Any]
+
+    def body(self, auth: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "master_key": self.master_key,
+            "self_signing_key": self.self_signing_key,
+            "user_signing_key": self.user_signing_key,
+        }
+        if auth is not None:
+            body["auth"] = auth
+        return body
+
+
+@dataclass(frozen=True)
+class SignaturesUploadRequest:
+    """``POST /keys/signatures/upload``: user ID -> key ID (device ID or public key) -> the
+    signed object, carrying only the new signatures."""
+
+    request_id: str
+    signed_keys: dict[str, dict[str, dict[str, Any]]]
+
+    def body(self) -> dict[str, Any]:
+        return dict(self.signed_keys)
+
+
 OutgoingRequest = (
-    KeysUploadRequest | KeysQueryRequest | KeysClaimRequest | ToDeviceRequest | AccountDataRequest
+    KeysUploadRequest
+    | KeysQueryRequest
+    | KeysClaimRequest
+    | ToDeviceRequest
+    | AccountDataRequest
+    | DeviceSigningUploadRequest
+    | SignaturesUploadRequest
 )

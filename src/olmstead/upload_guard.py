@@ -12,6 +12,10 @@ This sub-machine ends the ``One time key … already exists`` retry storm:
   server hands out the fallback key, then the upload is retried; signed by anyone
   else, ``DeviceIdentityConflict`` and uploads stop. If the message cannot be parsed,
   one of our keys is claimed and its signature decides.
+- **Our device, watched**: when a sync lists our own user among the device list
+  changes, our device is looked up again; identity keys on the server that are no
+  longer ours (another client uploaded over them) are ``DeviceKeysReplaced``, at
+  once, and uploads stop.
 - **Never a storm**: once an upload failed, at most ``max_attempts`` uploads in any
   ``window`` seconds, with exponential backoff and jitter between them and at least
   the server's ``Retry-After``; requests never grow.
@@ -32,6 +36,7 @@ from olmstead.backoff import Backoff
 from olmstead.errors import (
     DeviceIdentityConflict,
     DeviceIdInUse,
+    DeviceKeysReplaced,
     KeyStateError,
     OlmsteadError,
     OneTimeKeyConflict,
@@ -93,6 +98,9 @@ class UploadGuard:
         self._waiting: KeysQueryRequest | KeysClaimRequest | None = None
         self._guard_backoff = Backoff(policy.first_delay, policy.max_delay)
         self._waiting_since = 0.0
+        #: a sync listed our own user as changed: look our device up again
+        self._watch_due = False
+        self._watching: KeysQueryRequest | None = None
 
     # --- what to send ------------------------------------------------------------------------
 
@@ -102,6 +110,12 @@ class UploadGuard:
             return None
         if self._mode == "check_device" and shared:
             self._mode = "ready"  # the server confirmed our keys once: nothing to check
+        if self._mode == "ready" and shared and self._watch_due and self._watching is None:
+            self._watch_due = False
+            self._watching = KeysQueryRequest(
+                f"watch_device-{uuid.uuid4().hex[:12]}", {self.user_id: [self.device_id]}
+            )
+            return self._watching
         if self._mode == "ready" or not self._guard_backoff.ready(now):
             return None
         if self._waiting is not None:
@@ -123,8 +137,14 @@ class UploadGuard:
         if self.problem is None and self._mode != "drain":
             self._mode, self._drained, self._conflict_key_id = "drain", 0, ""
 
+    def watch_own_device(self) -> None:
+        """A sync listed our own user as changed: check our device's keys on the server."""
+        self._watch_due = True
+
     def owns(self, request_id: str) -> bool:
-        return self._waiting is not None and self._waiting.request_id == request_id
+        return any(
+            r is not None and r.request_id == request_id for r in (self._waiting, self._watching)
+        )
 
     def may_upload(self, now: float) -> bool:
         if self.problem is not None or self._mode != "ready":
@@ -196,6 +216,10 @@ class UploadGuard:
         self, request_id: str, response: Mapping[str, Any], our_ed25519: str
     ) -> OneTimeKeysDrained | None:
         """Take the answer to our own device query or claim. May raise a ``KeyStateError``."""
+        if self._watching is not None and self._watching.request_id == request_id:
+            self._watching = None
+            self._check_still_ours(response, our_ed25519)
+            return None
         assert self._waiting is not None
         assert self._waiting.request_id == request_id
         self._waiting = None
@@ -217,6 +241,9 @@ class UploadGuard:
 
     def on_failure(self, request_id: str, now: float) -> None:
         """Our query or claim failed: ask again after a backoff."""
+        if self._watching is not None and self._watching.request_id == request_id:
+            self._watching, self._watch_due = None, True  # asked again with the next round
+            return
         # also after on_response refused a malformed answer (it let the request go first)
         if self._waiting is None or self.owns(request_id):
             self._waiting = None
@@ -238,8 +265,9 @@ class UploadGuard:
         )
         return report
 
-    def _check_device(self, response: Mapping[str, Any], our_ed25519: str) -> None:
-        devices = response.get("device_keys", {})  # absent: none (ruma leaves {} out)
+    def _server_key(self, response: Mapping[str, Any]) -> Any:
+        # absent: none (ruma leaves {} out)
+        devices = response.get("device_keys", {}) if isinstance(response, Mapping) else None
         if not isinstance(devices, Mapping):
             raise RemoteProtocolError(
                 "the /keys/query response has no device_keys object", "device_keys"
@@ -247,7 +275,19 @@ class UploadGuard:
         mine = devices.get(self.user_id, {})
         entry = mine.get(self.device_id) if isinstance(mine, Mapping) else None
         keys = entry.get("keys") if isinstance(entry, Mapping) else None
-        server_key = keys.get(f"ed25519:{self.device_id}") if isinstance(keys, Mapping) else None
+        return keys.get(f"ed25519:{self.device_id}") if isinstance(keys, Mapping) else None
+
+    def _check_still_ours(self, response: Mapping[str, Any], our_ed25519: str) -> None:
+        server_key = self._server_key(response)
+        if server_key == our_ed25519:
+            return
+        shown = server_key if isinstance(server_key, str) else None
+        self.problem = DeviceKeysReplaced(self.user_id, self.device_id, shown)
+        log.error("%s", self.problem)
+        raise self.problem
+
+    def _check_device(self, response: Mapping[str, Any], our_ed25519: str) -> None:
+        server_key = self._server_key(response)
         if server_key is None or server_key == our_ed25519:
             self._mode = "ready"  # free, or our own keys from an upload we did not see finish
             return

@@ -1,4 +1,5 @@
-"""A client process that SIGKILLs itself around its first real key upload.
+"""A client process that SIGKILLs itself around its first upload of device keys (the
+one after the claim of the device ID).
 
     crash_client.py SESSION_JSON STORE SENT_LOG before|after
 
@@ -28,7 +29,7 @@ class DyingWire(Wire):
         self.log, self.when = log, when
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path != UPLOAD_PATH:
+        if request.url.path != UPLOAD_PATH or b'"device_keys"' not in request.content:
             return await super().handle_async_request(request)
         self.log.write_text(request.content.decode())
         if self.when == "before":

@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import vodozemac
 
-from olmstead import Client, LeaseSettings, PickleKey, Session, SqliteStore, UploadPolicy
+from olmstead import (
+    Client,
+    CrossSigningSettings,
+    LeaseSettings,
+    PickleKey,
+    Session,
+    SqliteStore,
+    UploadPolicy,
+)
 
 KEY = PickleKey(b"i" * 32)
 LEASE = LeaseSettings(duration=1.0, renew_every=0.3, wait=10.0)
@@ -87,9 +95,16 @@ async def open_client(
     session: Session | None = None,
     wire: Wire | None = None,
     policy: UploadPolicy | None = None,
+    cross_signing: CrossSigningSettings | None = None,
 ) -> Client:
     store = await SqliteStore.open(store_path, KEY, lease=LEASE)
-    client = Client(homeserver_url, store=store, transport=wire or Wire(), upload_policy=policy)
+    client = Client(
+        homeserver_url,
+        store=store,
+        transport=wire or Wire(),
+        upload_policy=policy,
+        cross_signing=cross_signing,
+    )
     if session is not None:
         client.restore(session)
     return client

@@ -246,17 +246,20 @@ async def test_server_faults_during_upload(
         await client.process_outgoing()
     assert client.machine.device_keys_shared
 
-    (t1, first_body, first_status), (t2, second_body, second_status) = wire.uploads
+    (t1, first_body, first_status), (t2, second_body, second_status), full = wire.uploads[:3]
+    assert "device_keys" not in first_body  # the faulted one: the claim of the device ID
     assert second_status == 200
     assert second_body == first_body  # the keys were never lost nor replaced
     if isinstance(first_status, int) and first_status == 429:
         assert t2 - t1 >= 3.0  # Retry-After honoured
+    assert full[2] == 200
+    assert "device_keys" in full[1]
     # no duplicate conflict later: the fallback key and the next refill are accepted
     await client.sync_once()
     for _ in range(30):
         await claim_one(url, user["access_token"], user["user_id"], user["device_id"])
     await client.sync_once()
-    later = wire.uploads[2:]
+    later = wire.uploads[3:]
     assert [status for _t, _b, status in later] == [200, 200]
     assert "fallback_keys" in later[0][1]
     assert len(later[1][1]["one_time_keys"]) == 30

@@ -37,9 +37,12 @@ async def answer_query(peer: Peer, answer: dict[str, Any]) -> None:
     await peer.machine.update_tracked_users(users)
     for user in users:  # already tracked users are asked again, as after a device list change
         await peer.machine.receive_sync_changes(device_lists={"changed": [user]})
-    (query,) = [
-        r for r in await peer.machine.outgoing_requests() if isinstance(r, KeysQueryRequest)
-    ]
+    queries = [r for r in await peer.machine.outgoing_requests() if isinstance(r, KeysQueryRequest)]
+    for watch in [q for q in queries if q.request_id.startswith("watch_device-")]:
+        # our own user listed as changed: the upload guard looks our device up again
+        ours = {"device_keys": {peer.user_id: {peer.device_id: peer.machine.device_keys()}}}
+        await peer.machine.mark_request_as_sent(watch.request_id, ours)
+    (query,) = [q for q in queries if not q.request_id.startswith("watch_device-")]
     await peer.machine.mark_request_as_sent(query.request_id, answer)
 
 

@@ -108,7 +108,7 @@ async def test_a_failed_marker_goes_out_again_after_a_backoff_unless_a_newer_one
     assert again == newer  # the older marker never overwrites the newer one
     newest = read_marker(newer.content)
     assert newest is not None
-    assert newest.published_through == 89  # 50 keys, then 40 more
+    assert newest.published_through == 89  # the claim's key and 49, then 40 more
 
 
 async def test_a_marker_the_server_refuses_is_not_sent_again() -> None:

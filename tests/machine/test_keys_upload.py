@@ -52,13 +52,21 @@ async def open_machine(backend: Backend, clock: Clock | None = None) -> OlmMachi
 
 
 async def pass_device_check(machine: OlmMachine, user: str = USER, device: str = DEVICE) -> None:
-    """Answer a new device's look-up of itself: the server knows no keys for it."""
+    """Answer a new device's look-up of itself (the server knows no keys for it) and its
+    claim of the device ID (one one-time key alone, accepted)."""
     if machine.device_keys_shared:
         return
     (query,) = await outgoing(machine)
     assert isinstance(query, KeysQueryRequest)
     assert query.device_keys == {user: [device]}
     await machine.mark_request_as_sent(query.request_id, {"device_keys": {user: {}}})
+    if not machine._record.claimed:
+        (claim,) = await outgoing(machine)
+        assert isinstance(claim, KeysUploadRequest)
+        assert claim.device_keys is None
+        assert claim.fallback_keys == {}
+        assert list(claim.one_time_keys) == ["signed_curve25519:AAAAAAAAAAA"]
+        await machine.mark_request_as_sent(claim.request_id, ok(1))
 
 
 async def only_upload(machine: OlmMachine) -> KeysUploadRequest:
@@ -91,7 +99,7 @@ async def test_first_upload_carries_signed_device_keys_and_a_full_set(backend: B
         f"ed25519:{DEVICE}": ed25519,
     }
     assert verify_signed_json(upload.device_keys, USER, DEVICE, ed25519)
-    assert len(upload.one_time_keys) == 50
+    assert len(upload.one_time_keys) == 49  # the claim put the first on the server
     for key_id, key in upload.one_time_keys.items():
         assert key_id.startswith("signed_curve25519:")
         assert verify_signed_json(key, USER, DEVICE, ed25519)
@@ -292,7 +300,7 @@ async def test_custom_target_is_respected(backend: Backend) -> None:
         store, USER, DEVICE, key_settings=KeySettings(target=10, refill_below=5)
     )
     await pass_device_check(machine)
-    assert len((await only_upload(machine)).one_time_keys) == 10
+    assert len((await only_upload(machine)).one_time_keys) == 9  # and the claim's key
 
 
 async def test_a_writer_paused_mid_operation_cannot_overwrite_the_next_holder(

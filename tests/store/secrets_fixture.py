@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import vodozemac
 
 from olmstead import Changes, CryptoStore
+from olmstead.cross_signing.record import CrossSigningRecord
 from olmstead.store import AccountRecord
 from olmstead.store.base import (
     InboundGroupSessionRecord,
@@ -21,10 +22,11 @@ class Secrets:
     olm: dict[str, str]  # sender key -> session ID
     inbound: set[str]
     outbound: str
+    cross_signing: dict[str, str]
 
     @property
     def rows(self) -> int:
-        return 1 + len(self.olm) + len(self.inbound) + 1
+        return 1 + len(self.olm) + len(self.inbound) + 1 + 1
 
 
 async def fill(store: CryptoStore, count: int = 30) -> Secrets:
@@ -47,12 +49,14 @@ async def fill(store: CryptoStore, count: int = 30) -> Secrets:
             )
         )
     outbound = vodozemac.GroupSession()
+    cross_signing = {"master": "bWFzdGVy", "self_signing": "c2VsZg", "user_signing": "dXNlcg"}
     await store.save_changes(
         Changes(
             account=AccountRecord("@bot:x", "BOT", account),
             olm_sessions=records,
             inbound_group_sessions=inbound,
             outbound_group_sessions=[OutboundGroupSessionRecord("!out:x", outbound, 1.0)],
+            cross_signing=CrossSigningRecord(dict(cross_signing), {"published": True}),
         )
     )
     return Secrets(
@@ -60,6 +64,7 @@ async def fill(store: CryptoStore, count: int = 30) -> Secrets:
         olm,
         {r.session_id for r in inbound},
         outbound.session_id,
+        cross_signing,
     )
 
 
@@ -73,3 +78,7 @@ async def assert_intact(store: CryptoStore, secrets: Secrets) -> None:
     outbound = await store.get_outbound_group_session("!out:x")
     assert outbound is not None
     assert outbound.session.session_id == secrets.outbound
+    identity = await store.load_cross_signing()
+    assert identity is not None
+    assert identity.secrets == secrets.cross_signing
+    assert identity.state == {"published": True}

@@ -16,6 +16,7 @@ from olmstead import (
     StoreLockLost,
     WrongPickleKey,
 )
+from olmstead.cross_signing.record import CrossSigningRecord
 from olmstead.identities.device import Device
 from olmstead.identities.user_identity import UserIdentity, check_identity
 from olmstead.olm import account as own
@@ -312,9 +313,37 @@ async def test_rekey_moves_every_secret_to_the_new_key(backend: Backend) -> None
 
 async def test_secrets_are_counted_by_kind(backend: Backend) -> None:
     store = await backend.open()
-    assert await store.count_secrets() == {"account": 0, "olm": 0, "inbound": 0, "outbound": 0}
+    none = {"account": 0, "olm": 0, "inbound": 0, "outbound": 0, "cross_signing": 0}
+    assert await store.count_secrets() == none
     await fill(store, count=3)
-    assert await store.count_secrets() == {"account": 1, "olm": 3, "inbound": 3, "outbound": 1}
+    assert await store.count_secrets() == {
+        "account": 1,
+        "olm": 3,
+        "inbound": 3,
+        "outbound": 1,
+        "cross_signing": 1,
+    }
+
+
+async def test_cross_signing_keys_round_trip_sealed_and_replaced_whole(backend: Backend) -> None:
+    store = await backend.open()
+    assert await store.load_cross_signing() is None
+    first = CrossSigningRecord({"master": "a2V5"}, {"published": False, "outbox": [{"id": "x"}]})
+    await store.save_changes(Changes(cross_signing=first))
+    first.state["published"] = True  # a later change to the object is not in the store
+    loaded = await store.load_cross_signing()
+    assert loaded is not None
+    assert loaded.secrets == {"master": "a2V5"}
+    assert loaded.state == {"published": False, "outbox": [{"id": "x"}]}
+    second = CrossSigningRecord({"master": "b3RoZXI"}, {"published": True, "outbox": []})
+    await store.save_changes(Changes(cross_signing=second))
+    again = await store.load_cross_signing()
+    assert again is not None
+    assert again.secrets == second.secrets
+    assert again.state == second.state
+    await store.close()
+    with pytest.raises(WrongPickleKey):  # the sealed keys are never read with another key
+        await backend.open(OTHER_KEY)
 
 
 async def test_many_users_devices_are_read_at_once(backend: Backend) -> None:

@@ -58,6 +58,11 @@ async def reads_its_sessions(store: CryptoStore, sent: dict[str, Any]) -> None:
         assert identity.master_key == sent["peer_master_key"]
         assert await machine.get_device_trust(PEER_USER, PEER_DEVICE) is TrustLevel.CROSS_SIGNED
         assert event.trust is TrustLevel.CROSS_SIGNED
+    if "cross_signing_master" in sent:  # schema 7 on: the sealed cross-signing keys
+        status = machine.cross_signing_status
+        assert status.has_keys
+        assert status.public_keys["master"] == sent["cross_signing_master"]
+        assert status.pending == 7  # the outbox survived as it was committed
 
 
 def test_there_is_a_fixture_of_every_schema_from_5() -> None:

@@ -115,11 +115,32 @@ def _diagnosis_inputs(
     return _Inputs(found, key, credentials, candidates, given)
 
 
+TRUST = click.option(
+    "--trust",
+    is_flag=True,
+    help="Check cross-signing too: whether the account has an identity and the device is "
+    "signed by it (needs --homeserver).",
+)
+CHECK_RECOVERY_KEY = click.option(
+    "--check-recovery-key",
+    is_flag=True,
+    help="Check that secret storage opens with the recovery key ($OLMSTEAD_RECOVERY_KEY or a "
+    "prompt); implies --trust.",
+)
+
+
 def _diagnosis_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options doctor and repair share: which store, which key, which server."""
-    for option in reversed((STORE, ACCOUNT, KIND, KEY_FILE, HOMESERVER)):
+    for option in reversed((STORE, ACCOUNT, KIND, KEY_FILE, HOMESERVER, TRUST, CHECK_RECOVERY_KEY)):
         command = option(command)
     return command
+
+
+def _recovery_key() -> str:
+    import os
+
+    value = os.environ.get("OLMSTEAD_RECOVERY_KEY")
+    return value if value is not None else click.prompt("Recovery key", hide_input=True)
 
 
 @main.command()
@@ -131,6 +152,8 @@ def doctor(
     kind: str,
     key_file: Path | None,
     homeserver: str | None,
+    trust: bool,
+    check_recovery_key: bool,
     as_json: bool,
 ) -> None:
     """Say what is wrong with a device's keys, how we know, and what to do.
@@ -143,6 +166,7 @@ def doctor(
     from olmstead.doctor import diagnose
 
     given = _diagnosis_inputs(store, kind, key_file, homeserver)
+    recovery_key = _recovery_key() if check_recovery_key else None
     report = _run(
         lambda: diagnose(
             store,
@@ -153,6 +177,8 @@ def doctor(
             server=given.credentials,
             given=given.given,
             key_file=key_file,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(report.to_json() if as_json else report.to_text())
@@ -183,6 +209,8 @@ def repair(
     kind: str,
     key_file: Path | None,
     homeserver: str | None,
+    trust: bool,
+    check_recovery_key: bool,
     yes: bool,
     into: str | None,
     keep_old_device: bool,
@@ -195,7 +223,10 @@ def repair(
     keys and uploads what is missing; moves a device whose ID another identity took
     to a new device (the password from $OLMSTEAD_PASSWORD or a prompt), carrying
     the room keys over; moves a mautrix or matrix-nio device into a new olmstead
-    store (--into). Ends with a second diagnosis; its exit code is the command's.
+    store (--into); with --trust, sets up cross-signing for an account that has
+    none (printing the recovery key) or recovers it for an unsigned device (the
+    recovery key from $OLMSTEAD_RECOVERY_KEY or a prompt). Ends with a second
+    diagnosis; its exit code is the command's.
     """
     import os
 
@@ -212,6 +243,8 @@ def repair(
         value = os.environ.get("OLMSTEAD_PASSWORD")
         return value if value is not None else click.prompt("Account password", hide_input=True)
 
+    recovery_key = _recovery_key() if check_recovery_key else None
+    trust = trust or check_recovery_key
     report = _run(
         lambda: diagnose(
             store,
@@ -222,11 +255,21 @@ def repair(
             server=credentials,
             given=given.given,
             key_file=key_file,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(report.to_text())
     options = RepairOptions(
-        store, key, account, credentials, password, into, not keep_old_device, session_file
+        store,
+        key,
+        account,
+        credentials,
+        password,
+        into,
+        not keep_old_device,
+        session_file,
+        _recovery_key if trust else None,
     )
     repairs = plan_repairs(report, options)
     if not repairs:
@@ -254,6 +297,8 @@ def repair(
             candidates=candidates,
             server=server,
             given=given.given,
+            trust=trust,
+            recovery_key=recovery_key,
         )
     )
     click.echo(after.to_text())
@@ -453,3 +498,173 @@ def _run(coroutine: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     except (OSError, sqlite3.Error) as error:  # the disk or the database, not olmstead
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
+
+
+# --- trust: our cross-signing identity --------------------------------------------------------
+
+TRUST_HOMESERVER = click.option(
+    "--homeserver",
+    required=True,
+    help="The device's homeserver; the access token comes from $OLMSTEAD_ACCESS_TOKEN or a prompt.",
+)
+
+
+@main.group()
+def trust() -> None:
+    """Our cross-signing identity: status, bootstrap, recover (spec: "Cross-signing")."""
+
+
+async def _trust_client(store: str, account: str, key: PickleKey, homeserver: str) -> Any:
+    import os
+
+    from olmstead.client.client import Client, CrossSigningSettings, Session
+
+    opened = await open_store(store, account, key)
+    record = await opened.load_account()
+    if record is None:
+        await opened.close()
+        raise click.ClickException(f"{opened.name} holds no device account yet")
+    token = os.environ.get("OLMSTEAD_ACCESS_TOKEN") or click.prompt("Access token", hide_input=True)
+    settings = CrossSigningSettings(password=os.environ.get("OLMSTEAD_PASSWORD"))
+    client = Client(homeserver, store=opened, cross_signing=settings)
+    client.restore(Session(homeserver, record.user_id, record.device_id, token))
+    await client.init_crypto()
+    return client
+
+
+async def _close_trust_client(client: Any) -> None:
+    await client.close()
+    await client.store.close()
+
+
+@trust.command("status")
+@STORE
+@ACCOUNT
+@KEY_FILE
+@TRUST_HOMESERVER
+def trust_status(store: str, account: str, key_file: Path | None, homeserver: str) -> None:
+    """Whether the device is cross-signed, as the server publishes it and as the store holds."""
+    from olmstead.cross_signing import published_identity
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+
+    async def run() -> tuple[Any, Any, str]:
+        client = await _trust_client(store, account, key, homeserver)
+        try:
+            machine = client.machine
+            published = published_identity(
+                await client.own_keys(),
+                machine.user_id,
+                machine.device_id,
+                machine.identity_keys["ed25519"],
+            )
+            return published, machine.cross_signing_status, machine.device_id
+        finally:
+            await _close_trust_client(client)
+
+    published, status, device_id = _run(run)
+    click.echo(f"master key on the server: {published.master_key or 'none'}")
+    click.echo(f"self-signing key signed by it: {published.self_signing_valid}")
+    click.echo(f"user-signing key signed by it: {published.user_signing_valid}")
+    click.echo(f"device {device_id} signed by the self-signing key: {published.device_signed}")
+    click.echo(f"private keys in this store: {status.has_keys} (published: {status.published})")
+    if published.master_key is None:
+        click.echo(
+            "no cross-signing: clients that exclude insecure devices (MSC4153) will withhold "
+            "their room keys from this device; run `olmstead trust bootstrap`"
+        )
+    elif not published.device_signed:
+        click.echo("this device is not cross-signed: run `olmstead trust recover`")
+
+
+@trust.command("bootstrap")
+@STORE
+@ACCOUNT
+@KEY_FILE
+@TRUST_HOMESERVER
+@click.option(
+    "--passphrase",
+    "use_passphrase",
+    is_flag=True,
+    help="Key secret storage by a passphrase too ($OLMSTEAD_SECRET_STORAGE_PASSPHRASE or a "
+    "prompt).",
+)
+def trust_bootstrap(
+    store: str, account: str, key_file: Path | None, homeserver: str, use_passphrase: bool
+) -> None:
+    """Create cross-signing keys and secret storage; prints the recovery key once.
+
+    A server that asks for user-interactive auth gets the password from
+    $OLMSTEAD_PASSWORD.
+    """
+    import os
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    passphrase = None
+    if use_passphrase:
+        passphrase = os.environ.get("OLMSTEAD_SECRET_STORAGE_PASSPHRASE") or click.prompt(
+            "Secret storage passphrase", hide_input=True, confirmation_prompt=True
+        )
+
+    async def run() -> str:
+        client = await _trust_client(store, account, key, homeserver)
+        try:
+            recovery_key: str = await client.bootstrap_cross_signing(passphrase=passphrase)
+            return recovery_key
+        finally:
+            await _close_trust_client(client)
+
+    recovery_key = _run(run)
+    click.echo("cross-signing is set up; keep this recovery key somewhere safe:")
+    click.echo(recovery_key)
+
+
+@trust.command("recover")
+@STORE
+@ACCOUNT
+@KEY_FILE
+@TRUST_HOMESERVER
+@click.option(
+    "--recovery-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file holding the recovery key; otherwise $OLMSTEAD_RECOVERY_KEY, otherwise a prompt.",
+)
+@click.option(
+    "--passphrase",
+    "use_passphrase",
+    is_flag=True,
+    help="Use the secret storage passphrase ($OLMSTEAD_SECRET_STORAGE_PASSPHRASE or a prompt).",
+)
+def trust_recover(
+    store: str,
+    account: str,
+    key_file: Path | None,
+    homeserver: str,
+    recovery_key_file: Path | None,
+    use_passphrase: bool,
+) -> None:
+    """Take the cross-signing keys from secret storage and sign this device with them."""
+    import os
+
+    key = pickle_key("OLMSTEAD_PICKLE_KEY", key_file, "Pickle key")
+    recovery_key = passphrase = None
+    if use_passphrase:
+        passphrase = os.environ.get("OLMSTEAD_SECRET_STORAGE_PASSPHRASE") or click.prompt(
+            "Secret storage passphrase", hide_input=True
+        )
+    elif recovery_key_file is not None:
+        recovery_key = recovery_key_file.read_text().strip()
+    else:
+        recovery_key = os.environ.get("OLMSTEAD_RECOVERY_KEY") or click.prompt(
+            "Recovery key", hide_input=True
+        )
+
+    async def run() -> None:
+        client = await _trust_client(store, account, key, homeserver)
+        try:
+            await client.recover(recovery_key=recovery_key, passphrase=passphrase)
+        finally:
+            await _close_trust_client(client)
+
+    _run(run)
+    click.echo("recovered: this device is now signed by the account's self-signing key")

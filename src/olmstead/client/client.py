@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -47,9 +48,12 @@ from olmstead.client.gaps import TimelineGap, Timelines
 from olmstead.client.invites import Invite, read_invites
 from olmstead.client.media import FileSource, Media
 from olmstead.client.rooms import KEY_STATE_EVENTS, Room, RoomEvent, RoomState, is_identifier
+from olmstead.cross_signing import published_identity, secret_storage
+from olmstead.cross_signing.machine import SECRET_NAMES
 from olmstead.delivery import DeliverySettings
 from olmstead.errors import (
     ConnectionFailed,
+    CrossSigningExists,
     DecryptionError,
     KeyStateError,
     LocalProtocolError,
@@ -59,6 +63,7 @@ from olmstead.errors import (
     RoomKeyWithheld,
     StoreError,
     TransportError,
+    TrustError,
     UnknownRoomKey,
 )
 from olmstead.http.endpoints import CLIENT_V3, account_data_path, route
@@ -67,13 +72,13 @@ from olmstead.identities.trust import SharingStrategy
 from olmstead.identities.user_identity import IdentityChanged, UserIdentity
 from olmstead.keys_upload import KeySettings
 from olmstead.machine import OlmMachine, UndecryptableToDevice
-from olmstead.requests import OutgoingRequest
+from olmstead.requests import DeviceSigningUploadRequest, OutgoingRequest
 from olmstead.sessions.group_sessions import DecryptedRoomEvent
 from olmstead.sessions.olm_sessions import DecryptedToDevice
 from olmstead.store.base import Changes, CryptoStore
 from olmstead.upload_guard import OneTimeKeysDrained, UploadPolicy
 
-__all__ = ["Client", "Session"]
+__all__ = ["Client", "CrossSigningSettings", "Session"]
 
 RoomEventCallback = Callable[[RoomEvent], object]
 FailureCallback = Callable[[str | None, Mapping[str, Any], DecryptionError], object]
@@ -93,6 +98,24 @@ KEY_QUERY_ROUNDS = 4
 #: seconds ``start`` waits after the store failed, doubling with each failure up to the max
 STORE_RETRY_FIRST = 0.5
 STORE_RETRY_MAX = 15.0
+
+
+@dataclass(frozen=True)
+class CrossSigningSettings:
+    """How the client handles our cross-signing identity (spec: "Cross-signing").
+
+    ``bootstrap_on_start``: ``init_crypto`` creates cross-signing keys and secret
+    storage if the account has none; the recovery key goes to ``on_recovery_key``
+    (printed to stderr when no callback is given), and ``Client.recovery_key`` holds it.
+    ``password``: answers the server's user-interactive auth when it asks for it to
+    upload the keys (a first upload needs none on spec v1.11 servers).
+    ``passphrase``: secret storage keyed by a passphrase (``m.pbkdf2``) as well.
+    """
+
+    bootstrap_on_start: bool = False
+    password: str | None = None
+    passphrase: str | None = None
+    on_recovery_key: Callable[[str], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +143,7 @@ class Client:
         max_waiting_events: int = DeliverySettings.max_waiting,
         sharing_strategy: SharingStrategy = SharingStrategy.ALL_DEVICES,
         only_cross_signed_senders: bool = False,
+        cross_signing: CrossSigningSettings | None = None,
     ) -> None:
         """``key_wait``: seconds an encrypted room event waits for its room key before
         it is reported as final (default 900); ``max_waiting_events``: events kept
@@ -154,7 +178,11 @@ class Client:
         self._stop = asyncio.Event()
         #: the sync token and the to-device events committed under it (see sync_once)
         self._taken: tuple[str | None, frozenset[str]] = (None, frozenset())
-        self._reported_problem: KeyStateError | None = None
+        self._reported_problem: OlmsteadError | None = None
+        self._cross_signing = cross_signing or CrossSigningSettings()
+        self._problem_callbacks: list[Callable[[OlmsteadError], object]] = []
+        #: the recovery key of a bootstrap this client ran, if it ran one
+        self.recovery_key: str | None = None
 
     # --- who we are ------------------------------------------------------------------------
 
@@ -228,7 +256,128 @@ class Client:
             else:
                 await self.machine.check_key_state(marker)
         await self.process_outgoing()
+        settings = self._cross_signing
+        if settings.bootstrap_on_start and not self.machine.cross_signing_status.has_keys:
+            try:
+                key = await self.bootstrap_cross_signing(passphrase=settings.passphrase)
+            except CrossSigningExists as exists:  # another device made them: recover instead
+                self._report(exists)
+            else:
+                if settings.on_recovery_key is not None:
+                    settings.on_recovery_key(key)
+                else:
+                    print(
+                        f"olmstead: the recovery key of {session.user_id}: {key}", file=sys.stderr
+                    )
         return self.machine
+
+    def on_key_problem(self, callback: Callable[[OlmsteadError], object]) -> None:
+        """Call ``callback`` with every key or trust problem the sync loop meets
+        (``DeviceKeysReplaced``, ``DeviceIdentityConflict``, ``SignatureUploadFailed`` …)."""
+        self._problem_callbacks.append(callback)
+
+    async def own_keys(self) -> dict[str, Any]:
+        """The ``/keys/query`` answer for our own user (all devices, cross-signing keys)."""
+        session = self._session()
+        return await self.http.request(
+            "POST", f"{CLIENT_V3}/keys/query", {"device_keys": {session.user_id: []}}
+        )
+
+    async def bootstrap_cross_signing(self, *, passphrase: str | None = None) -> str:
+        """Create and upload our cross-signing keys and secret storage; the recovery key.
+
+        Everything is committed before it leaves; called again after a crash it sends
+        the same keys. Raises ``CrossSigningExists`` if the account already has a master
+        key (recover it with ``recover``), or the first ``TransportError`` that stopped
+        the uploads (they go out again with the next round).
+        """
+        machine = self._machine()
+        key = await machine.bootstrap_cross_signing(await self.own_keys(), passphrase=passphrase)
+        self.recovery_key = key
+        await self.process_outgoing(raise_trust_errors=True)
+        if machine.cross_signing_status.pending:
+            raise LocalProtocolError(
+                "the cross-signing uploads did not all go through this round; they are "
+                "committed and go out again with the next sync"
+            )
+        return key
+
+    async def recover(
+        self, *, recovery_key: str | None = None, passphrase: str | None = None
+    ) -> None:
+        """Take our cross-signing keys from secret storage and sign this device with them.
+
+        Reads the account data and our published keys, then the machine checks them:
+        ``InvalidRecoveryKey``, ``WrongRecoveryKey``, ``WrongPassphrase``,
+        ``SecretStorageMissing``, ``SecretsMismatch`` … and nothing is sent.
+        """
+        machine = self._machine()
+        session = self._session()
+        account_data: dict[str, Any] = {}
+
+        async def read(event_type: str) -> None:
+            content = await self._account_data(session, event_type)
+            if content is not None:
+                account_data[event_type] = content
+
+        await read(secret_storage.DEFAULT_KEY_TYPE)
+        default = account_data.get(secret_storage.DEFAULT_KEY_TYPE, {})
+        key_id = default.get("key") if isinstance(default, Mapping) else None
+        if isinstance(key_id, str):
+            await read(secret_storage.key_type(key_id))
+            for name in SECRET_NAMES.values():
+                await read(name)
+        await machine.recover_cross_signing(
+            await self.own_keys(), account_data, recovery_key=recovery_key, passphrase=passphrase
+        )
+        await self.process_outgoing(raise_trust_errors=True)
+
+    async def _account_data(self, session: Session, event_type: str) -> dict[str, Any] | None:
+        try:
+            return await self.http.request("GET", account_data_path(session.user_id, event_type))
+        except MatrixHttpError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def _send_device_signing(self, request: DeviceSigningUploadRequest) -> dict[str, Any]:
+        """Upload our cross-signing keys, answering user-interactive auth when asked."""
+        try:
+            return await self.http.send(request)
+        except MatrixHttpError as error:
+            body = error.body if isinstance(error.body, Mapping) else {}
+            flows = body.get("flows")
+            if error.status != 401 or not isinstance(flows, list):
+                raise
+            # Synapse asks for auth only to replace keys the account already has: another
+            # device bootstrapped meanwhile. Never reset its identity with our password.
+            session = self._session()
+            master = next(iter(request.master_key.get("keys", {}).values()), None)
+            published = published_identity(
+                await self.own_keys(), session.user_id, session.device_id, ""
+            )
+            if published.master_key is not None and published.master_key != master:
+                raise CrossSigningExists(session.user_id, published.master_key) from None
+            stages = [
+                f.get("stages")
+                for f in flows
+                if isinstance(f, Mapping) and isinstance(f.get("stages"), list)
+            ]
+            auth: dict[str, Any] = {}
+            if isinstance(body.get("session"), str):
+                auth["session"] = body["session"]
+            if ["m.login.dummy"] in stages:
+                auth["type"] = "m.login.dummy"
+            elif ["m.login.password"] in stages and self._cross_signing.password is not None:
+                auth |= {
+                    "type": "m.login.password",
+                    "identifier": {"type": "m.id.user", "user": self._session().user_id},
+                    "password": self._cross_signing.password,
+                }
+            else:
+                raise
+            method, path = "POST", f"{CLIENT_V3}/keys/device_signing/upload"
+            return await self.http.request(method, path, request.body(auth), retry=False)
 
     async def _key_state_marker(self, session: Session) -> dict[str, Any] | None:
         path = account_data_path(session.user_id, key_state.marker_type(session.device_id))
@@ -239,7 +388,7 @@ class Client:
                 return None  # never written: keys from before markers, or none published
             raise
 
-    async def process_outgoing(self) -> None:
+    async def process_outgoing(self, *, raise_trust_errors: bool = False) -> None:
         """Send what the machine asks for until it asks for nothing more this round.
 
         A failed request is reported to the machine, which decides when it goes out
@@ -257,6 +406,15 @@ class Client:
                     # one bad answer fails one request; the rest of the round goes on
                     log.warning("%s failed: %s", request.request_id, error)
                     await machine.mark_request_as_failed(request.request_id, error)
+                    if raise_trust_errors and isinstance(request, DeviceSigningUploadRequest):
+                        raise
+                    continue
+                except TrustError as problem:  # refused signatures, keys another device made
+                    if isinstance(request, DeviceSigningUploadRequest):
+                        await machine.mark_request_as_failed(request.request_id, problem)
+                    if raise_trust_errors:
+                        raise
+                    self._report(problem)
                     continue
                 try:
                     await machine.mark_request_as_sent(request.request_id, answer)
@@ -468,6 +626,8 @@ class Client:
         it out again rather than wait for an answer that will never be read (a query
         left in flight would hold every later share and stop device tracking)."""
         try:
+            if isinstance(request, DeviceSigningUploadRequest):
+                return await self._send_device_signing(request)
             return await self.http.send(request)
         except asyncio.CancelledError:
             method, path = route(request)
@@ -1031,10 +1191,12 @@ class Client:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _report(self, problem: KeyStateError) -> None:
+    def _report(self, problem: OlmsteadError) -> None:
         if problem is not self._reported_problem:
             self._reported_problem = problem
-            log.error("key uploads stopped: %s", problem)
+            log.error("key problem: %s", problem)
+            for callback in self._problem_callbacks:
+                callback(problem)
 
     def _session(self) -> Session:
         if self.session is None:

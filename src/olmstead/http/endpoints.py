@@ -6,10 +6,12 @@ from urllib.parse import quote
 
 from olmstead.requests import (
     AccountDataRequest,
+    DeviceSigningUploadRequest,
     KeysClaimRequest,
     KeysQueryRequest,
     KeysUploadRequest,
     OutgoingRequest,
+    SignaturesUploadRequest,
     ToDeviceRequest,
 )
 
@@ -31,6 +33,10 @@ def route(request: OutgoingRequest) -> tuple[str, str]:
             return "PUT", f"{CLIENT_V3}/sendToDevice/{quote(event_type, safe='')}/{txn_id}"
         case AccountDataRequest(user_id=user_id, event_type=event_type):
             return "PUT", account_data_path(user_id, event_type)
+        case DeviceSigningUploadRequest():
+            return "POST", f"{CLIENT_V3}/keys/device_signing/upload"
+        case SignaturesUploadRequest():
+            return "POST", f"{CLIENT_V3}/keys/signatures/upload"
 
 
 def account_data_path(user_id: str, event_type: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, TypeGuard
 import vodozemac
 
 from olmstead import metrics
+from olmstead.cross_signing.record import CrossSigningRecord, SealedSecrets
 from olmstead.errors import LocalProtocolError, StoreCorrupt, StoreLocked, StoreLockLost
 from olmstead.identities.device import Device
 from olmstead.identities.user_identity import UserIdentity
@@ -70,6 +71,9 @@ class AccountRecord:
     fallback_supported: bool = False
     #: when the newest fallback key was generated (seconds since the epoch)
     fallback_created_at: float | None = None
+    #: a new device's ID is claimed: its first one-time keys (no device keys) are on the
+    #: server, so a second fresh account's upload collides instead of replacing ours
+    claimed: bool = False
 
     def state_json(self) -> str:
         return json.dumps(
@@ -78,6 +82,7 @@ class AccountRecord:
                 "server_key_count": self.server_key_count,
                 "fallback_supported": self.fallback_supported,
                 "fallback_created_at": self.fallback_created_at,
+                "claimed": self.claimed,
             },
             sort_keys=True,
         )
@@ -93,6 +98,7 @@ class AccountRecord:
             self.server_key_count,
             self.fallback_supported,
             self.fallback_created_at,
+            self.claimed,
         )
 
 
@@ -284,10 +290,13 @@ class Changes:
     outbox_sent: set[str] = field(default_factory=set)
     #: other users' cross-signing identities (pinned, and any change awaiting acknowledgement)
     user_identities: list[UserIdentity] = field(default_factory=list)
+    #: our cross-signing keys and their outbox, replaced whole
+    cross_signing: CrossSigningRecord | None = None
 
     def is_empty(self) -> bool:
         return not (
             self.account
+            or self.cross_signing
             or self.values
             or self.devices
             or self.tracked_users
@@ -335,6 +344,8 @@ class SerializedChanges:
     outbox_sent: set[str] = field(default_factory=set)
     #: user_id, identity JSON
     user_identities: list[tuple[str, str]] = field(default_factory=list)
+    #: sealed secrets, state JSON
+    cross_signing: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -396,6 +407,7 @@ def account_from_row(row: tuple[str, str, str, str], key: bytes, store: str) -> 
         server_key_count=state.get("server_key_count"),
         fallback_supported=bool(state.get("fallback_supported", False)),
         fallback_created_at=state.get("fallback_created_at"),
+        claimed=bool(state.get("claimed", False)),
     )
 
 
@@ -444,6 +456,10 @@ class CryptoStore(ABC):
     @abstractmethod
     async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
         """user_id and identity JSON of each of ``user_ids`` that has a stored identity."""
+
+    @abstractmethod
+    async def _cross_signing_row(self) -> tuple[str, str] | None:
+        """Sealed secrets and state JSON of our cross-signing identity, if there is one."""
 
     @abstractmethod
     async def get_tracked_users(self) -> dict[str, bool]:
@@ -505,12 +521,14 @@ class CryptoStore(ABC):
         progress: Callable[[int], object] | None,
     ) -> None:
         """In one transaction fenced by the lease: replace every pickle of each kind
-        (``account``, ``olm``, ``inbound``, ``outbound``) with ``rewrap(pickle)`` and the
+        (``account``, ``olm``, ``inbound``, ``outbound``, ``cross_signing``) with
+        ``rewrap(pickle)`` and the
         key check with ``key_check``; call ``progress(1)`` after each row."""
 
     @abstractmethod
     async def count_secrets(self) -> dict[str, int]:
-        """How many pickles of each kind (``account``, ``olm``, ``inbound``, ``outbound``)."""
+        """How many pickles of each kind (``account``, ``olm``, ``inbound``, ``outbound``,
+        ``cross_signing``)."""
 
     @abstractmethod
     async def _try_lock(self, holder: str, duration: float) -> LockRow:
@@ -548,6 +566,19 @@ class CryptoStore(ABC):
     async def load_account(self) -> AccountRecord | None:
         row = await self._load_account_row()
         return None if row is None else account_from_row(row, self._key.key, self.name)
+
+    async def load_cross_signing(self) -> CrossSigningRecord | None:
+        """Our cross-signing keys and their outbox (spec: "Cross-signing"), if any."""
+        row = await self._cross_signing_row()
+        if row is None:
+            return None
+        try:
+            return CrossSigningRecord.from_row(row[0], row[1], self._key.key)
+        except ValueError as exc:
+            raise StoreCorrupt(
+                self.name,
+                f"the cross-signing keys do not unseal although the pickle key matches ({exc})",
+            ) from None
 
     async def get_devices(self, user_id: str) -> dict[str, Device]:
         """The stored devices of ``user_id`` (deleted ones included, flagged), by device ID."""
@@ -744,6 +775,7 @@ class CryptoStore(ABC):
             "olm": vodozemac.Session,
             "inbound": vodozemac.InboundGroupSession,
             "outbound": vodozemac.GroupSession,
+            "cross_signing": SealedSecrets,
         }
 
         def rewrapper(kind: Any) -> Callable[[str], str]:
@@ -851,6 +883,12 @@ class CryptoStore(ABC):
                 [(e.request_id, e.created_at, e.to_json()) for e in changes.outbox],
                 set(changes.outbox_sent),
                 [(i.user_id, i.to_json()) for i in changes.user_identities],
+                None
+                if changes.cross_signing is None
+                else (
+                    SealedSecrets(changes.cross_signing.secrets).pickle(self._key.key),
+                    changes.cross_signing.state_json(),
+                ),
             )
             await self._write(serialized, self.holder, known)
         except StoreLockLost:

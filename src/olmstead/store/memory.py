@@ -52,6 +52,8 @@ class MemoryDatabase:
     outbox: dict[str, tuple[float, str]] = field(default_factory=dict)
     #: user_id -> identity JSON
     user_identities: dict[str, str] = field(default_factory=dict)
+    #: (sealed secrets, state JSON) of our cross-signing identity
+    cross_signing: tuple[str, str] | None = None
     lock: LockRow | None = None
 
 
@@ -97,6 +99,9 @@ class MemoryStore(CryptoStore):
 
     async def _identity_rows_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
         return [(u, self._db.user_identities[u]) for u in user_ids if u in self._db.user_identities]
+
+    async def _cross_signing_row(self) -> tuple[str, str] | None:
+        return self._db.cross_signing
 
     async def get_tracked_users(self) -> dict[str, bool]:
         return dict(self._db.tracked_users)
@@ -154,6 +159,8 @@ class MemoryStore(CryptoStore):
             raise StoreLockLost(self.name, f"now held by {lock.holder if lock else 'nobody'}")
         if changes.account is not None:
             self._db.account = changes.account
+        if changes.cross_signing is not None:
+            self._db.cross_signing = changes.cross_signing
         for key, value in changes.values.items():
             if value is None:
                 self._db.values.pop(key, None)
@@ -199,6 +206,7 @@ class MemoryStore(CryptoStore):
             "olm": len(self._db.olm_sessions),
             "inbound": len(self._db.inbound_group),
             "outbound": len(self._db.outbound_group),
+            "cross_signing": int(self._db.cross_signing is not None),
         }
 
     async def _rekey(
@@ -230,7 +238,12 @@ class MemoryStore(CryptoStore):
         for room, (pickle, state) in self._db.outbound_group.items():
             outbound[room] = (rewrap["outbound"](pickle), state)
             tick(1)
+        cross_signing = self._db.cross_signing
+        if cross_signing is not None:
+            cross_signing = (rewrap["cross_signing"](cross_signing[0]), cross_signing[1])
+            tick(1)
         self._db.account, self._db.olm_sessions = account, olm
+        self._db.cross_signing = cross_signing
         self._db.inbound_group, self._db.outbound_group = inbound, outbound
         self._db.key_check = key_check
 

@@ -89,6 +89,7 @@ SECRET_TABLES = {
     "olm": ("olmstead_olm_sessions", ("sender_key", "session_id")),
     "inbound": ("olmstead_inbound_group_sessions", ("room_id", "session_id")),
     "outbound": ("olmstead_outbound_group_sessions", ("room_id",)),
+    "cross_signing": ("olmstead_cross_signing", ("account_id",)),
 }
 
 
@@ -311,6 +312,15 @@ class PostgresStore(CryptoStore):
         )
         return None if row is None else (row[0], row[1], row[2])
 
+    async def _cross_signing_row(self) -> tuple[str, str] | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT pickle, state FROM olmstead_cross_signing WHERE account_id = $1",
+                self.account_id,
+            )
+        )
+        return None if row is None else (row[0], row[1])
+
     async def get_tracked_users(self) -> dict[str, bool]:
         rows = await self._run(
             lambda c: c.fetch(
@@ -515,6 +525,14 @@ class PostgresStore(CryptoStore):
                         "pickle = excluded.pickle, state = excluded.state",
                         a,
                         *changes.account,
+                    )
+                if changes.cross_signing is not None:
+                    await conn.execute(
+                        "INSERT INTO olmstead_cross_signing (account_id, pickle, state) "
+                        "VALUES ($1, $2, $3) ON CONFLICT (account_id) DO UPDATE SET "
+                        "pickle = excluded.pickle, state = excluded.state",
+                        a,
+                        *changes.cross_signing,
                     )
                 await _many(
                     conn,
@@ -964,8 +982,11 @@ async def _migrate(pool: asyncpg.Pool, name: str) -> None:
                 f"{name} has schema version {version}, newer than this olmstead knows "
                 f"({latest}): upgrade olmstead; downgrading a store is not supported."
             )
+        # every step not yet recorded, not only those above the highest: numbers are
+        # assigned per change, and a database may have run a later one first
+        done = {row[0] for row in await conn.fetch("SELECT version FROM olmstead_schema")}
         for number, _description, sql in MIGRATIONS:
-            if number > version:
+            if number not in done:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO olmstead_schema (version) VALUES ($1)", number)
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -70,6 +71,7 @@ SECRET_TABLES = {
     "olm": "olm_sessions",
     "inbound": "inbound_group_sessions",
     "outbound": "outbound_group_sessions",
+    "cross_signing": "cross_signing",
 }
 
 
@@ -261,6 +263,13 @@ class SqliteStore(CryptoStore):
 
         return await self._run(read)
 
+    async def _cross_signing_row(self) -> tuple[str, str] | None:
+        def read() -> tuple[str, str] | None:
+            row = self._conn.execute("SELECT pickle, state FROM cross_signing").fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return await self._run(read)
+
     async def get_tracked_users(self) -> dict[str, bool]:
         def read() -> dict[str, bool]:
             rows = self._conn.execute("SELECT user_id, outdated FROM tracked_users").fetchall()
@@ -420,6 +429,13 @@ class SqliteStore(CryptoStore):
                     "user_id = excluded.user_id, device_id = excluded.device_id, "
                     "pickle = excluded.pickle, state = excluded.state",
                     changes.account,
+                )
+            if changes.cross_signing is not None:
+                conn.execute(
+                    "INSERT INTO cross_signing (id, pickle, state) VALUES (1, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET pickle = excluded.pickle, "
+                    "state = excluded.state",
+                    changes.cross_signing,
                 )
             conn.executemany(
                 "INSERT INTO devices (user_id, device_id, curve25519, data) VALUES (?, ?, ?, ?) "
@@ -775,11 +791,16 @@ def _apply(conn: sqlite3.Connection, after: int) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, name: str) -> None:
-    """Bring the schema up to date, one transaction per step (called holding the lease)."""
+    """Bring the schema up to date, one transaction per step (called holding the lease).
+
+    Numbers are handed out per change, so a store may be at 8 without 7 (made by a
+    build that had 8 before 7 was merged): a step below the version whose tables are
+    all missing is applied too, and the version never goes down.
+    """
     for number, description, _sql in MIGRATIONS:
 
         def step(conn: sqlite3.Connection, number: int = number) -> None:
-            if _version(conn) < number:  # numbers may leave gaps (see migrations)
+            if _version(conn) < number or _tables_missing(conn, number):
                 _apply_one(conn, number)
 
         try:
@@ -792,9 +813,22 @@ def _migrate(conn: sqlite3.Connection, name: str) -> None:
             ) from exc
 
 
+def _tables_missing(conn: sqlite3.Connection, number: int) -> bool:
+    """Whether step ``number`` creates tables and none of them exists."""
+    sql = next(s for n, _d, s in MIGRATIONS if n == number)
+    tables = re.findall(r"CREATE TABLE (\w+)", sql)
+    if not tables:
+        return False
+    marks = ", ".join("?" for _ in tables)
+    found = conn.execute(
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({marks})", tables
+    ).fetchone()[0]
+    return int(found) == 0
+
+
 def _apply_one(conn: sqlite3.Connection, number: int) -> None:
     sql = next(s for n, _d, s in MIGRATIONS if n == number)
     for statement in sql.split(";"):
         if statement.strip():
             conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {number}")
+    conn.execute(f"PRAGMA user_version = {max(number, _version(conn))}")

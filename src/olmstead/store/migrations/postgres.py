@@ -128,6 +128,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        7,
+        "our cross-signing keys (sealed) and the outbox of requests about them",
+        """
+        CREATE TABLE olmstead_cross_signing (
+            account_id TEXT PRIMARY KEY,
+            pickle     TEXT NOT NULL,
+            state      TEXT NOT NULL
+        );
+        """,
+    ),
+    (
         8,
         "other users' cross-signing identities: the pinned one and any change",
         """

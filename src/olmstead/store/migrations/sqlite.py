@@ -132,6 +132,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        7,
+        "our cross-signing keys (sealed) and the outbox of requests about them",
+        """
+        CREATE TABLE cross_signing (
+            id     INTEGER PRIMARY KEY CHECK (id = 1),
+            pickle TEXT NOT NULL,
+            state  TEXT NOT NULL
+        );
+        """,
+    ),
+    (
         8,
         "other users' cross-signing identities: the pinned one and any change",
         """
