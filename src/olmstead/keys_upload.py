@@ -187,6 +187,10 @@ class KeysUpload:
             )
         # the same test pending_request made: this answer is to the claim
         was_claim = self._claiming(record) and bool(record.account.one_time_keys)
+        if count is None and was_claim:
+            # a new device held none before its claim (the device check saw it free), so
+            # the server holds what the claim carried: the upload after it tops up from there
+            count = len(record.account.one_time_keys)
         record.account.mark_keys_as_published()
         if was_claim:
             record.claimed = True  # device keys go next
