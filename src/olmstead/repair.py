@@ -40,7 +40,7 @@ from olmstead.errors import LocalProtocolError, MatrixHttpError, TransportError
 from olmstead.http.endpoints import CLIENT_V3
 from olmstead.http.transport import MatrixHttp
 from olmstead.store import CryptoStore, PickleKey, SqliteStore
-from olmstead.store.files import PRIVATE_FILE
+from olmstead.store.files import PRIVATE_FILE, write_private
 from olmstead.store.named import is_postgres, open_store
 from olmstead.upload_guard import OneTimeKeysDrained
 
@@ -468,9 +468,8 @@ async def _delete_device(session: Session, device_id: str, password: str) -> str
 
 
 def _save_session(session: Session, path: Path) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a token
-    with os.fdopen(fd, "w") as out:
-        json.dump(dataclasses.asdict(session), out)
+    # it holds a token: 0600 even over a file already there with a looser mode
+    write_private(path, json.dumps(dataclasses.asdict(session)).encode())
     return path
 
 

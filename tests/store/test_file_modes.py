@@ -11,9 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from olmstead import OlmMachine, PickleKey, SqliteStore
+from olmstead import OlmMachine, PickleKey, Session, SqliteStore
 from olmstead.doctor import diagnose
-from olmstead.repair import RepairOptions, plan_repairs
+from olmstead.repair import RepairOptions, _save_session, plan_repairs, read_session_file
 
 KEY = PickleKey(b"m" * 32)
 
@@ -99,3 +99,15 @@ async def test_doctor_flags_a_store_others_can_read_and_repair_fixes_it(tmp_path
     again = await diagnose(str(path), KEY, key_file=key_file)
     assert "files_readable" not in again.causes()
     assert any(f.cause == "files_private" for f in again.findings)
+
+
+def test_a_session_file_written_over_one_others_can_read_is_0600(tmp_path: Path) -> None:
+    # the file a move to a new device writes holds an access token; one already there
+    # (an earlier move, a file the operator made) must not keep its looser mode
+    path = tmp_path / "session.json"
+    path.write_text("{}")
+    os.chmod(path, 0o644)
+    session = Session("https://example.org", "@bot:example.org", "NEWDEVICE", "secret-token")
+    _save_session(session, path)
+    assert mode(path) == 0o600
+    assert read_session_file(path) == session

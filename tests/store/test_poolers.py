@@ -14,6 +14,7 @@ from olmstead import (
     InboundGroupSessionRecord,
     LeaseSettings,
     PickleKey,
+    StoreConnectionLost,
     StoreOutOfConnections,
     StorePoolerRefused,
     WrongPickleKey,
@@ -170,3 +171,67 @@ async def test_running_out_of_connections_says_what_to_do(
     finally:
         for store in opened:
             await store.close()
+
+
+async def commit_cut_off_while_server_finishes(
+    pooled_db: DedicatedDatabase, lands: bool
+) -> tuple[PostgresStore, asyncpg.Connection]:
+    """A store whose next commit loses its connection while the server, on the other end,
+    is still finishing that commit (on ``orphan``); it lands or rolls back 0.5 s later."""
+    store = await PostgresStore.open(pooled_db.dsn, KEY, account="cut", lease=LEASE)
+    await store.save_changes(Changes(values={"sync_token": "s1"}))
+    orphan = await asyncpg.connect(pooled_db.dsn)
+
+    def writer(changes: object, holder: str, generation: int, commit_id: str) -> object:
+        async def write(conn: asyncpg.Connection) -> None:
+            await orphan.execute("BEGIN")
+            await orphan.execute("SELECT 1 FROM olmstead_lease WHERE account_id = 'cut' FOR UPDATE")
+            await orphan.execute(
+                "UPDATE olmstead_kv SET value = $1 WHERE account_id = 'cut' AND key = $2",
+                commit_id,
+                "olmstead.last_commit",
+            )
+            await orphan.execute(
+                "UPDATE olmstead_kv SET value = 's2' "
+                "WHERE account_id = 'cut' AND key = 'sync_token'"
+            )
+
+            async def finish() -> None:
+                await asyncio.sleep(0.5)
+                await orphan.execute("COMMIT" if lands else "ROLLBACK")
+
+            asyncio.get_running_loop().create_task(finish())
+            raise asyncpg.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+
+        return write
+
+    store._writer = writer  # type: ignore[assignment,method-assign]
+    return store, orphan
+
+
+async def test_a_commit_the_server_finishes_after_the_break_counts_as_landed(
+    pooled_db: DedicatedDatabase,
+) -> None:
+    store, orphan = await commit_cut_off_while_server_finishes(pooled_db, lands=True)
+    try:
+        # the check waits for the commit still under way instead of reading the old ID
+        await store.save_changes(Changes(values={"sync_token": "s2"}))
+        assert await store.get_value("sync_token") == "s2"
+    finally:
+        await store.close()
+        await orphan.close()
+
+
+async def test_a_commit_the_server_rolls_back_after_the_break_is_not_taken_as_landed(
+    pooled_db: DedicatedDatabase,
+) -> None:
+    store, orphan = await commit_cut_off_while_server_finishes(pooled_db, lands=False)
+    try:
+        with pytest.raises(StoreConnectionLost):
+            await store.save_changes(Changes(values={"sync_token": "s2"}))
+        assert await store.get_value("sync_token") == "s1"
+    finally:
+        await store.close()
+        await orphan.close()

@@ -73,6 +73,8 @@ OWN_POOL_SIZE = 4
 LAST_COMMIT = "olmstead.last_commit"
 #: reads to find out whether a commit cut off by a lost connection landed
 LANDED_CHECKS = 5
+#: seconds to wait for a commit the server may still be finishing after the connection broke
+LANDED_WAIT = 5.0
 #: what the driver raises when the database, the network or the pooler fails
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -492,10 +494,33 @@ class PostgresStore(CryptoStore):
             log.warning("%s: the connection broke during a commit that landed", self.name)
 
     async def _landed(self, commit_id: str) -> bool:
-        """Whether the commit that recorded ``commit_id`` is in the database (a few tries)."""
+        """Whether the commit that recorded ``commit_id`` is in the database (a few tries).
+
+        The server may still be finishing that commit after our end of the connection
+        broke: every commit holds the lease row locked, so waiting for a share lock on
+        it (up to ``LANDED_WAIT``) waits for the commit to land or roll back first.
+        """
+        a = self.account_id
+
+        async def read(conn: asyncpg.Connection) -> str | None:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{int(LANDED_WAIT * 1000)}ms'")
+                try:
+                    await conn.execute(
+                        "SELECT 1 FROM olmstead_lease WHERE account_id = $1 FOR SHARE", a
+                    )
+                except asyncpg.LockNotAvailableError:
+                    return None  # still not finished: the outcome stays unknown
+                value: str | None = await conn.fetchval(
+                    "SELECT value FROM olmstead_kv WHERE account_id = $1 AND key = $2",
+                    a,
+                    LAST_COMMIT,
+                )
+                return value
+
         for attempt in range(LANDED_CHECKS):
             try:
-                found = await self.get_value(LAST_COMMIT)
+                found = await self._run(read)
             except StoreUnavailable:
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
