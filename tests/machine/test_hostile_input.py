@@ -109,6 +109,29 @@ def test_a_panic_in_vodozemac_becomes_an_olmstead_error() -> None:
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 34, 64])
+def test_the_boundary_checks_a_key_length_before_vodozemac_sees_it(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    for kind in ("Ed25519PublicKey", "Curve25519PublicKey"):
+        real = getattr(vodozemac, kind)
+
+        class Spy:
+            @staticmethod
+            def from_base64(text: str, real: Any = real) -> Any:
+                seen.append(text)
+                return real.from_base64(text)
+
+        monkeypatch.setattr(vodozemac, kind, Spy)
+    for parse in (checked.ed25519_key, checked.curve25519_key):
+        with pytest.raises(RemoteProtocolError, match=f"is {size} bytes, not a 32-byte"):
+            parse(b64_of(size), "keys.k")
+    assert seen == []  # refused before the binding was called
+    assert checked.ed25519_key(b64_of(32) + "=", "k").to_base64() == b64_of(32)
+    assert seen == [b64_of(32)]  # in its canonical spelling
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 34, 64])
 async def test_a_device_with_a_key_of_the_wrong_length_is_refused(size: int) -> None:
     alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
     mallory = await new_peer(MALLORY, "MALLORYDEV")
