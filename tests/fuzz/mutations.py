@@ -149,7 +149,7 @@ def mutated(draw: st.DrawFn, valid: Any, pool: list[str]) -> tuple[Any, list[str
         elif kind == "add":
             target[draw(st.text(max_size=8))] = draw(hostile_values)
         elif kind == "rename":
-            parent, name = _get(value, where[:-1]), where[-1]
+            parent, name = _get(value, where[:-1]), str(where[-1])
             prefix, _, suffix = name.rpartition(":")
             if prefix and isinstance(target, str) and suffix == target:
                 new = draw(keys)
