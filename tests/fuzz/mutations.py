@@ -10,7 +10,11 @@ path drawn from every object member and array item in it (the root included):
   keys of every length from 0 to 70 bytes (33 is the length vodozemac 0.10 panics
   on), other real keys and IDs from ``pool``
   (spoofed senders, devices and keys);
-- a member deleted, or an unknown member added.
+- a member deleted, or an unknown member added;
+- a member renamed (to a key of any length, or a damaged name); where the name is
+  ``<algorithm>:<its value>`` (a cross-signing key's ID), name and value are
+  changed together, so a key of the wrong length passes the ID check and reaches
+  vodozemac.
 
 Add a kind of damage here and every registered input gets it.
 """
@@ -124,6 +128,8 @@ def mutated(draw: st.DrawFn, valid: Any, pool: list[str]) -> tuple[Any, list[str
             choices.append("add")
         if where:
             choices.append("delete")
+        if where and isinstance(where[-1], str):
+            choices.append("rename")
         if isinstance(target, str):
             choices += ["key", "key"]  # keys of every length, often: where panics hide
             choices.append("string")  # what JSON carries and no store holds
@@ -142,6 +148,16 @@ def mutated(draw: st.DrawFn, valid: Any, pool: list[str]) -> tuple[Any, list[str
             value = _put(value, where, new)
         elif kind == "add":
             target[draw(st.text(max_size=8))] = draw(hostile_values)
+        elif kind == "rename":
+            parent, name = _get(value, where[:-1]), str(where[-1])
+            prefix, _, suffix = name.rpartition(":")
+            if prefix and isinstance(target, str) and suffix == target:
+                new = draw(keys)
+                renamed = f"{prefix}:{new}"
+            else:
+                new, renamed = target, draw(st.one_of(keys, bad_strings(name)))
+            del parent[name]
+            parent[renamed] = new
         elif kind == "delete":
             parent = _get(value, where[:-1])
             del parent[where[-1]]

@@ -33,6 +33,7 @@ from olmstead import (
     RemoteProtocolError,
 )
 from olmstead.requests import AccountDataRequest
+from tests.cross_signing_keys import CrossSigningIdentity, KeysQueryAnswer
 from tests.fuzz.world import LONG_LEASE, Snapshot, fuzz_peer
 from tests.machine.pair import Peer, deliveries, learn_devices, open_session, send
 from tests.machine.test_keys_upload import Clock, ok, pass_device_check
@@ -374,6 +375,43 @@ async def build_keys_query() -> Built:
     return Built(answer, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
 
 
+async def build_keys_query_identity() -> Built:
+    """A ``/keys/query`` answer with the honest peer's cross-signing keys and signed device."""
+    alice, bob, mallory = await _cast()
+    await bob.machine.update_tracked_users([ALICE])
+    identity = CrossSigningIdentity(ALICE)
+    answer = (
+        KeysQueryAnswer()
+        .device(identity.sign_device(alice.machine.device_keys()))
+        .identity(identity)
+        .json()
+    )
+
+    async def feed(victim: Peer, obj: Any) -> Outcome:
+        query = await _query_request(victim)
+        try:
+            await victim.machine.mark_request_as_sent(query.request_id, obj)
+        except RemoteProtocolError:
+            return Outcome(False)
+        pinned = await victim.machine.get_user_identity(ALICE)
+        if pinned is not None and pinned.master_key != identity.master.public:
+            return Outcome(True, f"a forged master key was pinned: {pinned.master_key}")
+        for device in (await victim.machine.get_user_devices(ALICE)).values():
+            if device.ed25519 != alice.machine.identity_keys["ed25519"]:
+                return Outcome(True, f"a device with forged keys was stored: {device}")
+        return Outcome(True)
+
+    async def genuine(victim: Peer) -> bool:
+        victim.clock.now += 3600  # past any backoff
+        query = await _query_request(victim)
+        await victim.machine.mark_request_as_sent(query.request_id, answer)
+        pinned = await victim.machine.get_user_identity(ALICE)
+        return pinned is not None and pinned.master_key == identity.master.public
+
+    pool = [*_pool(alice, bob, mallory), identity.self_signing.public, identity.master.public]
+    return Built(answer, Snapshot.of(bob), feed, genuine, pool)
+
+
 async def build_keys_claim() -> Built:
     """A ``/keys/claim`` answer with the honest peer's signed one-time key."""
     alice, bob, mallory = await _cast()
@@ -546,6 +584,7 @@ INPUTS: list[Input] = [
     Input("room_event_megolm", build_megolm_event),
     Input("megolm_payload_from_a_malicious_device", build_megolm_payload),
     Input("keys_query_answer", build_keys_query),
+    Input("keys_query_answer_with_cross_signing_keys", build_keys_query_identity),
     Input("keys_claim_answer", build_keys_claim),
     Input("keys_upload_answer", build_keys_upload),
     Input("sync_sections_strict", build_sync),

@@ -32,6 +32,7 @@ from olmstead import (
 from olmstead.boundary import SyncSections
 from olmstead.olm import checked
 from olmstead.requests import AccountDataRequest
+from tests.cross_signing_keys import CrossSigningIdentity, KeysQueryAnswer
 from tests.fuzz.world import dump
 from tests.machine.pair import Peer, deliveries, learn_devices, new_peer, open_session, send
 from tests.machine.test_keys_upload import ok
@@ -108,6 +109,29 @@ def test_a_panic_in_vodozemac_becomes_an_olmstead_error() -> None:
 
 
 @pytest.mark.parametrize("size", [0, 31, 33, 34, 64])
+def test_the_boundary_checks_a_key_length_before_vodozemac_sees_it(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    for kind in ("Ed25519PublicKey", "Curve25519PublicKey"):
+        real = getattr(vodozemac, kind)
+
+        class Spy:
+            @staticmethod
+            def from_base64(text: str, real: Any = real) -> Any:
+                seen.append(text)
+                return real.from_base64(text)
+
+        monkeypatch.setattr(vodozemac, kind, Spy)
+    for parse in (checked.ed25519_key, checked.curve25519_key):
+        with pytest.raises(RemoteProtocolError, match=f"is {size} bytes, not a 32-byte"):
+            parse(b64_of(size), "keys.k")
+    assert seen == []  # refused before the binding was called
+    assert checked.ed25519_key(b64_of(32) + "=", "k").to_base64() == b64_of(32)
+    assert seen == [b64_of(32)]  # in its canonical spelling
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 34, 64])
 async def test_a_device_with_a_key_of_the_wrong_length_is_refused(size: int) -> None:
     alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
     mallory = await new_peer(MALLORY, "MALLORYDEV")
@@ -123,6 +147,23 @@ async def test_a_device_with_a_key_of_the_wrong_length_is_refused(size: int) -> 
     }
     await bob.machine.mark_request_as_sent(query.request_id, answer)
     assert await bob.machine.get_user_devices(MALLORY) == {}
+    assert "ALICEDEV" in await bob.machine.get_user_devices(ALICE)  # the rest was taken
+
+
+@pytest.mark.parametrize("usage", ["master", "self_signing"])
+async def test_a_cross_signing_key_of_33_bytes_is_refused_not_a_panic(usage: str) -> None:
+    # vodozemac panics (a BaseException) on an Ed25519 key of exactly 33 bytes
+    alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    mallory = CrossSigningIdentity(MALLORY)
+    await bob.machine.update_tracked_users([ALICE, MALLORY])
+    (query,) = [r for r in await bob.machine.outgoing_requests() if isinstance(r, KeysQueryRequest)]
+    answer = KeysQueryAnswer().identity(mallory).json()
+    bad = b64_of(33)
+    key_object = answer[f"{usage}_keys"][MALLORY]
+    key_object["keys"] = {f"ed25519:{bad}": bad}
+    answer["device_keys"][ALICE] = alice.query_answer()["device_keys"][ALICE]
+    await bob.machine.mark_request_as_sent(query.request_id, answer)
+    assert await bob.machine.get_user_identity(MALLORY) is None
     assert "ALICEDEV" in await bob.machine.get_user_devices(ALICE)  # the rest was taken
 
 
