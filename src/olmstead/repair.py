@@ -226,7 +226,8 @@ async def _rekey(report: Report, options: RepairOptions) -> Outcome:
     )
 
 
-async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
+async def _device_client(report: Report, options: RepairOptions) -> tuple[Client, Session]:
+    """A client of the device diagnosed, on its store, with the session given."""
     assert report.device is not None
     assert options.server is not None
     assert options.key is not None
@@ -239,6 +240,11 @@ async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
     client = Client(
         session.homeserver, store=await _open(options.store, options.account, options.key)
     )
+    return client, session
+
+
+async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
+    client, session = await _device_client(report, options)
     drained: list[OneTimeKeysDrained] = []
     client.on_keys_drained(drained.append)
     client.restore(session)
@@ -260,18 +266,7 @@ async def _sync_keys(report: Report, options: RepairOptions) -> Outcome:
 
 
 async def _bootstrap(report: Report, options: RepairOptions, recover: bool = False) -> Outcome:
-    assert report.device is not None
-    assert options.server is not None
-    assert options.key is not None
-    session = Session(
-        options.server.homeserver,
-        report.device.user_id,
-        report.device.device_id,
-        options.server.access_token,
-    )
-    client = Client(
-        session.homeserver, store=await _open(options.store, options.account, options.key)
-    )
+    client, session = await _device_client(report, options)
     client.restore(session)
     try:
         await client.init_crypto()
