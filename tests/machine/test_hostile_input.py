@@ -167,6 +167,35 @@ async def test_a_cross_signing_key_of_33_bytes_is_refused_not_a_panic(usage: str
     assert "ALICEDEV" in await bob.machine.get_user_devices(ALICE)  # the rest was taken
 
 
+async def test_a_padded_spelling_of_a_pinned_master_key_is_refused_not_a_change() -> None:
+    # the same key in padded base64, and the self-signing key's signature renamed to it
+    # (signatures do not cover their own map): a server could fake an identity change
+    _alice, bob = await new_peer(ALICE, "ALICEDEV"), await new_peer(BOB, "BOBDEV")
+    mallory = CrossSigningIdentity(MALLORY)
+    await bob.machine.update_tracked_users([MALLORY])
+
+    async def answer_query(answer: dict[str, Any]) -> None:
+        await bob.machine.receive_sync_changes(device_lists={"changed": [MALLORY]})
+        queries = [
+            r for r in await bob.machine.outgoing_requests() if isinstance(r, KeysQueryRequest)
+        ]
+        (query,) = queries
+        await bob.machine.mark_request_as_sent(query.request_id, answer)
+
+    await answer_query(KeysQueryAnswer().identity(mallory).json())
+    pinned = await bob.machine.get_user_identity(MALLORY)
+    assert pinned is not None
+    answer = KeysQueryAnswer().identity(mallory).json()
+    master = answer["master_keys"][MALLORY]
+    ((key_id, key),) = master["keys"].items()
+    master["keys"] = {f"{key_id}=": f"{key}="}
+    ssk_signatures = answer["self_signing_keys"][MALLORY]["signatures"][MALLORY]
+    ssk_signatures[f"{key_id}="] = ssk_signatures.pop(key_id)
+    await answer_query(answer)
+    assert bob.machine.take_identity_changes() == []
+    assert await bob.machine.get_user_identity(MALLORY) == pinned
+
+
 # --- 3. sync sections of the wrong JSON type ---------------------------------------------------
 
 

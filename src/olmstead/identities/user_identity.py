@@ -86,6 +86,8 @@ class CrossSigningKey:
         ((key_id, key),) = keys.items()
         if not isinstance(key, str) or key_id != f"ed25519:{key}":
             raise InvalidCrossSigningKey(f"the {usage} key's ID {key_id!r} does not name its key")
+        if key.endswith("="):  # one key, one name: a padded spelling could fake a change
+            raise InvalidCrossSigningKey(f"the {usage} key {key!r} is not unpadded base64")
         # a key that is not a valid Ed25519 point cannot sign: refuse it here, not later
         if not _is_ed25519(key):
             raise InvalidCrossSigningKey(f"the {usage} key {key!r} is not an Ed25519 key")
