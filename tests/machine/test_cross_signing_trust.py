@@ -350,6 +350,26 @@ async def test_a_verified_users_changed_identity_stops_sharing_until_acknowledge
     assert recipients(requests, "m.room.encrypted") == {(BOB, "BOBDEV")}
 
 
+async def test_a_server_that_drops_our_signature_first_cannot_unblock_a_changed_identity() -> None:
+    # the server serves bob's pinned master key without our user-signing key's signature,
+    # then a new master key: bob was verified, so sharing with him must still stop
+    alice, bob, _a, b = await verified_bob()
+    await open_session_with(alice, bob)
+    stripped = KeysQueryAnswer().device(b.sign_device(bob.machine.device_keys())).identity(b)
+    await answer_query(alice, stripped.json())
+    assert await alice.machine.is_identity_verified(BOB)  # a signature is never taken away
+    assert await alice.machine.get_device_trust(BOB, "BOBDEV") is TrustLevel.VERIFIED
+
+    reset = CrossSigningIdentity(BOB)
+    answer = KeysQueryAnswer().device(reset.sign_device(bob.machine.device_keys())).identity(reset)
+    await answer_query(alice, answer.json())
+    assert alice.machine.take_identity_changes() == [
+        IdentityChanged(BOB, b.master.public, reset.master.public, True)
+    ]
+    requests = await alice.machine.share_room_key(ROOM, [BOB])
+    assert recipients(requests, "m.room.encrypted") == set()
+
+
 # --- sharing strategies -----------------------------------------------------------------------
 
 
