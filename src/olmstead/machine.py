@@ -641,12 +641,16 @@ class OlmMachine:
         changes, self._identity_changes = self._identity_changes, []
         return changes
 
-    async def acknowledge_identity_change(self, user_id: str) -> UserIdentity:
+    async def acknowledge_identity_change(
+        self, user_id: str, new_master_key: str | None = None
+    ) -> UserIdentity:
         """Adopt the changed identity of ``user_id`` the server lists: pin its new master key.
 
         Room keys go to the user's devices again (as the sharing strategy allows); the new
-        identity is not verified, whatever the old one was. Raises ``LocalProtocolError``
-        if no change of that user is waiting.
+        identity is not verified, whatever the old one was. ``new_master_key``: the key
+        the application was shown (``IdentityChanged.new_master_key``); if the server
+        changed it again since, nothing is adopted. Raises ``LocalProtocolError`` if no
+        change of that user is waiting, or it waits with another key.
         """
         async with self._mutex:
             await self._refresh()
@@ -656,6 +660,11 @@ class OlmMachine:
                     f"no identity change of {user_id} is waiting to be acknowledged"
                 )
             adopted = identity.changed_to
+            if new_master_key is not None and adopted.master.key != new_master_key:
+                raise LocalProtocolError(
+                    f"the identity of {user_id} changed again: the server lists master key "
+                    f"{adopted.master.key}, not {new_master_key}; nothing was adopted"
+                )
             await self._commit(Changes(user_identities=[adopted]))
             log.info("adopted the new master key %s of %s", adopted.master.key, user_id)
             return adopted

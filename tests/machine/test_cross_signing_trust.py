@@ -295,6 +295,31 @@ async def test_an_identity_change_survives_a_restart_of_the_machine() -> None:
     assert identity.changed_to.master_key == reset.master.public
 
 
+async def test_acknowledging_a_change_names_the_key_seen_and_refuses_a_newer_one() -> None:
+    # the application saw one change; the server changed the key again before the
+    # acknowledgement: the newer key is not adopted in its name
+    alice, bob, b = await alice_and_bob()
+    await answer_query(
+        alice, KeysQueryAnswer().device(bob.machine.device_keys()).identity(b).json()
+    )
+    seen, newer = CrossSigningIdentity(BOB), CrossSigningIdentity(BOB)
+    for identity in (seen, newer):
+        answer = KeysQueryAnswer().device(bob.machine.device_keys()).identity(identity)
+        await answer_query(alice, answer.json())
+    (first, second) = alice.machine.take_identity_changes()
+    assert (first.new_master_key, second.new_master_key) == (
+        seen.master.public,
+        newer.master.public,
+    )
+    before = await alice.machine.get_user_identity(BOB)
+    with pytest.raises(LocalProtocolError, match="changed again"):
+        await alice.machine.acknowledge_identity_change(BOB, first.new_master_key)
+    assert await alice.machine.get_user_identity(BOB) == before  # nothing adopted
+
+    adopted = await alice.machine.acknowledge_identity_change(BOB, second.new_master_key)
+    assert adopted.master_key == newer.master.public
+
+
 # --- verified by us ---------------------------------------------------------------------------
 
 
