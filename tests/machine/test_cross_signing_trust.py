@@ -76,6 +76,17 @@ async def test_a_device_its_owner_signed_is_cross_signed_and_the_master_key_pinn
     assert not await alice.machine.is_identity_verified(BOB)
 
 
+async def test_cross_signing_keys_of_users_not_asked_about_are_ignored() -> None:
+    alice, bob, b = await alice_and_bob()
+    c = CrossSigningIdentity(CAROL)
+    answer = KeysQueryAnswer().device(b.sign_device(bob.machine.device_keys())).identity(b)
+    answer.identity(c)
+    answer.device_keys.pop(CAROL)  # only bob was asked about
+    await answer_query(alice, answer.json())
+    assert await alice.machine.get_user_identity(BOB) is not None
+    assert await alice.machine.get_user_identity(CAROL) is None
+
+
 async def test_unsigned_device_and_owner_without_identity() -> None:
     alice, bob, b = await alice_and_bob()
     carol = await new_peer(CAROL, "CAROLDEV")
@@ -746,6 +757,26 @@ async def test_mismatched_sender_device_keys_are_refused(mangle: Mangle) -> None
     assert isinstance(got, UndecryptableToDevice)
     assert isinstance(got.error, SenderMismatch)
     assert "sender_device_keys" in str(got.error)
+
+
+async def test_sender_device_keys_renaming_the_known_sending_device_are_refused() -> None:
+    # the sender's own keys, self-signed, under another device ID than the one we know
+    alice, bob, _b = await alice_and_bob()
+    await answer_query(alice, KeysQueryAnswer().device(bob.machine.device_keys()).json())
+    await answer_query(bob, KeysQueryAnswer().device(alice.machine.device_keys()).json())
+    await open_session_with(bob, alice)
+    keys = copy.deepcopy(bob.machine.device_keys())
+    keys.pop("signatures")
+    keys["device_id"] = "BOBRENAMED"
+    keys["keys"] = {
+        "ed25519:BOBRENAMED": bob.machine.identity_keys["ed25519"],
+        "curve25519:BOBRENAMED": bob.machine.identity_keys["curve25519"],
+    }
+    keys = device_signed(bob, keys, key_id="BOBRENAMED")
+    got = await crafted(bob, alice, payload_of(bob, keys))
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, SenderMismatch)
+    assert "not the known BOBDEV" in str(got.error)
 
 
 async def test_sender_device_keys_under_a_known_device_id_with_other_keys_are_refused() -> None:
