@@ -177,6 +177,14 @@ def _not_objects(b: CrossSigningIdentity, a: KeysQueryAnswer) -> None:
     a.master_keys[BOB] = ["not", "an", "object"]
 
 
+def _master_nested_too_deep(b: CrossSigningIdentity, a: KeysQueryAnswer) -> None:
+    # unsigned, so every signature still verifies; thousands deep, so storing it would fail
+    deep: dict[str, Any] = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    a.master_keys[b.user_id]["unsigned"] = deep
+
+
 FORGERIES = [
     _master_names_another_user,
     _master_with_wrong_usage,
@@ -192,6 +200,7 @@ FORGERIES = [
     _self_signing_with_master_usage,
     _user_signing_signed_by_another_key,
     _not_objects,
+    _master_nested_too_deep,
 ]
 
 

@@ -37,6 +37,7 @@ from olmstead.identities.device import Device
 from olmstead.olm.signing import signable_bytes, signature_of, verify_signed_json
 
 __all__ = [
+    "MAX_KEY_OBJECT_DEPTH",
     "CrossSigningKey",
     "IdentityChanged",
     "IdentityOutcome",
@@ -47,6 +48,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: how deep a cross-signing key object may nest (a real one is 3 levels:
+#: ``signatures`` → user → key); deeper ones are refused where they enter
+MAX_KEY_OBJECT_DEPTH = 16
 
 
 class InvalidCrossSigningKey(ValueError):
@@ -73,6 +78,11 @@ class CrossSigningKey:
         """
         if not isinstance(data, dict):
             raise InvalidCrossSigningKey(f"the {usage} key is not an object")
+        if not _nested_within(data, MAX_KEY_OBJECT_DEPTH):
+            # it is stored as sent: one nested thousands deep would fail to serialise
+            raise InvalidCrossSigningKey(
+                f"the {usage} key object is nested deeper than {MAX_KEY_OBJECT_DEPTH} levels"
+            )
         if data.get("user_id") != user_id:
             raise InvalidCrossSigningKey(
                 f"the {usage} key listed under {user_id} names {data.get('user_id')!r}"
@@ -98,6 +108,21 @@ class CrossSigningKey:
     def signs(self, keys: dict[str, Any]) -> bool:
         """Whether this key signed ``keys`` (a device's keys, or another cross-signing key)."""
         return verify_signed_json(keys, self.user_id, self.key, self.key)
+
+
+def _nested_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays at most ``limit`` levels deep."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return True
+    return False
 
 
 def _is_ed25519(key: str) -> bool:
