@@ -34,6 +34,7 @@ from typing import Any
 import vodozemac
 
 from olmstead.identities.device import Device
+from olmstead.olm.canonical_json import nested_within
 from olmstead.olm.signing import signable_bytes, signature_of, verify_signed_json
 
 __all__ = [
@@ -78,7 +79,7 @@ class CrossSigningKey:
         """
         if not isinstance(data, dict):
             raise InvalidCrossSigningKey(f"the {usage} key is not an object")
-        if not _nested_within(data, MAX_KEY_OBJECT_DEPTH):
+        if not nested_within(data, MAX_KEY_OBJECT_DEPTH):
             # it is stored as sent: one nested thousands deep would fail to serialise
             raise InvalidCrossSigningKey(
                 f"the {usage} key object is nested deeper than {MAX_KEY_OBJECT_DEPTH} levels"
@@ -108,21 +109,6 @@ class CrossSigningKey:
     def signs(self, keys: dict[str, Any]) -> bool:
         """Whether this key signed ``keys`` (a device's keys, or another cross-signing key)."""
         return verify_signed_json(keys, self.user_id, self.key, self.key)
-
-
-def _nested_within(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests objects and arrays at most ``limit`` levels deep."""
-    level: list[Any] = [value]
-    for _ in range(limit + 1):
-        level = [
-            child
-            for item in level
-            if isinstance(item, dict | list)
-            for child in (item.values() if isinstance(item, dict) else item)
-        ]
-        if not level:
-            return True
-    return False
 
 
 def _is_ed25519(key: str) -> bool:
