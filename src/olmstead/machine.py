@@ -637,7 +637,8 @@ class OlmMachine:
         return (await self._trust_levels([device]))[user_id, device_id]
 
     def take_identity_changes(self) -> list[IdentityChanged]:
-        """Master key changes seen since the last call, for the application."""
+        """Master key changes seen since the last call, for the application: the newest
+        per user (an earlier one not yet taken was replaced by it)."""
         changes, self._identity_changes = self._identity_changes, []
         return changes
 
@@ -1462,8 +1463,13 @@ class OlmMachine:
                 if user_id in stored:  # asked about: repaired now if the device is there
                     del self._wedged_unknown[key]
                     await self._note_wedged(key, self._clock())
-            # reported once committed: a change is never told before it is stored
-            self._identity_changes.extend(reported)
+            # reported once committed: a change is never told before it is stored. A newer
+            # change of a user replaces one not yet taken (that one no longer waits): a
+            # server flipping keys cannot grow the list without bound
+            newer = {change.user_id for change in reported}
+            self._identity_changes = [
+                c for c in self._identity_changes if c.user_id not in newer
+            ] + reported
         elif kind == "cross_signing":
             self._in_flight.pop(request_id, None)
             identity, refused = self.cross_signing.on_response(request_id, response)

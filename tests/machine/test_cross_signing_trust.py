@@ -323,10 +323,12 @@ async def test_acknowledging_a_change_names_the_key_seen_and_refuses_a_newer_one
         alice, KeysQueryAnswer().device(bob.machine.device_keys()).identity(b).json()
     )
     seen, newer = CrossSigningIdentity(BOB), CrossSigningIdentity(BOB)
+    reports = []
     for identity in (seen, newer):
         answer = KeysQueryAnswer().device(bob.machine.device_keys()).identity(identity)
         await answer_query(alice, answer.json())
-    (first, second) = alice.machine.take_identity_changes()
+        reports.extend(alice.machine.take_identity_changes())
+    (first, second) = reports
     assert (first.new_master_key, second.new_master_key) == (
         seen.master.public,
         newer.master.public,
@@ -338,6 +340,25 @@ async def test_acknowledging_a_change_names_the_key_seen_and_refuses_a_newer_one
 
     adopted = await alice.machine.acknowledge_identity_change(BOB, second.new_master_key)
     assert adopted.master_key == newer.master.public
+
+
+async def test_a_flood_of_changes_keeps_one_report_per_user_until_taken() -> None:
+    # a server that flips a user's master key on every query: the reports not yet taken
+    # do not pile up; the newest one says what waits
+    alice, bob, b = await alice_and_bob()
+    await answer_query(
+        alice, KeysQueryAnswer().device(bob.machine.device_keys()).identity(b).json()
+    )
+    flips = [CrossSigningIdentity(BOB) for _ in range(2)] * 10
+    for identity in flips:
+        answer = KeysQueryAnswer().device(bob.machine.device_keys()).identity(identity)
+        await answer_query(alice, answer.json())
+    assert alice.machine.take_identity_changes() == [
+        IdentityChanged(BOB, b.master.public, flips[-1].master.public, False)
+    ]
+    pinned = await alice.machine.get_user_identity(BOB)
+    assert pinned is not None
+    assert pinned.master_key == b.master.public
 
 
 # --- verified by us ---------------------------------------------------------------------------
