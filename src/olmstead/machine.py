@@ -803,14 +803,9 @@ class OlmMachine:
                 sealed = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if sealed is None:
                     if given is None and on_way is None:
-                        withheld.setdefault(device.user_id, {})[device.device_id] = {
-                            "algorithm": MEGOLM_ALGORITHM,
-                            "room_id": room_id,
-                            "session_id": record.session.session_id,
-                            "sender_key": self.identity_keys["curve25519"],
-                            "code": "m.no_olm",
-                            "reason": "no Olm session with this device",
-                        }
+                        withheld.setdefault(device.user_id, {})[device.device_id] = self._withheld(
+                            room_id, session_id, "m.no_olm", "no Olm session with this device"
+                        )
                         told_withheld.setdefault(device.user_id, {})[device.device_id] = -1
                     continue
                 encrypted.setdefault(device.user_id, {})[device.device_id] = sealed[0]
@@ -820,14 +815,9 @@ class OlmMachine:
             for (user_id, device_id), why in refused.items():
                 given = record.shared_with.get(user_id, {}).get(device_id)
                 if given is None and pending.get(user_id, {}).get(device_id) is None:
-                    withheld.setdefault(user_id, {})[device_id] = {
-                        "algorithm": MEGOLM_ALGORITHM,
-                        "room_id": room_id,
-                        "session_id": session_id,
-                        "sender_key": self.identity_keys["curve25519"],
-                        "code": "m.unverified",
-                        "reason": why,
-                    }
+                    withheld.setdefault(user_id, {})[device_id] = self._withheld(
+                        room_id, session_id, "m.unverified", why
+                    )
                     told_withheld.setdefault(user_id, {})[device_id] = -1
             entries = []
             if encrypted:
@@ -880,6 +870,17 @@ class OlmMachine:
                 if known is None or known < 0 or (0 <= index < known):
                     shared[user_id][device_id] = index
         changes.outbound_group_sessions.append(replace(record, shared_with=shared))
+
+    def _withheld(self, room_id: str, session_id: str, code: str, reason: str) -> dict[str, Any]:
+        """The ``m.room_key.withheld`` content for our session ``session_id`` of ``room_id``."""
+        return {
+            "algorithm": MEGOLM_ALGORITHM,
+            "room_id": room_id,
+            "session_id": session_id,
+            "sender_key": self.identity_keys["curve25519"],
+            "code": code,
+            "reason": reason,
+        }
 
     async def _recipients(
         self, user_ids: Iterable[str], strategy: SharingStrategy
