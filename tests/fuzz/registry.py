@@ -374,6 +374,41 @@ async def build_keys_query() -> Built:
     return Built(answer, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
 
 
+async def build_keys_query_cross_signing() -> Built:
+    """A ``/keys/query`` answer with the honest peer's cross-signing keys (issue 14)."""
+    from tests.cross_signing_keys import CrossSigningIdentity, KeysQueryAnswer
+
+    alice, bob, mallory = await _cast()
+    await bob.machine.update_tracked_users([ALICE])
+    a = CrossSigningIdentity(ALICE)
+    answer = KeysQueryAnswer().device(a.sign_device(alice.machine.device_keys())).identity(a)
+    valid = answer.json()
+
+    async def feed(victim: Peer, obj: Any) -> Outcome:
+        query = await _query_request(victim)
+        try:
+            await victim.machine.mark_request_as_sent(query.request_id, obj)
+        except RemoteProtocolError:
+            return Outcome(False)
+        identity = await victim.machine.get_user_identity(ALICE)
+        if identity is None:
+            return Outcome(True)
+        if identity.master_key != a.master.public or identity.changed_to is not None:
+            return Outcome(True, f"a forged master key was stored: {identity}")
+        if identity.self_signing.key != a.self_signing.public:
+            return Outcome(True, f"a forged self-signing key was stored: {identity}")
+        return Outcome(True)
+
+    async def genuine(victim: Peer) -> bool:
+        victim.clock.now += 3600  # past any backoff
+        query = await _query_request(victim)
+        await victim.machine.mark_request_as_sent(query.request_id, valid)
+        identity = await victim.machine.get_user_identity(ALICE)
+        return identity is not None and identity.master_key == a.master.public
+
+    return Built(valid, Snapshot.of(bob), feed, genuine, _pool(alice, bob, mallory))
+
+
 async def build_keys_claim() -> Built:
     """A ``/keys/claim`` answer with the honest peer's signed one-time key."""
     alice, bob, mallory = await _cast()
@@ -546,6 +581,7 @@ INPUTS: list[Input] = [
     Input("room_event_megolm", build_megolm_event),
     Input("megolm_payload_from_a_malicious_device", build_megolm_payload),
     Input("keys_query_answer", build_keys_query),
+    Input("keys_query_answer_with_cross_signing_keys", build_keys_query_cross_signing),
     Input("keys_claim_answer", build_keys_claim),
     Input("keys_upload_answer", build_keys_upload),
     Input("sync_sections_strict", build_sync),
