@@ -637,16 +637,21 @@ class OlmMachine:
         return (await self._trust_levels([device]))[user_id, device_id]
 
     def take_identity_changes(self) -> list[IdentityChanged]:
-        """Master key changes seen since the last call, for the application."""
+        """Master key changes seen since the last call, for the application: the newest
+        per user (an earlier one not yet taken was replaced by it)."""
         changes, self._identity_changes = self._identity_changes, []
         return changes
 
-    async def acknowledge_identity_change(self, user_id: str) -> UserIdentity:
+    async def acknowledge_identity_change(
+        self, user_id: str, new_master_key: str | None = None
+    ) -> UserIdentity:
         """Adopt the changed identity of ``user_id`` the server lists: pin its new master key.
 
         Room keys go to the user's devices again (as the sharing strategy allows); the new
-        identity is not verified, whatever the old one was. Raises ``LocalProtocolError``
-        if no change of that user is waiting.
+        identity is not verified, whatever the old one was. ``new_master_key``: the key
+        the application was shown (``IdentityChanged.new_master_key``); if the server
+        changed it again since, nothing is adopted. Raises ``LocalProtocolError`` if no
+        change of that user is waiting, or it waits with another key.
         """
         async with self._mutex:
             await self._refresh()
@@ -656,6 +661,11 @@ class OlmMachine:
                     f"no identity change of {user_id} is waiting to be acknowledged"
                 )
             adopted = identity.changed_to
+            if new_master_key is not None and adopted.master.key != new_master_key:
+                raise LocalProtocolError(
+                    f"the identity of {user_id} changed again: the server lists master key "
+                    f"{adopted.master.key}, not {new_master_key}; nothing was adopted"
+                )
             await self._commit(Changes(user_identities=[adopted]))
             log.info("adopted the new master key %s of %s", adopted.master.key, user_id)
             return adopted
@@ -793,14 +803,9 @@ class OlmMachine:
                 sealed = await self.olm.encrypt(self.identity_keys, device, payload, now)
                 if sealed is None:
                     if given is None and on_way is None:
-                        withheld.setdefault(device.user_id, {})[device.device_id] = {
-                            "algorithm": MEGOLM_ALGORITHM,
-                            "room_id": room_id,
-                            "session_id": record.session.session_id,
-                            "sender_key": self.identity_keys["curve25519"],
-                            "code": "m.no_olm",
-                            "reason": "no Olm session with this device",
-                        }
+                        withheld.setdefault(device.user_id, {})[device.device_id] = self._withheld(
+                            room_id, session_id, "m.no_olm", "no Olm session with this device"
+                        )
                         told_withheld.setdefault(device.user_id, {})[device.device_id] = -1
                     continue
                 encrypted.setdefault(device.user_id, {})[device.device_id] = sealed[0]
@@ -810,14 +815,9 @@ class OlmMachine:
             for (user_id, device_id), why in refused.items():
                 given = record.shared_with.get(user_id, {}).get(device_id)
                 if given is None and pending.get(user_id, {}).get(device_id) is None:
-                    withheld.setdefault(user_id, {})[device_id] = {
-                        "algorithm": MEGOLM_ALGORITHM,
-                        "room_id": room_id,
-                        "session_id": session_id,
-                        "sender_key": self.identity_keys["curve25519"],
-                        "code": "m.unverified",
-                        "reason": why,
-                    }
+                    withheld.setdefault(user_id, {})[device_id] = self._withheld(
+                        room_id, session_id, "m.unverified", why
+                    )
                     told_withheld.setdefault(user_id, {})[device_id] = -1
             entries = []
             if encrypted:
@@ -870,6 +870,17 @@ class OlmMachine:
                 if known is None or known < 0 or (0 <= index < known):
                     shared[user_id][device_id] = index
         changes.outbound_group_sessions.append(replace(record, shared_with=shared))
+
+    def _withheld(self, room_id: str, session_id: str, code: str, reason: str) -> dict[str, Any]:
+        """The ``m.room_key.withheld`` content for our session ``session_id`` of ``room_id``."""
+        return {
+            "algorithm": MEGOLM_ALGORITHM,
+            "room_id": room_id,
+            "session_id": session_id,
+            "sender_key": self.identity_keys["curve25519"],
+            "code": code,
+            "reason": reason,
+        }
 
     async def _recipients(
         self, user_ids: Iterable[str], strategy: SharingStrategy
@@ -1453,8 +1464,13 @@ class OlmMachine:
                 if user_id in stored:  # asked about: repaired now if the device is there
                     del self._wedged_unknown[key]
                     await self._note_wedged(key, self._clock())
-            # reported once committed: a change is never told before it is stored
-            self._identity_changes.extend(reported)
+            # reported once committed: a change is never told before it is stored. A newer
+            # change of a user replaces one not yet taken (that one no longer waits): a
+            # server flipping keys cannot grow the list without bound
+            newer = {change.user_id for change in reported}
+            self._identity_changes = [
+                c for c in self._identity_changes if c.user_id not in newer
+            ] + reported
         elif kind == "cross_signing":
             self._in_flight.pop(request_id, None)
             identity, refused = self.cross_signing.on_response(request_id, response)

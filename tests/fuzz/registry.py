@@ -394,8 +394,12 @@ async def build_keys_query_identity() -> Built:
         except RemoteProtocolError:
             return Outcome(False)
         pinned = await victim.machine.get_user_identity(ALICE)
-        if pinned is not None and pinned.master_key != identity.master.public:
-            return Outcome(True, f"a forged master key was pinned: {pinned.master_key}")
+        if pinned is not None and (
+            pinned.master_key != identity.master.public or pinned.changed_to is not None
+        ):
+            return Outcome(True, f"a forged master key was stored: {pinned}")
+        if pinned is not None and pinned.self_signing.key != identity.self_signing.public:
+            return Outcome(True, f"a forged self-signing key was stored: {pinned}")
         for device in (await victim.machine.get_user_devices(ALICE)).values():
             if device.ed25519 != alice.machine.identity_keys["ed25519"]:
                 return Outcome(True, f"a device with forged keys was stored: {device}")

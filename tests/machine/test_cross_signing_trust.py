@@ -76,6 +76,17 @@ async def test_a_device_its_owner_signed_is_cross_signed_and_the_master_key_pinn
     assert not await alice.machine.is_identity_verified(BOB)
 
 
+async def test_cross_signing_keys_of_users_not_asked_about_are_ignored() -> None:
+    alice, bob, b = await alice_and_bob()
+    c = CrossSigningIdentity(CAROL)
+    answer = KeysQueryAnswer().device(b.sign_device(bob.machine.device_keys())).identity(b)
+    answer.identity(c)
+    answer.device_keys.pop(CAROL)  # only bob was asked about
+    await answer_query(alice, answer.json())
+    assert await alice.machine.get_user_identity(BOB) is not None
+    assert await alice.machine.get_user_identity(CAROL) is None
+
+
 async def test_unsigned_device_and_owner_without_identity() -> None:
     alice, bob, b = await alice_and_bob()
     carol = await new_peer(CAROL, "CAROLDEV")
@@ -166,6 +177,14 @@ def _not_objects(b: CrossSigningIdentity, a: KeysQueryAnswer) -> None:
     a.master_keys[BOB] = ["not", "an", "object"]
 
 
+def _master_nested_too_deep(b: CrossSigningIdentity, a: KeysQueryAnswer) -> None:
+    # unsigned, so every signature still verifies; thousands deep, so storing it would fail
+    deep: dict[str, Any] = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    a.master_keys[b.user_id]["unsigned"] = deep
+
+
 FORGERIES = [
     _master_names_another_user,
     _master_with_wrong_usage,
@@ -181,6 +200,7 @@ FORGERIES = [
     _self_signing_with_master_usage,
     _user_signing_signed_by_another_key,
     _not_objects,
+    _master_nested_too_deep,
 ]
 
 
@@ -295,6 +315,52 @@ async def test_an_identity_change_survives_a_restart_of_the_machine() -> None:
     assert identity.changed_to.master_key == reset.master.public
 
 
+async def test_acknowledging_a_change_names_the_key_seen_and_refuses_a_newer_one() -> None:
+    # the application saw one change; the server changed the key again before the
+    # acknowledgement: the newer key is not adopted in its name
+    alice, bob, b = await alice_and_bob()
+    await answer_query(
+        alice, KeysQueryAnswer().device(bob.machine.device_keys()).identity(b).json()
+    )
+    seen, newer = CrossSigningIdentity(BOB), CrossSigningIdentity(BOB)
+    reports = []
+    for identity in (seen, newer):
+        answer = KeysQueryAnswer().device(bob.machine.device_keys()).identity(identity)
+        await answer_query(alice, answer.json())
+        reports.extend(alice.machine.take_identity_changes())
+    (first, second) = reports
+    assert (first.new_master_key, second.new_master_key) == (
+        seen.master.public,
+        newer.master.public,
+    )
+    before = await alice.machine.get_user_identity(BOB)
+    with pytest.raises(LocalProtocolError, match="changed again"):
+        await alice.machine.acknowledge_identity_change(BOB, first.new_master_key)
+    assert await alice.machine.get_user_identity(BOB) == before  # nothing adopted
+
+    adopted = await alice.machine.acknowledge_identity_change(BOB, second.new_master_key)
+    assert adopted.master_key == newer.master.public
+
+
+async def test_a_flood_of_changes_keeps_one_report_per_user_until_taken() -> None:
+    # a server that flips a user's master key on every query: the reports not yet taken
+    # do not pile up; the newest one says what waits
+    alice, bob, b = await alice_and_bob()
+    await answer_query(
+        alice, KeysQueryAnswer().device(bob.machine.device_keys()).identity(b).json()
+    )
+    flips = [CrossSigningIdentity(BOB) for _ in range(2)] * 10
+    for identity in flips:
+        answer = KeysQueryAnswer().device(bob.machine.device_keys()).identity(identity)
+        await answer_query(alice, answer.json())
+    assert alice.machine.take_identity_changes() == [
+        IdentityChanged(BOB, b.master.public, flips[-1].master.public, False)
+    ]
+    pinned = await alice.machine.get_user_identity(BOB)
+    assert pinned is not None
+    assert pinned.master_key == b.master.public
+
+
 # --- verified by us ---------------------------------------------------------------------------
 
 
@@ -348,6 +414,26 @@ async def test_a_verified_users_changed_identity_stops_sharing_until_acknowledge
     assert not await alice.machine.is_identity_verified(BOB)  # the new one is not verified
     requests = await alice.machine.share_room_key(ROOM, [BOB])
     assert recipients(requests, "m.room.encrypted") == {(BOB, "BOBDEV")}
+
+
+async def test_a_server_that_drops_our_signature_first_cannot_unblock_a_changed_identity() -> None:
+    # the server serves bob's pinned master key without our user-signing key's signature,
+    # then a new master key: bob was verified, so sharing with him must still stop
+    alice, bob, _a, b = await verified_bob()
+    await open_session_with(alice, bob)
+    stripped = KeysQueryAnswer().device(b.sign_device(bob.machine.device_keys())).identity(b)
+    await answer_query(alice, stripped.json())
+    assert await alice.machine.is_identity_verified(BOB)  # a signature is never taken away
+    assert await alice.machine.get_device_trust(BOB, "BOBDEV") is TrustLevel.VERIFIED
+
+    reset = CrossSigningIdentity(BOB)
+    answer = KeysQueryAnswer().device(reset.sign_device(bob.machine.device_keys())).identity(reset)
+    await answer_query(alice, answer.json())
+    assert alice.machine.take_identity_changes() == [
+        IdentityChanged(BOB, b.master.public, reset.master.public, True)
+    ]
+    requests = await alice.machine.share_room_key(ROOM, [BOB])
+    assert recipients(requests, "m.room.encrypted") == set()
 
 
 # --- sharing strategies -----------------------------------------------------------------------
@@ -701,6 +787,26 @@ async def test_mismatched_sender_device_keys_are_refused(mangle: Mangle) -> None
     assert isinstance(got, UndecryptableToDevice)
     assert isinstance(got.error, SenderMismatch)
     assert "sender_device_keys" in str(got.error)
+
+
+async def test_sender_device_keys_renaming_the_known_sending_device_are_refused() -> None:
+    # the sender's own keys, self-signed, under another device ID than the one we know
+    alice, bob, _b = await alice_and_bob()
+    await answer_query(alice, KeysQueryAnswer().device(bob.machine.device_keys()).json())
+    await answer_query(bob, KeysQueryAnswer().device(alice.machine.device_keys()).json())
+    await open_session_with(bob, alice)
+    keys = copy.deepcopy(bob.machine.device_keys())
+    keys.pop("signatures")
+    keys["device_id"] = "BOBRENAMED"
+    keys["keys"] = {
+        "ed25519:BOBRENAMED": bob.machine.identity_keys["ed25519"],
+        "curve25519:BOBRENAMED": bob.machine.identity_keys["curve25519"],
+    }
+    keys = device_signed(bob, keys, key_id="BOBRENAMED")
+    got = await crafted(bob, alice, payload_of(bob, keys))
+    assert isinstance(got, UndecryptableToDevice)
+    assert isinstance(got.error, SenderMismatch)
+    assert "not the known BOBDEV" in str(got.error)
 
 
 async def test_sender_device_keys_under_a_known_device_id_with_other_keys_are_refused() -> None:

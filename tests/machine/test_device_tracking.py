@@ -81,7 +81,14 @@ async def test_device_list_changes_and_leaves(backend: Backend) -> None:
 
 @pytest.mark.parametrize(
     "forge",
-    ["other_user_inside", "other_device_inside", "tampered", "no_curve25519", "not_an_object"],
+    [
+        "other_user_inside",
+        "other_device_inside",
+        "tampered",
+        "no_curve25519",
+        "nested_too_deep",
+        "not_an_object",
+    ],
 )
 async def test_devices_that_fail_their_checks_are_refused(backend: Backend, forge: str) -> None:
     machine = await ready_machine(backend)
@@ -96,6 +103,11 @@ async def test_devices_that_fail_their_checks_are_refused(backend: Backend, forg
         keys["keys"]["curve25519:PHONE"] = vodozemac.Account().curve25519_key.to_base64()
     elif forge == "no_curve25519":
         del keys["keys"]["curve25519:PHONE"]
+    elif forge == "nested_too_deep":  # unsigned: the signature still verifies
+        deep: dict[str, Any] = {}
+        for _ in range(5000):
+            deep = {"a": deep}
+        keys["unsigned"] = {"device_display_name": "phone", "x": deep}
     else:
         keys = "keys"
     good = keys_of(ALICE, "GOOD")

@@ -481,9 +481,11 @@ class Client:
         """
         self._identity_callbacks.append(callback)
 
-    async def acknowledge_identity_change(self, user_id: str) -> UserIdentity:
+    async def acknowledge_identity_change(
+        self, user_id: str, new_master_key: str | None = None
+    ) -> UserIdentity:
         """Accept ``user_id``'s new master key (``OlmMachine.acknowledge_identity_change``)."""
-        return await self._machine().acknowledge_identity_change(user_id)
+        return await self._machine().acknowledge_identity_change(user_id, new_master_key)
 
     def set_room_sharing_strategy(self, room_id: str, strategy: SharingStrategy | None) -> None:
         """Share ``room_id``'s keys by ``strategy`` (``None``: the client's own again)."""

@@ -1,9 +1,10 @@
 """``Device``: another device's identity keys, accepted only once they check out.
 
 A device listed by ``/keys/query`` is accepted when its keys object names the
-user and device it was listed under, carries both identity keys, and is signed
-by its own Ed25519 key. Anything else is refused with the reason, so a hostile
-or broken server cannot slip in keys for a device under another's name.
+user and device it was listed under, carries both identity keys, is signed by
+its own Ed25519 key, and nests at most ``MAX_DEVICE_KEYS_DEPTH`` levels deep.
+Anything else is refused with the reason, so a hostile or broken server cannot
+slip in keys for a device under another's name.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Any
 
 from olmstead import boundary
 from olmstead.errors import RemoteProtocolError
+from olmstead.olm.canonical_json import nested_within
 from olmstead.olm.signing import verify_signed_json
 
-__all__ = ["Device", "InvalidDeviceKeys"]
+__all__ = ["MAX_DEVICE_KEYS_DEPTH", "Device", "InvalidDeviceKeys"]
+
+#: how deep a device keys object may nest (a real one is 3 levels: ``signatures`` →
+#: user → key); deeper ones are refused
+MAX_DEVICE_KEYS_DEPTH = 16
 
 
 class InvalidDeviceKeys(ValueError):
@@ -41,6 +47,10 @@ class Device:
         """Check a ``/keys/query`` entry listed under ``user_id``/``device_id``."""
         if not isinstance(keys, dict):
             raise InvalidDeviceKeys("the keys are not an object")
+        if not nested_within(keys, MAX_DEVICE_KEYS_DEPTH):
+            # kept as sent: one nested thousands deep (in unsigned, which the signature
+            # does not cover) would fail to serialise when stored
+            raise InvalidDeviceKeys(f"the keys nest deeper than {MAX_DEVICE_KEYS_DEPTH} levels")
         if keys.get("user_id") != user_id or keys.get("device_id") != device_id:
             raise InvalidDeviceKeys(
                 f"listed as {user_id}/{device_id} but names itself "

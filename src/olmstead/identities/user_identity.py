@@ -34,9 +34,11 @@ from typing import Any
 from olmstead.errors import OlmsteadError
 from olmstead.identities.device import Device
 from olmstead.olm import checked
-from olmstead.olm.signing import signature_of, verify_signed_json
+from olmstead.olm.canonical_json import nested_within
+from olmstead.olm.signing import signable_bytes, signature_of, verify_signed_json
 
 __all__ = [
+    "MAX_KEY_OBJECT_DEPTH",
     "CrossSigningKey",
     "IdentityChanged",
     "IdentityOutcome",
@@ -47,6 +49,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: how deep a cross-signing key object may nest (a real one is 3 levels:
+#: ``signatures`` → user → key); deeper ones are refused where they enter
+MAX_KEY_OBJECT_DEPTH = 16
 
 
 class InvalidCrossSigningKey(ValueError):
@@ -73,6 +79,11 @@ class CrossSigningKey:
         """
         if not isinstance(data, dict):
             raise InvalidCrossSigningKey(f"the {usage} key is not an object")
+        if not nested_within(data, MAX_KEY_OBJECT_DEPTH):
+            # it is stored as sent: one nested thousands deep would fail to serialise
+            raise InvalidCrossSigningKey(
+                f"the {usage} key object is nested deeper than {MAX_KEY_OBJECT_DEPTH} levels"
+            )
         if data.get("user_id") != user_id:
             raise InvalidCrossSigningKey(
                 f"the {usage} key listed under {user_id} names {data.get('user_id')!r}"
@@ -176,6 +187,27 @@ def _stored_key(user_id: str, usage: str, data: dict[str, Any]) -> CrossSigningK
     return CrossSigningKey(user_id, usage, key, data)
 
 
+def _with_signatures_of(old: CrossSigningKey, new: CrossSigningKey) -> CrossSigningKey:
+    """``new`` (the same key as ``old``) with every signature of ``old`` it lacks.
+
+    If the signed content differs (the server changed the object), ``old`` is kept whole:
+    its signatures would not verify over the new content.
+    """
+    try:
+        same = signable_bytes(old.data) == signable_bytes(new.data)
+    except RecursionError:  # nested thousands deep: not a key object we adopt
+        same = False
+    if not same:
+        return old
+    merged: dict[str, Any] = {}
+    for source in (new.data, old.data):  # old's last: the signature we had stays
+        signatures = source.get("signatures")
+        for user_id, by_key in (signatures if isinstance(signatures, dict) else {}).items():
+            if isinstance(by_key, dict):
+                merged.setdefault(user_id, {}).update(by_key)
+    return replace(new, data={**new.data, "signatures": merged})
+
+
 def check_identity(
     user_id: str, master: Any, self_signing: Any, user_signing: Any = None
 ) -> UserIdentity:
@@ -261,8 +293,16 @@ def apply_identities(
             continue
         if old.master.key == new.master.key:
             # same identity: newer objects (more signatures, a rotated self-signing key
-            # the master signed); a pending change, if any, was undone on the server
-            updated = replace(new, changed_to=None, was_verified=False)
+            # the master signed);
+            # a pending change, if any, was undone on the server. Signatures are never
+            # taken away: a server that dropped ours over their master key could otherwise
+            # unverify them first, and then change it without blocking sharing
+            updated = replace(
+                new,
+                master=_with_signatures_of(old.master, new.master),
+                changed_to=None,
+                was_verified=False,
+            )
             if updated != old:
                 outcome.identities.append(updated)
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["canonical_json"]
+__all__ = ["canonical_json", "nested_within"]
 
 
 def canonical_json(value: Any) -> bytes:
@@ -18,6 +18,25 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(
         value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
     ).encode("utf-8")
+
+
+def nested_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays at most ``limit`` levels deep.
+
+    A loop, not recursion: objects from the server are checked with it before they
+    are kept, since ``json.dumps`` of one nested thousands deep raises ``RecursionError``.
+    """
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return True
+    return False
 
 
 def _refuse_floats(value: Any) -> None:
