@@ -112,6 +112,13 @@ async def build_olm_pre_key() -> Built:
     await learn_devices(bob, alice)
     content = {"n": 1}
     event = await send(alice, bob, "m.test", content)
+    return _to_device_built(event, content, alice, bob, mallory)
+
+
+def _to_device_built(
+    event: dict[str, Any], content: dict[str, Any], alice: Peer, bob: Peer, mallory: Peer
+) -> Built:
+    """An ``m.test`` from alice to bob over Olm, fed to bob's machine."""
     return Built(
         event,
         Snapshot.of(bob),
@@ -130,13 +137,7 @@ async def build_olm_normal() -> Built:
     await alice.machine.receive_sync_changes(to_device_events=[await send(bob, alice, "m.b", {})])
     content = {"n": 2}
     event = await send(alice, bob, "m.test", content)
-    return Built(
-        event,
-        Snapshot.of(bob),
-        lambda victim, obj: _feed_to_device(victim, obj, alice, "m.test", content),
-        lambda victim: _to_device_still_works(victim, event),
-        _pool(alice, bob, mallory),
-    )
+    return _to_device_built(event, content, alice, bob, mallory)
 
 
 async def build_room_key() -> Built:
